@@ -1,0 +1,5 @@
+"""Distillation methods. ``METHODS`` is this family's part of the explicit registry."""
+
+from ..base import Method
+
+METHODS: list[Method] = []

@@ -1,0 +1,135 @@
+"""Independent measurements of a model: size, sparsity, perplexity, speed.
+
+These are the numbers every job records before and after compression, and the numbers the
+benchmarks print. They take a model and measure it; they never trust what a method claims.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import token_chunks
+
+
+def param_count(model: nn.Module) -> int:
+    """Parameters, counting tied weights once and packed/quantized tensors by logical size."""
+    seen: set[int] = set()
+    n = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    return n
+
+
+def nonzero_count(model: nn.Module) -> int:
+    seen: set[int] = set()
+    n = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n += int(torch.count_nonzero(p.detach()).item())
+    return n
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` except the output head (``lm_head`` / tied embeddings)."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m is not out_emb and not name.endswith("lm_head")
+    }
+
+
+def linear_sparsity(model: nn.Module) -> float:
+    """Fraction of zeros over the weights of the prunable Linear layers."""
+    total = zeros = 0
+    for m in prunable_linears(model).values():
+        w = m.weight.detach()
+        total += w.numel()
+        zeros += int((w == 0).sum().item())
+    return zeros / total if total else 0.0
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer: Any, text: str, seq_len: int = 512,
+               num_chunks: int = 16, batch_size: int = 4) -> float:
+    """Perplexity over ``num_chunks`` consecutive non-overlapping windows of ``seq_len`` tokens
+    from the start of ``text`` (every token predicted once, from the same window)."""
+    chunks = token_chunks(tokenizer, text, num_chunks, seq_len)
+    dev = model_device(model)
+    nll = 0.0
+    count = 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, chunks.shape[0], batch_size):
+        batch = chunks[i : i + batch_size].to(dev)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+            reduction="sum",
+        )
+        nll += loss.item()
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def embedding_fidelity(model: nn.Module, reference: nn.Module, tokenizer: Any, text: str,
+                       num: int = 16, seq_len: int = 128) -> float:
+    """Mean cosine similarity between mean-pooled hidden states of ``model`` and ``reference``
+    (for encoders, where perplexity does not apply). 1.0 means identical embeddings."""
+    chunks = token_chunks(tokenizer, text, num, seq_len)
+    a = model(input_ids=chunks.to(model_device(model))).last_hidden_state.mean(1).float().cpu()
+    b = reference(input_ids=chunks.to(model_device(reference))).last_hidden_state.mean(1).float().cpu()
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
+
+
+@torch.no_grad()
+def tokens_per_second(model: nn.Module, tokenizer: Any = None, new_tokens: int = 64,
+                      prompt_len: int = 16, repeats: int = 2) -> float:
+    """Greedy decode speed at batch 1 with the KV cache (best of ``repeats``)."""
+    dev = model_device(model)
+    vocab = model.config.vocab_size
+    prompt = torch.arange(1, prompt_len + 1, device=dev).remainder(vocab).unsqueeze(0)
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    best = 0.0
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        best = max(best, (out.shape[1] - prompt_len) / dt)
+    return best
+
+
+@torch.no_grad()
+def encoder_throughput(model: nn.Module, seq_len: int = 128, batch: int = 8,
+                       repeats: int = 3) -> float:
+    """Tokens per second through an encoder forward pass."""
+    dev = model_device(model)
+    ids = torch.randint(1000, 2000, (batch, seq_len), device=dev)
+    model(input_ids=ids)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(input_ids=ids)
+        best = max(best, ids.numel() / (time.perf_counter() - t))
+    return best

@@ -1,0 +1,156 @@
+"""Loading and saving models: hub ids, local Hugging Face directories and GGUF files.
+
+GGUF files are dequantised by transformers (via the ``gguf`` package) and rebuilt as an ordinary
+float model, because transformers refuses to ``save_pretrained`` a model loaded from GGUF.
+Never ``trust_remote_code``: only architectures transformers ships are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import CompressionError
+
+#: model_type -> task kind. Causal LMs get perplexity; encoders get an embedding-fidelity metric.
+CAUSAL = "causal-lm"
+ENCODER = "encoder"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    kind: str  # CAUSAL or ENCODER
+
+
+def model_kind(config: Any) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return CAUSAL
+    if getattr(config, "is_decoder", False) or getattr(config, "model_type", "") in {
+        "llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma", "gemma2", "opt",
+    }:
+        return CAUSAL
+    return ENCODER
+
+
+def _auto_class(kind: str):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if kind == CAUSAL else AutoModel
+
+
+def _rebuild_plain(model: nn.Module) -> nn.Module:
+    """A fresh model from the config with the (dequantised) state dict: no GGUF traces left."""
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config._name_or_path = ""
+    cls = type(model)
+    with torch.device("meta"):
+        fresh = cls(config)
+    fresh.load_state_dict(model.state_dict(), assign=True, strict=True)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(fresh, "tie_weights"):
+        fresh.tie_weights()
+    fresh.eval()
+    return fresh
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise CompressionError(f"GGUF file not found: {path}")
+    d, f = str(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(d, gguf_file=f)
+    except Exception as e:  # noqa: BLE001 - a bad upload must read as a user error
+        raise CompressionError(f"cannot read GGUF file {path.name}: {e}") from e
+    kind = model_kind(config)
+    model = _auto_class(kind).from_pretrained(d, gguf_file=f, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return LoadedModel(_rebuild_plain(model), tokenizer, kind)
+
+
+def load_pretrained(source: str | Path, revision: str | None = None,
+                    dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a local HF directory or a hub id (the hub is only contacted for a non-local id)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    src = str(source)
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if revision and not os.path.isdir(src):
+        kwargs["revision"] = revision
+    try:
+        config = AutoConfig.from_pretrained(src, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise CompressionError(f"cannot load model config from {src!r}: {e}") from e
+    kind = model_kind(config)
+    model = _auto_class(kind).from_pretrained(src, dtype=dtype, **kwargs)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    except Exception:  # noqa: BLE001 - a model without a tokenizer can still be compressed
+        tokenizer = None
+    return LoadedModel(model, tokenizer, kind)
+
+
+def load_source(source: str | Path, revision: str | None = None) -> LoadedModel:
+    """SOURCE is a ``.gguf`` file, a local HF directory, or a hub id."""
+    s = str(source)
+    if s.endswith(".gguf"):
+        return load_gguf(s)
+    return load_pretrained(s, revision=revision)
+
+
+def read_config(source: str | Path, revision: str | None = None) -> Any:
+    """Only the HF config (cheap): used to validate jobs at submission."""
+    from transformers import AutoConfig
+
+    s = str(source)
+    if s.endswith(".gguf"):
+        p = Path(s)
+        return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if revision and not os.path.isdir(s):
+        kwargs["revision"] = revision
+    return AutoConfig.from_pretrained(s, **kwargs)
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, saver=None) -> Path:
+    """Write a Hugging Face directory (safetensors) that plain ``from_pretrained`` loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if saver is not None:
+        saver(model, out)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def dir_bytes(path: str | Path) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def weight_bytes(path: str | Path) -> int:
+    """Bytes of the weight files only (safetensors), without tokenizer and config."""
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*.safetensors"))
+
+
+def config_dict(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())

