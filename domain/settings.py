@@ -1,0 +1,87 @@
+"""All configuration, from environment variables prefixed ``MODELPRESS_`` (pydantic-settings).
+
+With nothing set, modelpress runs embedded: SQLite, a SQLite-backed Celery transport and a local
+artifact directory, all under ``MODELPRESS_HOME`` (default ``./var``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPRESS_", extra="ignore")
+
+    home: Path = Field(Path("var"), description="Root for embedded-mode state.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db. "
+        "Default: SQLite under home.")
+    broker_url: str | None = Field(
+        None, description="Celery broker, e.g. redis://host:6379/0. Default: a SQLite-backed "
+        "kombu transport under home.")
+    store: Literal["local", "s3"] = Field("local", description="Artifact store kind.")
+    store_dir: Path | None = Field(None, description="Local store root (default home/artifacts).")
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "modelpress"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_presign_expiry_s: int = 3600
+    s3_create_bucket: bool = Field(True, description="Create the bucket if it is missing.")
+
+    api_key: SecretStr | None = Field(
+        None, description="Bootstrap API key (owner 'admin'), stored hashed at start-up.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    device: str = Field("auto", description="auto | cpu | cuda[:N]")
+    work_dir: Path | None = Field(None, description="Worker scratch space (default home/work).")
+    upload_max_bytes: int = 20 * 1024**3
+
+    heartbeat_s: float = Field(10.0, description="How often a running job's worker heartbeats.")
+    reaper_timeout_s: float = Field(120.0, description="No heartbeat for this long: worker dead.")
+    max_attempts: int = Field(3, description="Attempts before a job whose worker died is failed.")
+    sweep_interval_s: float = Field(15.0, description="Period of the re-dispatch/reaper sweep.")
+    dispatch_grace_s: float = Field(30.0, description="A job still queued and never picked "
+                                    "up after this long is re-published.")
+    task_soft_time_limit_s: int = 6 * 3600
+    task_time_limit_s: int = 6 * 3600 + 300
+    progress_min_interval_s: float = Field(1.0, description="Progress write throttle.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(self.home / 'modelpress.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqla+sqlite:///{(self.home / 'broker.db').resolve()}"
+
+    @property
+    def resolved_store_dir(self) -> Path:
+        return (self.store_dir or self.home / "artifacts").resolve()
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        d = (self.work_dir or self.home / "work").resolve()
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
