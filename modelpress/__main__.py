@@ -1,0 +1,5 @@
+"""``python -m modelpress`` is the ``modelpress`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,643 @@
+"""Running one job: claim it, materialise its inputs, run the pipeline, publish the artifact.
+
+Every database write is a short transaction of its own; nothing is held open while the model
+runs. A job is claimed under a row lock (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite the
+claim transaction starts with a write, which takes SQLite's single write lock), so two workers
+that receive the same message never both run it. While it runs, a heartbeat thread stamps
+``heartbeat_at``; the sweep reaps jobs whose heartbeat stopped. Every later write checks that the
+job is still ours (state running, our worker name): a worker that lost its job (reaped, or
+cancelled) stops at the next checkpoint and leaves the row alone.
+
+The artifact is made visible last: the archive is uploaded, its size and SHA-256 are checked in
+the store, and only then ONE transaction inserts the ready Artifact row, the metrics and the
+report and moves the job to succeeded. A quality-gate miss keeps metrics and report, uploads
+nothing and fails the job with ``error_code="quality_gate"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from modelpress.compression.base import Cancelled, CompressionError, UnsupportedModelError
+from modelpress.domain.db import session_scope
+from modelpress.domain.jobs import add_event, transition
+from modelpress.domain.models import Artifact, Dataset, Job, Metric, ModelSource, utcnow
+from modelpress.domain.settings import Settings, get_settings
+from modelpress.domain.states import JobState
+from modelpress.domain.store import ArtifactStore, make_store, sha256_file
+
+log = logging.getLogger(__name__)
+
+#: what execute_job returns (also logged by the task)
+SUCCEEDED, FAILED, CANCELLED, SKIPPED, LOST = "succeeded", "failed", "cancelled", "skipped", "lost"
+
+
+class SourceError(CompressionError):
+    """The uploaded model could not be fetched or unpacked (a bad upload, not a crash)."""
+
+
+class LostJob(Exception):
+    """The job is no longer ours (reaped by the sweep, or already finished elsewhere)."""
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --------------------------------------------------------------------------- row locking
+
+
+def lock_for_write(session: Session) -> None:
+    """Make the next read of this transaction happen under the write lock.
+
+    SQLite has one database-wide write lock, taken by the first write of a transaction; a read
+    followed by a write could otherwise fail with a stale snapshot (or two claimers could both
+    read "queued"). A write that matches no row takes that lock. PostgreSQL uses row locks
+    (``FOR UPDATE``) instead; this is a no-op there."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Job).where(Job.id == "").values(progress=Job.progress))
+
+
+def _locked_job(session: Session, job_id: str) -> Job | None:
+    lock_for_write(session)
+    return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+
+
+@contextmanager
+def owned_job(job_id: str, worker: str) -> Iterator[tuple[Session, Job]]:
+    """A transaction holding the job's row lock, if the job is still running under ``worker``
+    (raises :class:`LostJob` otherwise)."""
+    with session_scope() as s:
+        job = _locked_job(s, job_id)
+        if job is None or job.state != JobState.running.value or job.worker != worker:
+            raise LostJob(f"job {job_id} is no longer running on {worker}")
+        yield s, job
+
+
+# --------------------------------------------------------------------------- claim
+
+
+@dataclass
+class Claim:
+    job_id: str
+    worker: str
+    owner: str
+    model_id: str
+    recipe: list[Any]
+    calibration_dataset_id: str | None
+    eval_dataset_id: str | None
+    max_ppl_increase: float | None
+    attempt: int
+
+
+def claim_job(job_id: str, worker: str) -> Claim | str:
+    """queued -> running under ``worker``; or the reason why not (skipped/cancelled)."""
+    with session_scope() as s:
+        job = _locked_job(s, job_id)
+        if job is None:
+            log.warning("job %s does not exist; dropping the message", job_id)
+            return SKIPPED
+        state = JobState(job.state)
+        if state.terminal or state is JobState.running:
+            # a duplicate delivery (sweep re-publish, broker redelivery) of a job that another
+            # worker runs or ran: nothing to do
+            return SKIPPED
+        if job.cancel_requested:
+            transition(s, job, JobState.cancelled, message="cancelled before it started")
+            return CANCELLED
+        transition(s, job, JobState.running, message=f"started on {worker}")
+        job.worker = worker
+        return Claim(job.id, worker, job.owner, job.model_id, list(job.recipe or []),
+                     job.calibration_dataset_id, job.eval_dataset_id, job.max_ppl_increase,
+                     job.attempt)
+
+
+# --------------------------------------------------------------------------- heartbeat & hooks
+
+
+class JobChannel:
+    """The running job's link to its row: heartbeat thread, throttled progress, events, and the
+    cancellation flag (cached for ``cache_s``)."""
+
+    def __init__(self, claim: Claim, settings: Settings, cache_s: float = 1.0):
+        self.claim = claim
+        self.settings = settings
+        self.cache_s = cache_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._cancel = False
+        self._cancel_read_at = 0.0
+        self._progress_at = 0.0
+        self._pending: tuple[int, str] | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{claim.job_id}",
+                                        daemon=True)
+
+    # -- heartbeat
+    def start(self) -> JobChannel:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_s):
+            try:
+                if not self._touch():
+                    log.warning("job %s: no longer ours; stopping at the next checkpoint",
+                                self.claim.job_id)
+                    self.lost.set()
+                    return
+            except Exception:  # noqa: BLE001 - a DB blip must not kill the job; retry next beat
+                log.exception("job %s: heartbeat failed", self.claim.job_id)
+
+    def _touch(self, **values: Any) -> bool:
+        """UPDATE the job if it is still ours; False if not."""
+        with session_scope() as s:
+            r = s.execute(update(Job).where(Job.id == self.claim.job_id,
+                                            Job.state == JobState.running.value,
+                                            Job.worker == self.claim.worker)
+                          .values(heartbeat_at=utcnow(), **values))
+            return r.rowcount == 1
+
+    # -- hooks for the pipeline
+    def progress(self, percent: int, stage: str) -> None:
+        now = time.monotonic()
+        pct = max(0, min(100, int(percent)))
+        stage = (stage or "")[:200]
+        with self._lock:
+            self._pending = (pct, stage)
+            if now - self._progress_at < self.settings.progress_min_interval_s:
+                return
+            self._progress_at = now
+            self._pending = None
+        try:
+            if not self._touch(progress=pct, stage=stage):
+                self.lost.set()
+        except Exception:  # noqa: BLE001 - progress is best effort
+            log.exception("job %s: progress write failed", self.claim.job_id)
+
+    def flush_progress(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                self._touch(progress=pending[0], stage=pending[1])
+            except Exception:  # noqa: BLE001
+                log.exception("job %s: progress write failed", self.claim.job_id)
+
+    def event(self, kind: str, data: dict | None = None) -> None:
+        try:
+            with session_scope() as s:
+                add_event(s, self.claim.job_id, str(kind)[:50],
+                          str((data or {}).get("message", ""))[:2000] if isinstance(data, dict)
+                          else "", jsonable(data) if data is not None else None)
+        except Exception:  # noqa: BLE001 - the event log is best effort
+            log.exception("job %s: event write failed", self.claim.job_id)
+
+    def should_stop(self) -> bool:
+        if self.lost.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._cancel_read_at >= self.cache_s:
+            self._cancel_read_at = now
+            try:
+                with session_scope() as s:
+                    row = s.execute(select(Job.cancel_requested, Job.state, Job.worker)
+                                    .where(Job.id == self.claim.job_id)).one_or_none()
+                if row is None or row.state != JobState.running.value \
+                        or row.worker != self.claim.worker:
+                    self.lost.set()
+                    return True
+                self._cancel = bool(row.cancel_requested)
+            except Exception:  # noqa: BLE001 - keep the last known answer
+                log.exception("job %s: reading cancel flag failed", self.claim.job_id)
+        return self._cancel
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-safe copy: non-finite floats become None (PostgreSQL's JSON rejects NaN), unknown
+    objects become strings."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {str(k): fix(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [fix(x) for x in v]
+        return v
+
+    return fix(json.loads(json.dumps(value, default=str, allow_nan=True)))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class StoreCheckpoints:
+    """base.CheckpointStore backed by the artifact store under ``jobs/<id>/checkpoints/``.
+    A directory is stored as a tar (``<name>.dir.tar``) and restored as a directory."""
+
+    def __init__(self, store: ArtifactStore, job_id: str, scratch: Path):
+        self.store = store
+        self.prefix = f"jobs/{job_id}/checkpoints/"
+        self.scratch = scratch
+
+    def _key(self, name: str) -> str:
+        name = name.strip("/")
+        if not name or ".." in Path(name).parts:
+            raise ValueError(f"invalid checkpoint name {name!r}")
+        return self.prefix + name
+
+    def save(self, name: str, path: Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.scratch, suffix=".tar")
+            os.close(fd)
+            try:
+                with tarfile.open(tmp, "w") as tf:
+                    tf.add(path, arcname=".")
+                self.store.put_file(self._key(name) + ".dir.tar", tmp)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        else:
+            self.store.put_file(self._key(name), path)
+
+    def load(self, name: str, dest: Path) -> bool:
+        dest = Path(dest)
+        key = self._key(name)
+        if self.store.head(key) is not None:
+            self.store.get_file(key, dest)
+            return True
+        if self.store.head(key + ".dir.tar") is not None:
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            tmp = self.scratch / f"ckpt-{os.getpid()}-{time.monotonic_ns()}.tar"
+            try:
+                self.store.get_file(key + ".dir.tar", tmp)
+                dest.mkdir(parents=True, exist_ok=True)
+                safe_extract(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar holding only regular files and folders with relative, in-tree names."""
+    dest = Path(dest)
+    try:
+        with tarfile.open(archive, "r:*") as tf:
+            members = tf.getmembers()
+            for m in members:
+                p = Path(m.name)
+                if p.is_absolute() or ".." in p.parts:
+                    raise SourceError(f"unsafe path in archive: {m.name!r}")
+                if not (m.isfile() or m.isdir()):
+                    raise SourceError(f"archive entry {m.name!r} is not a regular file")
+            tf.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise SourceError(f"cannot unpack the model archive: {type(e).__name__}: {e}") from e
+
+
+def hf_root(d: Path) -> Path:
+    """The folder holding config.json: the root or its single top folder."""
+    if (d / "config.json").is_file():
+        return d
+    subs = [p for p in d.iterdir() if p.is_dir()]
+    files = [p for p in d.iterdir() if p.is_file()]
+    if len(subs) == 1 and not files and (subs[0] / "config.json").is_file():
+        return subs[0]
+    raise SourceError("the model archive has no config.json at its root or in a single top folder")
+
+
+def _fetch_verified(store: ArtifactStore, key: str, dest: Path, sha256: str | None) -> Path:
+    """Download ``key`` to ``dest`` atomically (temp name + rename) and check its SHA-256."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{time.monotonic_ns()}")
+    try:
+        if store.head(key) is None:
+            raise SourceError(f"the uploaded model file {key!r} is missing from the store")
+        store.get_file(key, tmp)
+        if sha256 and sha256_file(tmp) != sha256:
+            raise SourceError(f"the uploaded model file {key!r} does not match its SHA-256")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def materialize_model(store: ArtifactStore, src: ModelSource, cache_root: Path) -> tuple[str, str | None]:
+    """What run_pipeline gets as SOURCE: a local .gguf path, a local HF dir, or the hub id.
+    Uploaded models are cached under ``cache_root/<model id>/<sha256>`` (model rows are
+    immutable, so a cached copy is reused by later jobs on this worker)."""
+    if src.kind == "hub":
+        if not src.source:
+            raise SourceError(f"model {src.id} has no hub id")
+        return src.source, src.revision
+    if not src.store_key:
+        raise SourceError(f"model {src.id} has no uploaded file")
+    base = cache_root / src.id / (src.sha256 or "nosha")
+    if src.kind == "gguf":
+        target = base / "model.gguf"
+        if not (target.is_file() and (src.bytes is None or target.stat().st_size == src.bytes)):
+            _fetch_verified(store, src.store_key, target, src.sha256)
+        return str(target), None
+    if src.kind == "hf-dir":
+        done = base / "dir"
+        if not done.is_dir():
+            base.mkdir(parents=True, exist_ok=True)
+            tar = base / "model.tar"
+            _fetch_verified(store, src.store_key, tar, src.sha256)
+            tmp = Path(tempfile.mkdtemp(dir=base, prefix=".extract-"))
+            try:
+                safe_extract(tar, tmp)
+                hf_root(tmp)  # validate before publishing the cached copy
+                try:
+                    os.replace(tmp, done)
+                except OSError:  # another worker on this host finished first
+                    if not done.is_dir():
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tar.unlink(missing_ok=True)
+        return str(hf_root(done)), None
+    raise SourceError(f"unknown model kind {src.kind!r}")
+
+
+def dataset_text(store: ArtifactStore, ds: Dataset, scratch: Path) -> str:
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = scratch / f"dataset-{ds.id}.txt"
+    try:
+        store.get_file(ds.store_key, tmp)
+        raw = tmp.read_bytes()
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CompressionError(f"dataset {ds.id} is not UTF-8 text: {e}") from e
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def make_archive(model_dir: Path, top: str, dest: Path) -> None:
+    """tar.gz of ``model_dir`` with one top folder named ``top``, regular files only."""
+    with tarfile.open(dest, "w:gz", compresslevel=6) as tf:
+        tf.add(model_dir, arcname=top, recursive=True,
+               filter=lambda ti: ti if (ti.isfile() or ti.isdir()) else None)
+
+
+def error_code_for(exc: BaseException) -> str:
+    """Map an exception to the job's error_code."""
+    try:
+        from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+        if isinstance(exc, (SoftTimeLimitExceeded, TimeLimitExceeded)):
+            return "timeout"
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            return "invalid_params"
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(exc, (UnsupportedModelError, SourceError)):
+        return "invalid_model"
+    if isinstance(exc, CompressionError):
+        # Raised while loading the model (compression.models) -> the model is the problem;
+        # anywhere else (recipe validation, a method's own checks) -> the params are.
+        tb = exc.__traceback__
+        last_mp = None
+        while tb is not None:
+            mod = tb.tb_frame.f_globals.get("__name__", "")
+            if mod.startswith("modelpress.compression"):
+                last_mp = mod
+            tb = tb.tb_next
+        return "invalid_model" if last_mp == "modelpress.compression.models" else "invalid_params"
+    return "error"
+
+
+def one_line(exc: BaseException, limit: int = 1000) -> str:
+    msg = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return text[:limit]
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _finish_failed(job_id: str, worker: str, code: str, reason: str) -> str:
+    try:
+        with owned_job(job_id, worker) as (s, job):
+            transition(s, job, JobState.failed, error_code=code, error=reason,
+                       message=f"failed: {reason}"[:2000])
+        return FAILED
+    except LostJob:
+        return LOST
+
+
+def _finish_cancelled(job_id: str, worker: str) -> str:
+    try:
+        with owned_job(job_id, worker) as (s, job):
+            transition(s, job, JobState.cancelled, message="cancelled while running")
+        return CANCELLED
+    except LostJob:
+        return LOST
+
+
+def _store_outcome(s: Session, job: Job, outcome: Any) -> None:
+    s.execute(delete(Metric).where(Metric.job_id == job.id))
+    seen: set[tuple[str, str]] = set()
+    for stage, name, value, unit in outcome.metrics:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            continue
+        if not math.isfinite(v) or (str(stage), str(name)) in seen:
+            continue
+        seen.add((str(stage), str(name)))
+        s.add(Metric(job_id=job.id, stage=str(stage)[:200], name=str(name)[:100], value=v,
+                     unit=None if unit is None else str(unit)[:30]))
+    job.report = jsonable(outcome.report)
+
+
+def _gate_reason(report: dict) -> str:
+    for key in ("quality_gate", "gate"):
+        g = report.get(key) if isinstance(report, dict) else None
+        if isinstance(g, dict):
+            for k in ("reason", "message"):
+                if g.get(k):
+                    return str(g[k])
+        elif isinstance(g, str) and g:
+            return g
+    return "the compressed model missed the max_ppl_increase quality gate"
+
+
+def execute_job(job_id: str, *, worker_name: str | None = None,
+                settings: Settings | None = None,
+                run_pipeline: Callable[..., Any] | None = None) -> str:
+    """Run job ``job_id`` to a terminal state (or leave it alone if it is not ours to run).
+    Returns one of succeeded/failed/cancelled/skipped/lost."""
+    settings = settings or get_settings()
+    worker = worker_name or default_worker_name()
+    claim = claim_job(job_id, worker)
+    if isinstance(claim, str):
+        return claim
+
+    channel = JobChannel(claim, settings).start()
+    scratch = Path(tempfile.mkdtemp(dir=settings.resolved_work_dir,
+                                    prefix=f"job-{job_id}-a{claim.attempt}-"))
+    uploaded_key: str | None = None
+    store: ArtifactStore | None = None
+    try:
+        if run_pipeline is None:
+            from modelpress.compression.pipeline import run_pipeline
+        from modelpress.compression.pipeline import JobHooks
+        from modelpress.compression.device import choose_device
+
+        store = make_store(settings)
+        cache_root = settings.resolved_work_dir / "cache" / "models"
+        with session_scope() as s:
+            src = s.get(ModelSource, claim.model_id)
+            if src is None:
+                raise SourceError(f"model {claim.model_id} no longer exists")
+            s.expunge(src)
+            cal = s.get(Dataset, claim.calibration_dataset_id) if claim.calibration_dataset_id else None
+            ev = s.get(Dataset, claim.eval_dataset_id) if claim.eval_dataset_id else None
+            for d in (cal, ev):
+                if d is not None:
+                    s.expunge(d)
+
+        channel.progress(0, "fetching inputs")
+        source, revision = materialize_model(store, src, cache_root)
+        calibration_text = dataset_text(store, cal, scratch) if cal is not None else None
+        eval_text = dataset_text(store, ev, scratch) if ev is not None else None
+        channel.event("inputs", {"message": "inputs ready", "source_kind": src.kind,
+                                 "calibration_dataset": getattr(cal, "id", None),
+                                 "eval_dataset": getattr(ev, "id", None)})
+
+        def load_model(model_id: str):
+            from modelpress.compression.models import load_source
+
+            with session_scope() as s2:
+                other = s2.scalar(select(ModelSource).where(ModelSource.id == model_id,
+                                                            ModelSource.owner == claim.owner))
+                if other is None:
+                    raise CompressionError(f"model {model_id!r} is not registered for this owner")
+                s2.expunge(other)
+            path, rev = materialize_model(store, other, cache_root)
+            return load_source(path, revision=rev).model
+
+        hooks = JobHooks(progress=channel.progress, event=lambda k, d: channel.event(k, d),
+                         should_stop=channel.should_stop,
+                         checkpoints=StoreCheckpoints(store, job_id, scratch / "ckpt"),
+                         load_model=load_model)
+        device = str(choose_device(settings.device))
+        out_dir = scratch / "out" / job_id
+        t0 = time.monotonic()
+        outcome = run_pipeline(source, claim.recipe, out_dir, revision=revision,
+                               calibration_text=calibration_text, eval_text=eval_text,
+                               max_ppl_increase=claim.max_ppl_increase, hooks=hooks,
+                               device=device)
+        channel.flush_progress()
+        if channel.should_stop():
+            raise Cancelled("job cancelled")
+        log.info("job %s: pipeline done in %.1f s", job_id, time.monotonic() - t0)
+
+        if not outcome.gate_passed:
+            reason = _gate_reason(outcome.report)
+            with owned_job(job_id, worker) as (s, job):
+                _store_outcome(s, job, outcome)
+                transition(s, job, JobState.failed, error_code="quality_gate", error=reason,
+                           message=f"quality gate: {reason}"[:2000])
+            return FAILED
+
+        # ---- archive, upload, verify; then publish everything in one transaction
+        model_dir = Path(outcome.output_dir)
+        unpacked = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
+        archive = scratch / "model.tar.gz"
+        channel.progress(99, "uploading artifact")
+        make_archive(model_dir, job_id, archive)
+        local_size, local_sha = archive.stat().st_size, sha256_file(archive)
+        key = f"jobs/{job_id}/model.tar.gz"
+        uploaded_key = key
+        store.put_file(key, archive)
+        head = store.head(key)
+        if head is None or head.bytes != local_size:
+            raise OSError(f"artifact upload check failed: store has "
+                          f"{head.bytes if head else 'nothing'} bytes, expected {local_size}")
+        remote_sha = store.sha256(key)
+        if remote_sha != local_sha:
+            raise OSError(f"artifact upload check failed: store SHA-256 {remote_sha} "
+                          f"!= local {local_sha}")
+        if channel.should_stop():
+            raise Cancelled("job cancelled")
+        with owned_job(job_id, worker) as (s, job):
+            if job.cancel_requested:
+                raise Cancelled("job cancelled")
+            _store_outcome(s, job, outcome)
+            s.execute(delete(Artifact).where(Artifact.job_id == job_id))
+            s.add(Artifact(job_id=job_id, uri=store.uri(key), store_key=key, bytes=local_size,
+                           sha256=local_sha, format=str(outcome.format), unpacked_bytes=unpacked,
+                           ready=True))
+            add_event(s, job_id, "artifact", f"artifact uploaded: {local_size} bytes",
+                      {"store_key": key, "bytes": local_size, "sha256": local_sha,
+                       "unpacked_bytes": unpacked})
+            transition(s, job, JobState.succeeded, message="succeeded")
+        uploaded_key = None  # published: keep it
+        return SUCCEEDED
+
+    except Cancelled:
+        if channel.lost.is_set():
+            log.warning("job %s was taken away from %s; leaving it alone", job_id, worker)
+            return LOST
+        return _finish_cancelled(job_id, worker)
+    except LostJob:
+        log.warning("job %s was taken away from %s; leaving it alone", job_id, worker)
+        uploaded_key = None  # another attempt may own that key now
+        return LOST
+    except BaseException as exc:  # noqa: BLE001 - every failure ends the job, with a reason
+        code = error_code_for(exc)
+        reason = one_line(exc)
+        log.exception("job %s failed (%s)", job_id, code)
+        channel.event("traceback", {"message": reason, "error_code": code,
+                                    "traceback": traceback.format_exc()[-20000:]})
+        result = _finish_failed(job_id, worker, code, reason)
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: let them through
+            raise
+        return result
+    finally:
+        channel.stop()
+        if uploaded_key is not None and store is not None:
+            try:
+                store.delete(uploaded_key)
+            except Exception:  # noqa: BLE001
+                log.exception("job %s: could not remove the unpublished upload", job_id)
+        shutil.rmtree(scratch, ignore_errors=True)
