@@ -1,8 +1,12 @@
 """Pruning methods. ``METHODS`` is this family's part of the explicit registry."""
 
 from ..base import Method
-from . import magnitude
+from . import magnitude, sparsegpt, wanda
+from . import structured
 
 METHODS: list[Method] = [
     magnitude.METHOD,
+    wanda.METHOD,
+    sparsegpt.METHOD,
+    *structured.METHODS,
 ]
