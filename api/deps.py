@@ -1,0 +1,152 @@
+"""Typed dependencies of every route: the request's database session, the caller's owner name,
+the artifact store and the settings.
+
+The session is a unit of work per request: committed when the route returns normally (before the
+response is sent), rolled back on any error. Work that must only happen once the data is durable
+(publishing a Celery task) is registered with :func:`after_commit`; cleanup of side effects
+outside the database (an uploaded object in the store) with :func:`on_rollback`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from modelpress.domain.keys import hash_key
+from modelpress.domain.models import ApiKey
+from modelpress.domain.settings import Settings as _Settings
+from modelpress.domain.store import ArtifactStore
+
+from .errors import Unauthorized
+
+log = logging.getLogger("modelpress.api")
+
+_AFTER_COMMIT = "mp_after_commit"
+_ON_ROLLBACK = "mp_on_rollback"
+
+
+def after_commit(session: Session, fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the request's transaction has committed (never if it rolls back)."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(fn)
+
+
+def on_rollback(session: Session, fn: Callable[[], None]) -> None:
+    """Run ``fn`` if the request's transaction rolls back (undo side effects outside the DB)."""
+    session.info.setdefault(_ON_ROLLBACK, []).append(fn)
+
+
+def _run_hooks(session: Session, key: str) -> None:
+    for fn in session.info.pop(key, []):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - a hook must never turn a done request into a 500
+            log.exception("%s hook failed", key)
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    session: Session = request.app.state.session_factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        session.info.pop(_AFTER_COMMIT, None)
+        _run_hooks(session, _ON_ROLLBACK)
+        raise
+    else:
+        session.info.pop(_ON_ROLLBACK, None)
+        _run_hooks(session, _AFTER_COMMIT)
+    finally:
+        session.close()
+
+
+def get_settings_dep(request: Request) -> _Settings:
+    return request.app.state.settings
+
+
+class LazyStore:
+    """The artifact store, built on first use (an S3 endpoint that is down at start-up must not
+    stop the API from starting; /readyz reports it)."""
+
+    def __init__(self, settings: _Settings):
+        self._settings = settings
+        self._store: ArtifactStore | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ArtifactStore:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    from modelpress.domain.store import make_store
+
+                    self._store = make_store(self._settings)
+        return self._store
+
+
+def get_store(request: Request) -> ArtifactStore:
+    return request.app.state.stores.get()
+
+
+class KeyCache:
+    """key hash -> owner for a few seconds, so authenticating is not a query per request.
+    Only successful look-ups are cached; a revoked key stops working within ``ttl_s``."""
+
+    def __init__(self, ttl_s: float = 5.0, max_entries: int = 10_000):
+        self.ttl_s, self.max_entries = ttl_s, max_entries
+        self._data: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> str | None:
+        hit = self._data.get(key_hash)
+        if hit is None:
+            return None
+        owner, expires = hit
+        if expires < time.monotonic():
+            with self._lock:
+                self._data.pop(key_hash, None)
+            return None
+        return owner
+
+    def put(self, key_hash: str, owner: str) -> None:
+        with self._lock:
+            if len(self._data) >= self.max_entries:
+                self._data.clear()
+            self._data[key_hash] = (owner, time.monotonic() + self.ttl_s)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
+
+DbSession = Annotated[Session, Depends(get_db, scope="function")]
+
+
+def current_owner(request: Request, session: DbSession,
+                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    if creds is None or not creds.credentials:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    h = hash_key(creds.credentials)
+    cache: KeyCache = request.app.state.key_cache
+    owner = cache.get(h)
+    if owner is None:
+        owner = session.scalar(select(ApiKey.owner).where(ApiKey.key_hash == h,
+                                                          ApiKey.revoked.is_(False)))
+        if owner is None:
+            raise Unauthorized("invalid API key")
+        cache.put(h, owner)
+    return owner
+
+
+CurrentOwner = Annotated[str, Depends(current_owner)]
+Store = Annotated[ArtifactStore, Depends(get_store)]
+Settings = Annotated[_Settings, Depends(get_settings_dep)]

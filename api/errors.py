@@ -1,0 +1,117 @@
+"""One exception hierarchy for the HTTP API and the one handler that renders it.
+
+Every error response has the same body: ``{"error": {"code": ..., "message": ...}}`` (validation
+errors add ``details``: the failing field paths). Services raise these; routes never build error
+responses by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("modelpress.api")
+
+
+class ApiError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 headers: dict[str, str] | None = None, details: Any = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = headers
+        self.details = details
+
+
+class BadRequest(ApiError):
+    status_code, code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    status_code, code = 401, "unauthorized"
+
+    def __init__(self, message: str = "missing or invalid API key", **kw: Any):
+        kw.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(message, **kw)
+
+
+class NotFound(ApiError):
+    status_code, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status_code, code = 409, "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status_code, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status_code, code = 415, "unsupported_media_type"
+
+
+class RangeNotSatisfiable(ApiError):
+    status_code, code = 416, "range_not_satisfiable"
+
+
+class Unprocessable(ApiError):
+    status_code, code = 422, "unprocessable"
+
+
+class ServiceUnavailable(ApiError):
+    status_code, code = 503, "unavailable"
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        err["details"] = details
+    return {"error": err}
+
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+                 413: "payload_too_large", 415: "unsupported_media_type", 422: "unprocessable"}
+
+
+def _loc(loc: Any) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"field": _loc(e.get("loc", ())), "message": e.get("msg", ""), "type": e.get("type", "")}
+            for e in errors]
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message, exc.details),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        details = validation_details(list(exc.errors()))
+        msg = "; ".join(f"{d['field']}: {d['message']}" for d in details) or "invalid request"
+        return JSONResponse(error_body("validation_error", msg, details), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:  # pragma: no cover
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)

@@ -1,0 +1,49 @@
+"""/v1/datasets: upload UTF-8 text for calibration or evaluation."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from ..deps import CurrentOwner, DbSession, Settings, Store
+from ..errors import Unprocessable
+from ..schemas import DatasetList, DatasetOut
+from ..services import datasets as svc
+from ..uploads import parse_multipart
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+_UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary", "description": "UTF-8 text."},
+                   "name": {"type": "string", "description": "Display name."}}}}}}
+
+
+@router.post("", status_code=201, response_model=DatasetOut, summary="Upload a text dataset",
+             openapi_extra={"requestBody": _UPLOAD_BODY},
+             responses={413: {"description": "Upload over the size limit"},
+                        422: {"description": "Not UTF-8 text, or empty"}})
+async def create_dataset(request: Request, session: DbSession, owner: CurrentOwner,
+                         store: Store, settings: Settings) -> DatasetOut:
+    form = await parse_multipart(request, settings.resolved_work_dir / "uploads",
+                                 settings.upload_max_bytes)
+    try:
+        upload = form.files.get("file")
+        if upload is None:
+            raise Unprocessable("multipart field `file` is required", code="validation_error")
+        row = await run_in_threadpool(svc.register_dataset, session, store, owner, upload,
+                                      form.fields.get("name"))
+    finally:
+        form.cleanup()
+    return DatasetOut.model_validate(row)
+
+
+@router.get("", response_model=DatasetList, summary="List your datasets")
+def list_datasets(session: DbSession, owner: CurrentOwner) -> DatasetList:
+    return DatasetList(items=[DatasetOut.model_validate(d)
+                              for d in svc.list_datasets(session, owner)])
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="Get a dataset")
+def get_dataset(dataset_id: str, session: DbSession, owner: CurrentOwner) -> DatasetOut:
+    return DatasetOut.model_validate(svc.get_dataset(session, owner, dataset_id))

@@ -1,0 +1,218 @@
+"""Request and response bodies of HTTP API v1 (pydantic). Requests forbid unknown fields."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# --------------------------------------------------------------------------------- models
+class ModelFromHub(Strict):
+    source: str = Field(..., min_length=1, max_length=500,
+                        description="A Hugging Face hub model id, e.g. 'HuggingFaceTB/SmolLM2-135M'.")
+    revision: str | None = Field(None, max_length=200, description="Branch, tag or commit.")
+    name: str | None = Field(None, max_length=500, description="Display name (default: source).")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"source": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main"}]})
+
+
+class ModelOut(Out):
+    id: str
+    name: str
+    kind: Literal["hub", "gguf", "hf-dir"]
+    source: str | None = None
+    revision: str | None = None
+    bytes: int | None = Field(None, description="Size of the uploaded file.")
+    sha256: str | None = None
+    model_type: str | None = None
+    architecture: str | None = None
+    config: dict[str, Any] | None = Field(None, description="The model's Hugging Face config.")
+    created_at: datetime
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+
+
+# ------------------------------------------------------------------------------- datasets
+class DatasetOut(Out):
+    id: str
+    name: str
+    bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+
+
+# ----------------------------------------------------------------------------------- jobs
+class StageIn(Strict):
+    method: str = Field(..., description="A registered method name (GET /v1/methods).")
+    params: dict[str, Any] = Field(default_factory=dict, description="The method's params.")
+
+
+class JobCreate(Strict):
+    model_id: str = Field(..., description="A model registered with POST /v1/models.")
+    method: str | None = Field(None, description="One method (or give `recipe`).")
+    params: dict[str, Any] | None = Field(None, description="Params of `method`.")
+    recipe: list[StageIn] | None = Field(
+        None, min_length=1, description="Several stages run in order (or give `method`).")
+    calibration_dataset_id: str | None = Field(None, description="Uploaded calibration text.")
+    eval_dataset_id: str | None = Field(None, description="Uploaded held-out evaluation text.")
+    max_ppl_increase: float | None = Field(
+        None, gt=1.0, description="Quality gate: fail the job if perplexity after / before "
+        "exceeds this ratio (e.g. 1.2).")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model_id": "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "method": "magnitude",
+         "params": {"sparsity": 0.5}},
+        {"model_id": "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+         "recipe": [{"method": "magnitude", "params": {"sparsity": 0.3}},
+                    {"method": "rtn", "params": {"bits": 8}}],
+         "max_ppl_increase": 1.5},
+    ]})
+
+    @model_validator(mode="after")
+    def _one_of(self) -> JobCreate:
+        if (self.method is None) == (self.recipe is None):
+            raise ValueError("give exactly one of `method` (with optional `params`) or `recipe`")
+        if self.recipe is not None and self.params is not None:
+            raise ValueError("`params` goes with `method`; with `recipe` give each stage's params")
+        return self
+
+    def stages(self) -> list[dict[str, Any]]:
+        if self.recipe is not None:
+            return [{"method": s.method, "params": dict(s.params)} for s in self.recipe]
+        return [{"method": self.method, "params": dict(self.params or {})}]
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class MetricOut(Out):
+    stage: str
+    name: str
+    value: float
+    unit: str | None = None
+
+
+class ArtifactOut(BaseModel):
+    bytes: int = Field(..., description="Size of the archive (tar.gz).")
+    sha256: str = Field(..., description="SHA-256 of the archive.")
+    format: str
+    unpacked_bytes: int | None = None
+    ready: bool
+    download_url: str | None = Field(None, description="GET this URL (with your key) once ready.")
+
+
+class JobOut(BaseModel):
+    id: str
+    model_id: str
+    method: str | None
+    params: dict[str, Any] | None
+    recipe: list[dict[str, Any]]
+    calibration_dataset_id: str | None = None
+    eval_dataset_id: str | None = None
+    max_ppl_increase: float | None = None
+    queue: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: int
+    stage: str | None
+    attempt: int
+    cancel_requested: bool
+    error: JobError | None
+    metrics: list[MetricOut]
+    artifact: ArtifactOut | None
+    has_report: bool
+    created_at: datetime
+    updated_at: datetime
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+class EventOut(Out):
+    id: int
+    ts: datetime
+    kind: str
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next_after: int | None = Field(None, description="Pass as `after` to poll for newer events.")
+
+
+# -------------------------------------------------------------------------------- methods
+class MethodOut(BaseModel):
+    name: str
+    family: str
+    description: str
+    needs_calibration: bool
+    prefers_gpu: bool
+    architectures: list[str] | None = Field(None, description="Supported model_type values; null: any.")
+    terminal: bool = Field(..., description="Packs weights: must be the last stage of a recipe.")
+    params_schema: dict[str, Any] = Field(..., description="JSON Schema of the method's params.")
+
+
+class MethodList(BaseModel):
+    items: list[MethodOut]
+
+
+# ----------------------------------------------------------------------------- comparison
+class ComparisonRow(BaseModel):
+    job_id: str | None = Field(None, description="null for the uncompressed baseline row.")
+    label: str
+    methods: list[str]
+    settings: list[dict[str, Any]]
+    state: str
+    gate_passed: bool
+    compression_ratio: float | None = None
+    speedup: float | None = None
+    accuracy_loss: float | None = Field(None, description="Perplexity ratio - 1 (0 = no loss).")
+    params: float | None = None
+    nonzero_params: float | None = None
+    bytes: float | None = Field(None, description="Weights on disk after compression.")
+    artifact_bytes: int | None = None
+    perplexity: float | None = None
+    embedding_fidelity: float | None = None
+    tokens_per_s: float | None = None
+    pareto: bool = Field(False, description="On the size/quality Pareto frontier.")
+
+
+class Comparison(BaseModel):
+    model_id: str
+    quality_metric: Literal["perplexity", "embedding_fidelity"] | None
+    baseline: ComparisonRow | None
+    rows: list[ComparisonRow]
+
+
+# --------------------------------------------------------------------------------- health
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str]

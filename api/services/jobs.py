@@ -1,0 +1,298 @@
+"""Submitting, reading, listing and cancelling jobs."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import threading
+from collections import OrderedDict
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
+
+from modelpress.domain.jobs import add_event, transition
+from modelpress.domain.models import Dataset, Job, JobEvent, ModelSource, new_id, utcnow
+from modelpress.domain.settings import Settings
+from modelpress.domain.states import JobState
+
+from ..deps import after_commit
+from ..errors import Conflict, NotFound, Unprocessable
+from ..schemas import ArtifactOut, JobCreate, JobError, JobOut, MetricOut
+
+log = logging.getLogger("modelpress.api")
+
+MAX_STAGES = 8
+
+
+# ------------------------------------------------------------------ model config (cached)
+class _ConfigCache:
+    """model id -> rebuilt transformers config. A registered model's config never changes, so
+    it is rebuilt from the row's JSON once, not on every submission."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._d: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model: ModelSource) -> Any:
+        with self._lock:
+            hit = self._d.get(model.id)
+            if hit is not None:
+                self._d.move_to_end(model.id)
+                return hit
+        cfg = rebuild_config(model.config or {})
+        with self._lock:
+            self._d[model.id] = cfg
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+        return cfg
+
+
+def rebuild_config(cfg: dict[str, Any]) -> Any:
+    from transformers import AutoConfig, PretrainedConfig
+
+    try:
+        return AutoConfig.for_model(**cfg)
+    except Exception:  # noqa: BLE001 - unknown model_type: a generic config still carries the dims
+        return PretrainedConfig.from_dict(cfg)
+
+
+config_cache = _ConfigCache()
+
+
+# --------------------------------------------------------------------------- validation
+def _field_path(prefix: str, loc: tuple[Any, ...]) -> str:
+    return ".".join([prefix, *(str(p) for p in loc)])
+
+
+def validate_stages(stages: list[dict[str, Any]], model_config: Any, *, single: bool) -> None:
+    """Parse every stage's params (errors name the stage and the field), then check the recipe
+    as a whole with the pipeline's validate_recipe."""
+    from modelpress.compression.base import CompressionError
+    from modelpress.compression.registry import parse_params
+
+    if len(stages) > MAX_STAGES:
+        raise Unprocessable(f"a recipe has at most {MAX_STAGES} stages, got {len(stages)}",
+                            code="invalid_recipe")
+    for i, st in enumerate(stages):
+        where = "" if single else f"stage {i} "
+        prefix = "params" if single else f"recipe.{i}.params"
+        try:
+            parse_params(st["method"], st["params"])
+        except ValidationError as e:
+            details = [{"field": _field_path(prefix, err["loc"]), "message": err["msg"],
+                        "type": err["type"]} for err in e.errors()]
+            msg = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+            raise Unprocessable(f"invalid params for {where}({st['method']}): {msg}",
+                                code="invalid_params", details=details) from None
+        except CompressionError as e:  # unknown method
+            raise Unprocessable(f"{where.strip()}: {e}" if where else str(e),
+                                code="unknown_method") from None
+    try:
+        validate_recipe = _validate_recipe_fn()
+        validate_recipe(stages, model_config)
+    except ValidationError as e:
+        msg = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise Unprocessable(f"invalid recipe: {msg}", code="invalid_params") from None
+    except CompressionError as e:
+        raise Unprocessable(str(e), code="invalid_recipe") from None
+
+
+def _validate_recipe_fn():
+    try:
+        from modelpress.compression.pipeline import validate_recipe
+    except ImportError:  # the pipeline module not written yet: the same checks, by hand
+        return _validate_recipe_minimal
+    return validate_recipe
+
+
+def _validate_recipe_minimal(stages: list[dict[str, Any]], model_config: Any) -> None:
+    from modelpress.compression.base import CompressionError
+    from modelpress.compression.registry import get_method
+
+    if not stages:
+        raise CompressionError("a recipe needs at least one stage")
+    for i, st in enumerate(stages):
+        m = get_method(st["method"])
+        cfg = m.config.model_validate(st["params"])
+        if m.terminal and i != len(stages) - 1:
+            raise CompressionError(f"stage {i} ({m.name}) packs the weights and must be the "
+                                   "last stage of the recipe")
+        if model_config is not None:
+            m.check_model(cfg, model_config)
+
+
+def choose_queue(stages: list[dict[str, Any]], settings: Settings) -> str:
+    from modelpress.compression.registry import get_method
+
+    enabled = getattr(settings, "gpu_queue_enabled", None)
+    if enabled is None:
+        enabled = os.environ.get("MODELPRESS_GPU_QUEUE_ENABLED", "").strip().lower() in {
+            "1", "true", "yes", "on"}
+    if enabled and any(get_method(s["method"]).prefers_gpu for s in stages):
+        return "gpu"
+    return "cpu"
+
+
+# ------------------------------------------------------------------------------ create
+def _owned_dataset(session: Session, owner: str, ds_id: str | None, what: str) -> None:
+    if ds_id is None:
+        return
+    found = session.scalar(select(Dataset.id).where(Dataset.id == ds_id, Dataset.owner == owner))
+    if found is None:
+        raise NotFound(f"{what} dataset {ds_id!r} not found")
+
+
+def create_job(session: Session, settings: Settings, owner: str, body: JobCreate) -> Job:
+    model = session.scalar(select(ModelSource).where(ModelSource.id == body.model_id,
+                                                     ModelSource.owner == owner))
+    if model is None:
+        raise NotFound(f"model {body.model_id!r} not found")
+    _owned_dataset(session, owner, body.calibration_dataset_id, "calibration")
+    _owned_dataset(session, owner, body.eval_dataset_id, "evaluation")
+    stages = body.stages()
+    validate_stages(stages, config_cache.get(model), single=body.method is not None)
+    now = utcnow()
+    job = Job(id=new_id(), owner=owner, model_id=model.id, method=body.method,
+              params=body.params if body.method is not None else None, recipe=stages,
+              calibration_dataset_id=body.calibration_dataset_id,
+              eval_dataset_id=body.eval_dataset_id, max_ppl_increase=body.max_ppl_increase,
+              queue=choose_queue(stages, settings), state=JobState.queued.value, progress=0,
+              attempt=0, cancel_requested=False, created_at=now, updated_at=now)
+    session.add(job)
+    add_event(session, job.id, "submitted", f"submitted to the {job.queue} queue",
+              {"stages": [s["method"] for s in stages], "queue": job.queue})
+    session.flush()
+    set_committed_value(job, "metrics", [])
+    set_committed_value(job, "artifact", None)
+    after_commit(session, lambda: dispatch(session, job))
+    return job
+
+
+def dispatch(session: Session, job: Job) -> None:
+    """Publish the committed job to its Celery queue; record dispatched_at, or a
+    ``dispatch_failed`` event (the worker's sweep re-publishes it)."""
+    try:
+        from modelpress.workers.dispatch import publish_job
+
+        publish_job(job.id, job.queue)
+    except Exception as e:  # noqa: BLE001 - the job is safely queued; the sweep retries
+        log.warning("publishing job %s failed: %s", job.id, e)
+        add_event(session, job.id, "dispatch_failed", f"could not publish the job: {e}")
+        session.commit()
+        return
+    now = utcnow()
+    session.execute(update(Job).where(Job.id == job.id).values(dispatched_at=now)
+                    .execution_options(synchronize_session=False))
+    session.commit()
+    set_committed_value(job, "dispatched_at", now)
+
+
+# ------------------------------------------------------------------------------- read
+def _with_children(stmt):
+    return stmt.options(selectinload(Job.metrics), selectinload(Job.artifact))
+
+
+def get_job(session: Session, owner: str, job_id: str, *, children: bool = True,
+            for_update: bool = False) -> Job:
+    stmt = select(Job).where(Job.id == job_id, Job.owner == owner)
+    if children:
+        stmt = _with_children(stmt)
+    if for_update:
+        stmt = stmt.with_for_update(of=Job)
+    job = session.scalar(stmt)
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, job_id = raw.split("|", 1)
+        return datetime.fromisoformat(ts), job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise Unprocessable("invalid cursor", code="invalid_cursor") from None
+
+
+def list_jobs(session: Session, owner: str, *, state: str | None = None,
+              model_id: str | None = None, method: str | None = None, limit: int = 50,
+              cursor: str | None = None) -> tuple[list[Job], str | None]:
+    stmt = select(Job).where(Job.owner == owner)
+    if state is not None:
+        stmt = stmt.where(Job.state == state)
+    if model_id is not None:
+        stmt = stmt.where(Job.model_id == model_id)
+    if method is not None:
+        stmt = stmt.where(Job.method == method)
+    if cursor is not None:
+        ts, cid = decode_cursor(cursor)
+        stmt = stmt.where(tuple_(Job.created_at, Job.id) < tuple_(ts, cid))
+    stmt = _with_children(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    jobs = list(session.scalars(stmt))
+    nxt = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    return jobs[:limit], nxt
+
+
+def list_events(session: Session, owner: str, job_id: str, after: int | None,
+                limit: int) -> list[JobEvent]:
+    get_job(session, owner, job_id, children=False)
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        stmt = stmt.where(JobEvent.id > after)
+    return list(session.scalars(stmt.order_by(JobEvent.id).limit(limit)))
+
+
+# ----------------------------------------------------------------------------- cancel
+def cancel_job(session: Session, owner: str, job_id: str) -> Job:
+    """queued -> cancelled now; running -> cancel_requested (the worker stops at its next
+    checkpoint); finished -> 409."""
+    job = get_job(session, owner, job_id, for_update=True)
+    state = JobState(job.state)
+    if state.terminal:
+        raise Conflict(f"job {job_id} is already {state.value}", code="job_finished")
+    if state is JobState.queued:
+        transition(session, job, JobState.cancelled, message="cancelled by the user before it "
+                   "started", error_code="cancelled", error="cancelled by the user")
+    elif not job.cancel_requested:
+        job.cancel_requested = True
+        add_event(session, job.id, "cancel_requested", "cancellation requested; the worker "
+                  "stops at its next checkpoint")
+    session.flush()
+    return job
+
+
+# ----------------------------------------------------------------------------- output
+def to_out(job: Job, base_url: str) -> JobOut:
+    art = job.artifact
+    artifact = None
+    if art is not None:
+        artifact = ArtifactOut(bytes=art.bytes, sha256=art.sha256, format=art.format,
+                               unpacked_bytes=art.unpacked_bytes, ready=art.ready,
+                               download_url=f"{base_url}v1/jobs/{job.id}/artifact"
+                               if art.ready else None)
+    error = None
+    if job.error is not None or job.error_code is not None:
+        error = JobError(code=job.error_code or "error", message=job.error or "")
+    return JobOut(
+        id=job.id, model_id=job.model_id, method=job.method, params=job.params,
+        recipe=job.recipe, calibration_dataset_id=job.calibration_dataset_id,
+        eval_dataset_id=job.eval_dataset_id, max_ppl_increase=job.max_ppl_increase,
+        queue=job.queue, state=job.state, progress=job.progress, stage=job.stage,
+        attempt=job.attempt, cancel_requested=job.cancel_requested, error=error,
+        metrics=[MetricOut(stage=m.stage, name=m.name, value=m.value, unit=m.unit)
+                 for m in job.metrics],
+        artifact=artifact, has_report=job.report is not None, created_at=job.created_at,
+        updated_at=job.updated_at, dispatched_at=job.dispatched_at, started_at=job.started_at,
+        finished_at=job.finished_at)
