@@ -149,6 +149,18 @@ def _owned_dataset(session: Session, owner: str, ds_id: str | None, what: str) -
         raise NotFound(f"{what} dataset {ds_id!r} not found")
 
 
+def _owned_model_refs(session: Session, owner: str, stages: list[dict[str, Any]]) -> None:
+    """Params that name another registered model (a distillation teacher or student:
+    ``*_model_id``) must name one of the caller's own models."""
+    for i, st in enumerate(stages):
+        for k, v in (st.get("params") or {}).items():
+            if k.endswith("_model_id") and isinstance(v, str):
+                found = session.scalar(select(ModelSource.id).where(
+                    ModelSource.id == v, ModelSource.owner == owner))
+                if found is None:
+                    raise NotFound(f"stage {i} ({st['method']}): {k} {v!r}: model not found")
+
+
 def create_job(session: Session, settings: Settings, owner: str, body: JobCreate) -> Job:
     model = session.scalar(select(ModelSource).where(ModelSource.id == body.model_id,
                                                      ModelSource.owner == owner))
@@ -157,6 +169,7 @@ def create_job(session: Session, settings: Settings, owner: str, body: JobCreate
     _owned_dataset(session, owner, body.calibration_dataset_id, "calibration")
     _owned_dataset(session, owner, body.eval_dataset_id, "evaluation")
     stages = body.stages()
+    _owned_model_refs(session, owner, stages)
     validate_stages(stages, config_cache.get(model), single=body.method is not None)
     now = utcnow()
     job = Job(id=new_id(), owner=owner, model_id=model.id, method=body.method,
