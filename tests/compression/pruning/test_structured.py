@@ -168,9 +168,13 @@ def test_heads_llama_group_mode(tiny_llama, tiny_tokenizer, tmp_path):
 
 def test_heads_gqa_wider_groups(tiny_tokenizer, tmp_path):
     """6 q heads / 2 KV heads (groups of 3), remove 2: every group keeps 2 q heads."""
-    from conftest import make_tiny_llama
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    m = make_tiny_llama(num_attention_heads=6, num_key_value_heads=2, head_dim=16, hidden_size=96)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=6,
+                                     num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                                     max_position_embeddings=512)).eval()
     events = []
     compress(m, fast(st.HeadsConfig, count=2), ctx_for(tiny_tokenizer, event=lambda k, d: events.append(d)))
     assert (m.config.num_attention_heads, m.config.num_key_value_heads) == (4, 2)
