@@ -1,12 +1,13 @@
 """Pruning methods. ``METHODS`` is this family's part of the explicit registry."""
 
 from ..base import Method
-from . import magnitude, sparsegpt, wanda
+from . import lottery, magnitude, sparsegpt, wanda
 from . import structured
 
 METHODS: list[Method] = [
     magnitude.METHOD,
     wanda.METHOD,
     sparsegpt.METHOD,
+    lottery.METHOD,
     *structured.METHODS,
 ]
