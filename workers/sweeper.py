@@ -120,14 +120,12 @@ def redispatch(settings: Settings, now: datetime,
             continue
         with session_scope() as s:
             lock_for_write(s)
-            r = s.execute(update(Job).where(Job.id == job_id,
-                                            Job.state == JobState.queued.value)
-                          .values(dispatched_at=utcnow()))
-            if r.rowcount:
-                add_event(s, job_id, "redispatched",
-                          "published again by the sweep"
-                          + (" (never published before)" if before is None else ""),
-                          {"queue": queue})
+            # (a worker may already have claimed it: the stamp and event are still true)
+            s.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+            add_event(s, job_id, "redispatched",
+                      "published again by the sweep"
+                      + (" (never published before)" if before is None else ""),
+                      {"queue": queue})
         out["published"].append(job_id)
     return out
 
