@@ -163,9 +163,9 @@ def test_wanda_smollm2_beats_magnitude(smollm2_dir):
     lm = load_pretrained(smollm2_dir)
     compress(lm.model, WandaConfig(sparsity=0.5, num_samples=8, seq_len=256), Context(tokenizer=lm.tokenizer))
     assert linear_sparsity(lm.model) == pytest.approx(0.5, abs=1e-3)
-    ppl_wanda = perplexity(lm.model, lm.tokenizer, text, seq_len=512, num_chunks=4)
+    ppl_wanda = perplexity(lm.model, lm.tokenizer, text, seq_len=512, num_chunks=3)
     lm = load_pretrained(smollm2_dir)
     compress(lm.model, MagnitudeConfig(sparsity=0.5, scope="row"))
-    ppl_mag = perplexity(lm.model, lm.tokenizer, text, seq_len=512, num_chunks=4)
+    ppl_mag = perplexity(lm.model, lm.tokenizer, text, seq_len=512, num_chunks=3)
     assert ppl_wanda < 0.5 * ppl_mag
     assert ppl_wanda < 120
