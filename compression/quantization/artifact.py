@@ -1,0 +1,178 @@
+"""Writing quantized models in the compressed-tensors format.
+
+Every quantized ``nn.Linear`` carries a :class:`QuantizedWeight` in the attribute
+``QUANT_ATTR``; its float ``weight`` holds the dequantised (fake-quantised) values so the
+in-memory model computes exactly what the reloaded artifact computes. The saver writes:
+
+* ``pack-quantized`` (weight-only, 1..8 bits): ``weight_packed`` (int32, 32/bits values per
+  word), ``weight_scale``, ``weight_shape`` and, when asymmetric, a packed ``weight_zero_point``;
+* ``int-quantized`` (int8 with dynamic per-token int8 activations, W8A8) and
+  ``naive-quantized`` (int8 weight-only): ``weight`` as int8, ``weight_scale`` (and
+  ``weight_zero_point`` when asymmetric);
+* every other tensor (embeddings, norms) in ``dense_dtype``;
+* ``config.json`` with a ``quantization_config`` built by the compressed_tensors library, so
+  plain ``AutoModelForCausalLM.from_pretrained(dir)`` dequantises the weights on load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .qtensor import QuantizedWeight
+
+QUANT_ATTR = "_modelpress_qweight"
+
+DenseDtype = Literal["float32", "float16", "bfloat16"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def attach(module: nn.Linear, qw: QuantizedWeight) -> None:
+    """Record ``qw`` on ``module`` and make its float weight the dequantised values."""
+    with torch.no_grad():
+        module.weight.data = qw.dequantize(module.weight.dtype).to(module.weight.device)
+    setattr(module, QUANT_ATTR, qw)
+
+
+def float_dtype(module: nn.Module) -> torch.dtype:
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        return w.dtype
+    return getattr(module, "float_dtype", torch.float32)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if getattr(m, QUANT_ATTR, None) is not None}
+
+
+def _scheme_key(qw: QuantizedWeight) -> tuple:
+    return (qw.bits, qw.group_size, qw.symmetric)
+
+
+def build_quantization_config(model: nn.Module, fmt: str, activations: bool) -> dict:
+    """The ``quantization_config`` dict (one config group per distinct weight scheme)."""
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+
+    groups: dict[tuple, list[str]] = {}
+    qmods = quantized_modules(model)
+    for name, m in qmods.items():
+        groups.setdefault(_scheme_key(getattr(m, QUANT_ATTR)), []).append(name)
+    config_groups = {}
+    for i, ((bits, gs, sym), names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        wargs = QuantizationArgs(
+            num_bits=bits, type="int", symmetric=sym,
+            strategy="group" if gs else "channel", group_size=gs if gs else None,
+            dynamic=False, observer=None,
+        )
+        iargs = None
+        if activations:
+            iargs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token",
+                                     dynamic=True, observer=None)
+        targets = (["Linear"] if len(groups) == 1
+                   else [f"re:^{n.replace('.', '[.]')}$" for n in names])
+        config_groups[f"group_{i}"] = QuantizationScheme(
+            targets=targets,
+            weights=wargs, input_activations=iargs,
+        )
+    ignore = sorted(
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qmods
+    )
+    qc = QuantizationConfig(config_groups=config_groups, format=fmt,
+                            quantization_status="compressed", ignore=ignore)
+    d = qc.model_dump(exclude_none=True)
+    d["quant_method"] = "compressed-tensors"
+    return json.loads(json.dumps(d, default=str))
+
+
+def compressed_state_dict(model: nn.Module, fmt: str, dense_dtype: DenseDtype = "float16"
+                          ) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    ddt = DTYPES[dense_dtype]
+    qmods = quantized_modules(model)
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name, t in model.state_dict(keep_vars=False).items():
+        mod_name, _, leaf = name.rpartition(".")
+        if mod_name in qmods and leaf == "weight":
+            continue
+        if id(t) in seen or (tied and name.endswith("lm_head.weight")):
+            continue  # tied weights are stored once (transformers re-ties on load)
+        seen[id(t)] = name
+        out[name] = t.detach().to("cpu", ddt if t.is_floating_point() else t.dtype).contiguous()
+    for name, m in qmods.items():
+        qw: QuantizedWeight = getattr(m, QUANT_ATTR)
+        sdt = float_dtype(m)  # scales in the model's float dtype: bit-exact reload
+        out[f"{name}.weight_scale"] = qw.scale.to("cpu", sdt).contiguous()
+        if fmt == "pack-quantized":
+            out[f"{name}.weight_packed"] = pack_to_int32(qw.q.cpu(), qw.bits).contiguous()
+            out[f"{name}.weight_shape"] = torch.tensor(list(qw.q.shape), dtype=torch.int64)
+            if not qw.symmetric:
+                out[f"{name}.weight_zero_point"] = pack_to_int32(
+                    qw.zero_point.to(torch.int8).cpu(), qw.bits, packed_dim=0).contiguous()
+        else:
+            out[f"{name}.weight"] = qw.q.cpu().contiguous()
+            if not qw.symmetric:
+                out[f"{name}.weight_zero_point"] = qw.zero_point.to("cpu", torch.int8).contiguous()
+    return out
+
+
+def save_compressed(model: nn.Module, out_dir: str | Path, fmt: str, activations: bool = False,
+                    dense_dtype: DenseDtype = "float16") -> Path:
+    """Write ``out_dir`` (config.json with quantization_config, model.safetensors)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not quantized_modules(model):
+        raise ValueError("model has no quantized modules to save")
+    sd = compressed_state_dict(model, fmt, dense_dtype)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = copy.deepcopy(model.config)
+    cfg.quantization_config = build_quantization_config(model, fmt, activations)
+    # reload in the model's own float dtype, whatever dtype the dense tensors are stored in
+    cfg.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None and getattr(out_emb, QUANT_ATTR, None) is not None:
+        cfg.tie_word_embeddings = False  # the head is stored (quantized) on its own
+    cfg.save_pretrained(out)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(out)
+        except Exception:  # noqa: BLE001 - a generation config is optional
+            pass
+    return out
+
+
+def make_saver(fmt: str, activations: bool = False, dense_dtype: DenseDtype = "float16"):
+    def saver(model: nn.Module, out_dir: Path) -> None:
+        save_compressed(model, out_dir, fmt, activations, dense_dtype)
+
+    return saver
+
+
+def artifact_quantized_bytes(out_dir: str | Path) -> tuple[int, int]:
+    """(bytes of quantized-layer tensors, bytes of all tensors) in an artifact directory."""
+    from safetensors import safe_open
+
+    q = total = 0
+    for f in Path(out_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                t = sf.get_tensor(k)
+                b = t.numel() * t.element_size()
+                total += b
+                if any(k.endswith(s) for s in ("weight_packed", "weight_scale", "weight_zero_point",
+                                               "weight_shape")) or t.dtype == torch.int8:
+                    q += b
+    return q, total

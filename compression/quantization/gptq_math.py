@@ -1,0 +1,86 @@
+"""Pure tensor math of GPTQ (Frantar et al. 2022): quantize a weight matrix column by column
+and spread each column's rounding error over the not-yet-quantized columns using the inverse
+Hessian ``H = 2 X^T X`` of the layer's inputs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .qtensor import QuantizedWeight, check_group, effective_group, qrange, search_qparams
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None,
+                  symmetric: bool, act_order: bool = False, dampening: float = 0.01,
+                  mse: bool = True, block_size: int = 128) -> QuantizedWeight:
+    """Returns the integer weights, scales and zero points of ``W`` ([out, in]).
+
+    Groups are always consecutive runs of ``group_size`` *original* columns (what the artifact
+    format stores). Without ``act_order`` each group's scale is chosen when its first column is
+    reached, from the error-updated weights; with ``act_order`` (columns processed by decreasing
+    Hessian diagonal) all scales are fixed up front from the original weights ("static
+    groups"). ``mse`` searches each group's clipping range (min squared error) instead of min/max.
+    """
+    out, n = W.shape
+    check_group(group_size, n)
+    g = effective_group(group_size, n)
+    qmin, qmax = qrange(bits)
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static = act_order or g == n
+    scale = torch.ones(out, n // g, device=W.device)
+    zp = torch.zeros(out, n // g, device=W.device)
+    if static:
+        scale, zp = search_qparams(W, bits, group_size, symmetric, mse=mse, norm=2.4, grid=80,
+                                   max_shrink=0.8)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    damp = dampening * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    try:
+        L = torch.linalg.cholesky(H)
+    except RuntimeError:  # not positive definite: add more dampening once
+        H.diagonal().add_(10 * damp)
+        L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
+
+    Q = torch.zeros(out, n, dtype=torch.int8, device=W.device)
+    bs = block_size if static else g * max(1, math.ceil(block_size / g))
+    for i1 in range(0, n, bs):
+        i2 = min(i1 + bs, n)
+        cnt = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(cnt):
+            col = i1 + i
+            if not static and col % g == 0:
+                s, z = search_qparams(W1[:, i : i + g], bits, None, symmetric, mse=mse, norm=2.4,
+                                      grid=80, max_shrink=0.8)
+                scale[:, col // g] = s[:, 0]
+                zp[:, col // g] = z[:, 0]
+            gi = (int(perm[col]) if perm is not None else col) // g
+            s, z = scale[:, gi], zp[:, gi]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+            Q[:, col] = q.to(torch.int8)
+            err = (w - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return QuantizedWeight(Q, scale, zp, bits, group_size, symmetric)

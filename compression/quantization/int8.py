@@ -1,0 +1,61 @@
+"""Weight-only int8 (per output channel or per group), stored as int8 in the artifact.
+
+Plain symmetric per-channel rounding costs SmolLM2 about +0.4% perplexity; an asymmetric grid
+with a per-channel clipping search (min squared error) brings that under 0.1%."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..base import CompressionResult, Context, Method, MethodConfig
+from .artifact import DenseDtype, attach, make_saver
+from .common import GroupFieldsMixin, dense_dtype_field, group_size_field, target_linears
+from .common import validate_group_size
+from .qtensor import quantize_weight
+
+
+class Int8Config(GroupFieldsMixin, MethodConfig):
+    group_size: int | None = group_size_field(None)
+    symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric grid.")
+    mse_clip: bool = Field(
+        True, description="Search each channel's (group's) clipping range for the smallest "
+        "squared rounding error instead of plain min/max.")
+    dense_dtype: DenseDtype = dense_dtype_field()
+
+
+@torch.no_grad()
+def apply(model: nn.Module, cfg: Int8Config, ctx: Context) -> CompressionResult:
+    t0 = time.perf_counter()
+    lins = target_linears(model, cfg.group_size)
+    for i, (name, lin) in enumerate(lins.items()):
+        w = lin.weight.detach().to(ctx.device)
+        attach(lin, quantize_weight(w, 8, cfg.group_size, cfg.symmetric, mse=cfg.mse_clip,
+                                    grid=40, max_shrink=0.2))
+        ctx.progress((i + 1) / len(lins), f"quantized {name}")
+        ctx.check_cancelled()
+    return CompressionResult(
+        model=model, packed=True, format="compressed-tensors",
+        saver=make_saver("naive-quantized", dense_dtype=cfg.dense_dtype),
+        metrics={"quantized_linears": float(len(lins)), "bits": 8.0,
+                 "compress_seconds": time.perf_counter() - t0},
+    )
+
+
+def _validate(cfg: Int8Config, model_config) -> None:
+    validate_group_size(cfg.group_size, model_config)
+
+
+METHOD = Method(
+    name="int8",
+    config=Int8Config,
+    apply=apply,
+    description="Weight-only int8 per output channel (or per group) with an asymmetric grid and "
+    "clipping search; int8 weights in a compressed-tensors artifact.",
+    family="quantization",
+    terminal=True,
+    validate=_validate,
+)

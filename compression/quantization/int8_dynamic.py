@@ -1,0 +1,256 @@
+"""W8A8 for CPU serving: int8 weights (per output channel, symmetric) and int8 activations
+quantized per token at run time, multiplied with ``torch._int_mm`` (int8 x int8 -> int32).
+
+Optional SmoothQuant smoothing (Xiao et al. 2022) first moves activation outliers into the
+weights (``x / s``, ``W * s`` with ``s = max|x|**a / max|W|**(1-a)``, folded into the preceding
+norm / Linear), measured on a few calibration sequences.
+
+The in-memory model this method returns runs the int8 kernels (:class:`Int8DynamicLinear`), so
+the service's speed measurement is of the real runtime path. The artifact is compressed-tensors
+``int-quantized`` (int8 weights + per-channel scales, dynamic per-token int8 activations): vLLM
+serves it natively on GPU; plain ``from_pretrained`` on CPU loads it with the weights dequantised
+to float and activations fake-quantised (same numbers, float speed): call :func:`to_runtime` on the
+loaded model to get the int8 kernels back.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..base import CalibrationConfig, CompressionResult, Context, Method
+from .artifact import QUANT_ATTR, DenseDtype, make_saver
+from .calib import (
+    calibration_tokens,
+    capture_first_layer_inputs,
+    decoder_layers,
+    layer_linears,
+    observe_inputs,
+    run_layer,
+)
+from .common import dense_dtype_field
+from .qtensor import QuantizedWeight
+
+# ---------------------------------------------------------------- pure tensor functions
+
+
+def quantize_per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q [out, in] int8, scale [out] float32)."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of a 2-D activation: (q int8, scale [rows, 1] float32)."""
+    x = x.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-12)
+    return torch.clamp(torch.round(x / scale), -127, 127).to(torch.int8), scale
+
+
+def int8_linear(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W^T`` with x quantized per token and ``W = qw * w_scale`` (int32 accumulation)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, xs = quantize_per_token_int8(x2)
+    if xq.device.type == "cpu" or xq.shape[0] > 16:
+        acc = torch._int_mm(xq, qw.t())
+    else:  # CUDA's int8 GEMM wants more than 16 rows: pad the few-token decode case
+        pad = torch.zeros(17, xq.shape[1], dtype=torch.int8, device=xq.device)
+        pad[: xq.shape[0]] = xq
+        acc = torch._int_mm(pad, qw.t())[: xq.shape[0]]
+    y = acc.float() * xs * w_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], qw.shape[0])
+
+
+def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors (inputs are divided, weight columns multiplied)."""
+    s = x_absmax.clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+# ---------------------------------------------------------------- runtime module
+
+
+class Int8DynamicLinear(nn.Module):
+    """A Linear that runs int8 x int8 -> int32 with per-token dynamic activation scales."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 float_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.float_dtype = float_dtype
+        # non-persistent: the saver writes them in the compressed-tensors layout
+        self.register_buffer("qweight", q.contiguous(), persistent=False)
+        self.register_buffer("w_scale", scale.float().contiguous(), persistent=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None \
+            else None
+        zp = torch.zeros(q.shape[0], 1)
+        setattr(self, QUANT_ATTR, QuantizedWeight(self.qweight, self.w_scale[:, None], zp, 8,
+                                                  None, True))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, scale: torch.Tensor | None = None) -> Int8DynamicLinear:
+        if scale is None:
+            q, scale = quantize_per_channel_int8(lin.weight)
+        else:  # weights already on an int8 grid with known scales (a reloaded artifact)
+            scale = scale.detach().float().reshape(-1)
+            q = torch.clamp(torch.round(lin.weight.detach().float() / scale[:, None]),
+                            -127, 127).to(torch.int8)
+        return cls(q, scale, lin.bias, lin.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.qweight, self.w_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8"
+
+    def _apply(self, fn, recurse=True):  # keep the QuantizedWeight on the buffers' device
+        super()._apply(fn, recurse)
+        qw = getattr(self, QUANT_ATTR)
+        qw.q, qw.scale = self.qweight, self.w_scale[:, None]
+        qw.zero_point = qw.zero_point.to(self.qweight.device)
+        return self
+
+
+# ---------------------------------------------------------------- method
+
+
+class Int8DynamicConfig(CalibrationConfig):
+    num_samples: int = Field(8, ge=1, le=4096,
+                             description="Calibration sequences (only for smoothing).")
+    smoothing_alpha: float | None = Field(
+        0.5, ge=0, le=1, description="SmoothQuant migration strength (null: no smoothing, no "
+        "calibration needed).")
+    quantize_lm_head: bool = Field(
+        True, description="Also run the output head in int8 (untied from the float input "
+        "embedding); it is about a fifth of SmolLM2's weights, so it matters for speed.")
+    keep_float: list[str] = Field(
+        default_factory=list, description="Regular expressions of Linear names kept in float "
+        "(sensitive layers), e.g. ['layers\\\\.0\\\\.', 'down_proj'].")
+    batch_size: int = Field(4, ge=1, le=256, description="Calibration sequences per pass.")
+    dense_dtype: DenseDtype = dense_dtype_field()
+
+
+SMOOTH_GROUPS = [
+    (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
+    (["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm"),
+    (["mlp.down_proj"], "mlp.up_proj"),
+]
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, cfg: Int8DynamicConfig, ctx: Context) -> int:
+    """Fold SmoothQuant scales into every decoder layer; returns how many groups were smoothed."""
+    layers = decoder_layers(model)
+    tokens = calibration_tokens(model, cfg, ctx)
+    inputs = capture_first_layer_inputs(model, tokens, ctx.device, cfg.batch_size)
+    done = 0
+    for li, layer in enumerate(layers):
+        ctx.check_cancelled()
+        mods = dict(layer.named_modules())
+        lins = layer_linears(layer)
+        amax: dict[str, torch.Tensor] = {}
+
+        def acc(name: str, x: torch.Tensor) -> None:
+            m = x.abs().amax(0).float()
+            amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+
+        heads = {names[0]: lins[names[0]] for names, _ in SMOOTH_GROUPS if names[0] in lins}
+        with observe_inputs(heads, acc):
+            run_layer(layer, inputs)
+        for names, prev_name in SMOOTH_GROUPS:
+            if not all(n in lins for n in names) or prev_name not in mods or names[0] not in amax:
+                continue
+            prev, group = mods[prev_name], [lins[n] for n in names]
+            w_absmax = torch.stack([m.weight.abs().amax(0) for m in group]).amax(0).float()
+            s = smoothing_scales(amax[names[0]], w_absmax, cfg.smoothing_alpha)
+            for m in group:
+                m.weight.mul_(s.to(m.weight.dtype))
+            if isinstance(prev, nn.Linear):
+                prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))
+                if prev.bias is not None:
+                    prev.bias.div_(s.to(prev.bias.dtype))
+            else:
+                prev.weight.div_(s.to(prev.weight.dtype))
+            done += 1
+        inputs.hidden = run_layer(layer, inputs)
+        ctx.progress(0.8 * (li + 1) / len(layers), f"smoothed layer {li + 1}/{len(layers)}")
+    return done
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def runtime_targets(model: nn.Module, quantize_lm_head: bool, keep_float: list[str]
+                    ) -> dict[str, nn.Linear]:
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    pats = [re.compile(p) for p in keep_float]
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or any(p.search(name) for p in pats):
+            continue
+        if (m is out_emb or name.endswith("lm_head")) and not quantize_lm_head:
+            continue
+        out[name] = m
+    return out
+
+
+@torch.no_grad()
+def to_runtime(model: nn.Module, quantize_lm_head: bool = True,
+               keep_float: list[str] | None = None) -> nn.Module:
+    """Swap Linears for :class:`Int8DynamicLinear` in place. Works on a float model and on one
+    loaded from an ``int8_dynamic`` artifact (whose weights then already sit on the int8 grid;
+    its ``weight_scale`` is reused when compressed-tensors left it on the module)."""
+    targets = runtime_targets(model, quantize_lm_head, keep_float or [])
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, lin in targets.items():
+        scale = getattr(lin, "weight_scale", None)
+        new = Int8DynamicLinear.from_linear(lin, scale if isinstance(scale, torch.Tensor) else None)
+        _set_module(model, name, new)
+        if lin is out_emb and hasattr(model.config, "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False  # the head now has its own int8 weights
+    return model
+
+
+def apply(model: nn.Module, cfg: Int8DynamicConfig, ctx: Context) -> CompressionResult:
+    t0 = time.perf_counter()
+    orig = next(model.parameters()).device
+    smoothed = 0
+    if cfg.smoothing_alpha is not None:
+        model.to(ctx.device)
+        try:
+            smoothed = smooth_model(model, cfg, ctx)
+        finally:
+            model.to(orig)
+    to_runtime(model, cfg.quantize_lm_head, cfg.keep_float)
+    n = sum(isinstance(m, Int8DynamicLinear) for m in model.modules())
+    ctx.progress(1.0, f"{n} Linears run in int8")
+    return CompressionResult(
+        model=model, packed=True, format="compressed-tensors",
+        saver=make_saver("int-quantized", activations=True, dense_dtype=cfg.dense_dtype),
+        metrics={"quantized_linears": float(n), "smoothed_groups": float(smoothed),
+                 "compress_seconds": time.perf_counter() - t0},
+    )
+
+
+METHOD = Method(
+    name="int8_dynamic",
+    config=Int8DynamicConfig,
+    apply=apply,
+    description="W8A8 for CPU serving: int8 per-channel weights, per-token int8 activations at "
+    "run time (torch._int_mm), optional SmoothQuant smoothing; compressed-tensors int-quantized "
+    "artifact.",
+    family="quantization",
+    terminal=True,
+)

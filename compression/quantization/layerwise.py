@@ -1,0 +1,145 @@
+"""The layer-by-layer driver shared by ``gptq`` and ``awq`` (orchestration only; the math is in
+``gptq_math``, ``awq_math`` and ``qtensor``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..base import CalibrationConfig, Context
+from .artifact import DenseDtype, attach
+from .awq_math import search_scale
+from .calib import (
+    InputStats,
+    calibration_tokens,
+    capture_first_layer_inputs,
+    decoder_layers,
+    input_stats,
+    layer_linears,
+    run_layer,
+    shared_input_groups,
+)
+from .common import GroupFieldsMixin, dense_dtype_field, group_size_field
+from .gptq_math import gptq_quantize
+from .qtensor import dequantize_grouped, quantize_grouped, quantize_weight, search_qparams
+
+
+class WeightCalibConfig(GroupFieldsMixin, CalibrationConfig):
+    bits: int = Field(4, ge=2, le=8, description="Weight bits (2..8).")
+    group_size: int | None = group_size_field(64)
+    symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric grid.")
+    mse_clip: bool = Field(
+        True, description="Search each group's clipping range for the smallest error instead of "
+        "plain min/max.")
+    batch_size: int = Field(8, ge=1, le=256, description="Calibration sequences per forward pass.")
+    dense_dtype: DenseDtype = dense_dtype_field()
+
+
+#: AWQ scaling groups of a llama-style decoder layer: (Linears reading one input, its producer)
+AWQ_GROUPS = [
+    (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
+    (["self_attn.o_proj"], "self_attn.v_proj"),
+    (["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm"),
+    (["mlp.down_proj"], "mlp.up_proj"),
+]
+
+
+def _rtn_fake_quant(bits: int, group_size: int | None, symmetric: bool):
+    def fq(w: torch.Tensor) -> torch.Tensor:
+        s, z = search_qparams(w, bits, group_size, symmetric, mse=False)
+        return dequantize_grouped(quantize_grouped(w, s, z, bits), s, z)
+
+    return fq
+
+
+@torch.no_grad()
+def apply_awq_scaling(layer: nn.Module, stats: dict[str, InputStats], bits: int,
+                      group_size: int | None, symmetric: bool, grid: int = 20
+                      ) -> dict[str, InputStats]:
+    """Search and fold AWQ scales into ``layer`` (function-preserving in float); returns the
+    input statistics of the rescaled inputs."""
+    mods = dict(layer.named_modules())
+    fq = _rtn_fake_quant(bits, group_size, symmetric)
+    stats = dict(stats)
+    for names, prev_name in AWQ_GROUPS:
+        if not all(n in mods and n in stats for n in names) or prev_name not in mods:
+            continue
+        prev = mods[prev_name]
+        lins = [mods[n] for n in names]
+        in_f = lins[0].in_features
+        if isinstance(prev, nn.Linear):
+            if prev.out_features != in_f:
+                continue  # e.g. GQA: v_proj (kv heads) -> o_proj (all heads) cannot be folded
+        elif getattr(prev, "weight", None) is None or prev.weight.shape != (in_f,):
+            continue
+        st = stats[names[0]]
+        W = torch.cat([m.weight.float() for m in lins], 0)
+        s, _alpha, _err, _base = search_scale(W, st.H, st.abs_mean, fq, grid=grid)
+        if torch.all(s == 1):
+            continue
+        for m in lins:
+            m.weight.mul_(s.to(m.weight.dtype))
+        if isinstance(prev, nn.Linear):
+            prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))
+            if prev.bias is not None:
+                prev.bias.div_(s.to(prev.bias.dtype))
+        else:
+            prev.weight.div_(s.to(prev.weight.dtype))
+            if getattr(prev, "bias", None) is not None:
+                prev.bias.div_(s.to(prev.bias.dtype))
+        new = InputStats(st.H / torch.outer(s, s), st.abs_mean / s)
+        for n in names:
+            stats[n] = new
+    return stats
+
+
+@torch.no_grad()
+def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *,
+                       algorithm: str, awq_scaling: bool, act_order: bool = False,
+                       dampening: float = 0.01, awq_grid: int = 20) -> dict[str, float]:
+    """Quantize every decoder layer's Linears in turn (``algorithm``: "gptq" or "rtn" with a
+    Hessian-diagonal-weighted clipping search), optionally after AWQ scaling."""
+    t0 = time.perf_counter()
+    layers = decoder_layers(model)
+    orig_device = next(model.parameters()).device
+    dev = ctx.device
+    model.to(dev)
+    try:
+        tokens = calibration_tokens(model, cfg, ctx)
+        ctx.progress(0.0, f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens")
+        inputs = capture_first_layer_inputs(model, tokens, dev, cfg.batch_size)
+        n_lin = 0
+        for li, layer in enumerate(layers):
+            ctx.check_cancelled()
+            groups = shared_input_groups(layer)
+            stats = input_stats(layer, inputs, groups)
+            if awq_scaling:
+                stats = apply_awq_scaling(layer, stats, cfg.bits, cfg.group_size, cfg.symmetric,
+                                          grid=awq_grid)
+            for name, lin in layer_linears(layer).items():
+                st = stats[name]
+                if algorithm == "gptq":
+                    qw = gptq_quantize(lin.weight, st.H, cfg.bits, cfg.group_size, cfg.symmetric,
+                                       act_order=act_order, dampening=dampening, mse=cfg.mse_clip)
+                else:
+                    qw = quantize_weight(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric,
+                                         mse=cfg.mse_clip, col_weight=torch.diag(st.H))
+                attach(lin, qw)
+                n_lin += 1
+            del stats
+            inputs.hidden = run_layer(layer, inputs)
+            ctx.progress((li + 1) / len(layers), f"quantized layer {li + 1}/{len(layers)}")
+    finally:
+        model.to(orig_device)
+    for m in model.modules():  # keep the integer state next to the (moved) float weights
+        qw: Any = getattr(m, "_modelpress_qweight", None)
+        if qw is not None:
+            qw.q, qw.scale, qw.zero_point = (t.to(orig_device) for t in
+                                             (qw.q, qw.scale, qw.zero_point))
+    return {"quantized_linears": float(n_lin), "bits": float(cfg.bits),
+            "calibration_tokens": float(tokens.numel()),
+            "compress_seconds": time.perf_counter() - t0}

@@ -1,0 +1,137 @@
+"""Pure tensor functions for integer weight quantization (no modules, no I/O).
+
+Conventions match the compressed-tensors format so the integers we compute are exactly what
+``transformers`` dequantises on load:
+
+* integers are signed: ``q in [-2**(b-1), 2**(b-1) - 1]`` (int4: -8..7, int8: -128..127);
+* ``w ~= (q - zero_point) * scale``; symmetric schemes have ``zero_point == 0``;
+* ``scale`` / ``zero_point`` have shape ``[out_features, n_groups]`` (``n_groups == 1`` for
+  per-channel quantization), groups are consecutive runs of ``group_size`` input columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def effective_group(group_size: int | None, in_features: int) -> int:
+    """``None`` (or <= 0) means one group per output channel."""
+    return in_features if not group_size or group_size <= 0 else group_size
+
+
+def check_group(group_size: int | None, in_features: int, name: str = "") -> None:
+    g = effective_group(group_size, in_features)
+    if in_features % g:
+        raise ValueError(f"group_size {g} does not divide in_features {in_features} {name}".strip())
+
+
+def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
+    out, inf = w.shape
+    return w.reshape(out, inf // g, g)
+
+
+def minmax_qparams(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (integer-valued, float dtype) zero point that map ``[wmin, wmax]`` onto the
+    integer grid. ``wmin <= 0 <= wmax`` is enforced so that zero is exactly representable."""
+    qmin, qmax = qrange(bits)
+    wmin = torch.minimum(wmin, torch.zeros_like(wmin))
+    wmax = torch.maximum(wmax, torch.zeros_like(wmax))
+    if symmetric:
+        amax = torch.maximum(-wmin, wmax)
+        scale = amax / ((qmax - qmin) / 2)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.zeros_like(scale)
+    scale = (wmax - wmin) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zp = torch.clamp(qmin - torch.round(wmin / scale), qmin, qmax)
+    return scale, zp
+
+
+def quantize_grouped(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int
+                     ) -> torch.Tensor:
+    """Integers (int8 tensor, ``w.shape``) for ``w`` given per-group ``scale``/``zp``."""
+    qmin, qmax = qrange(bits)
+    g = w.shape[1] // scale.shape[1]
+    wg = _grouped(w.float(), g)
+    q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zp.unsqueeze(-1), qmin, qmax)
+    return q.reshape(w.shape).to(torch.int8)
+
+
+def dequantize_grouped(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = q.shape[1] // scale.shape[1]
+    qg = _grouped(q.float(), g)
+    return ((qg - zp.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(q.shape).to(dtype)
+
+
+def _fq_error(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, norm: float,
+              col_weight: torch.Tensor | None) -> torch.Tensor:
+    qmin, qmax = qrange(bits)
+    s, z = scale.unsqueeze(-1), zp.unsqueeze(-1)
+    dq = (torch.clamp(torch.round(wg / s) + z, qmin, qmax) - z) * s
+    err = (dq - wg).abs().pow(norm)
+    if col_weight is not None:
+        err = err * col_weight
+    return err.sum(-1)
+
+
+def search_qparams(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                   mse: bool = True, grid: int = 50, max_shrink: float = 0.5, norm: float = 2.0,
+                   col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero point for ``w`` (``[out, in]``).
+
+    With ``mse`` the clipping range of every group is shrunk over ``grid`` steps down to
+    ``1 - max_shrink`` of min/max and the one minimising ``sum(col_weight * |w - dq(w)|**norm)``
+    is kept (``col_weight``: optional per-input-column importance, e.g. the Hessian diagonal).
+    Without ``mse`` plain min/max.
+    """
+    g = effective_group(group_size, w.shape[1])
+    wg = _grouped(w.float(), g)
+    wmin, wmax = wg.amin(-1), wg.amax(-1)
+    best_s, best_z = minmax_qparams(wmin, wmax, bits, symmetric)
+    if not mse:
+        return best_s, best_z
+    cw = None if col_weight is None else _grouped(col_weight.float().reshape(1, -1), g)
+    best_err = _fq_error(wg, best_s, best_z, bits, norm, cw)
+    for i in range(1, grid + 1):
+        p = 1 - max_shrink * i / grid
+        s, z = minmax_qparams(wmin * p, wmax * p, bits, symmetric)
+        err = _fq_error(wg, s, z, bits, norm, cw)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+@dataclass
+class QuantizedWeight:
+    """The integer form of one Linear's weight, as it is written to the artifact."""
+
+    q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # float [out, n_groups]
+    zero_point: torch.Tensor  # float (integer-valued) [out, n_groups]
+    bits: int
+    group_size: int | None  # None: per channel
+    symmetric: bool
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_grouped(self.q, self.scale, self.zero_point, dtype)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                    mse: bool = True, col_weight: torch.Tensor | None = None,
+                    grid: int = 50, max_shrink: float = 0.5) -> QuantizedWeight:
+    """Round-to-nearest with (optionally) a per-group clipping search."""
+    check_group(group_size, w.shape[1])
+    scale, zp = search_qparams(w, bits, group_size, symmetric, mse=mse, col_weight=col_weight,
+                               grid=grid, max_shrink=max_shrink)
+    q = quantize_grouped(w, scale, zp, bits)
+    return QuantizedWeight(q, scale, zp, bits, group_size, symmetric)
