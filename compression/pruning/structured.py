@@ -92,6 +92,12 @@ class FfnConfig(StructuredCalibration):
     )
     multiple_of: int = Field(1, ge=1, le=1024,
                              description="Round the kept intermediate size to a multiple of this.")
+    bias_compensation: bool = Field(
+        True,
+        description="Where the output projection has a bias (BERT): fold the removed neurons' "
+        "mean contribution into it and score neurons by their fluctuation around the mean "
+        "(FLAP-style). Models without that bias (llama) score by RMS activation.",
+    )
 
 
 class LayersConfig(_RatioOrCount):
@@ -520,27 +526,40 @@ def _ffn_modules(model: nn.Module, blk: nn.Module) -> tuple[list[nn.Linear], nn.
     return [blk.intermediate.dense], blk.output.dense
 
 
-def ffn_scores(model: nn.Module, ids: torch.Tensor, cfg: FfnConfig, ctx: Context) -> torch.Tensor:
-    """``[layers, intermediate]`` importances (higher = keep)."""
+def _compensates(model: nn.Module, cfg: FfnConfig) -> bool:
+    return (cfg.bias_compensation and cfg.score == "activation"
+            and _ffn_modules(model, blocks(model)[0])[1].bias is not None)
+
+
+def ffn_scores(model: nn.Module, ids: torch.Tensor, cfg: FfnConfig,
+               ctx: Context) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """``[layers, intermediate]`` importances (higher = keep) and, with bias compensation, each
+    layer's mean activation per neuron."""
     bl = blocks(model)
     L = len(bl)
     inter = model.config.intermediate_size
     sums: dict[int, torch.Tensor] = {}
+    lin_sums: dict[int, torch.Tensor] = {}
     counts = [0] * L
     with _hooks() as hs:
         if cfg.score == "activation":
             def make(i):
                 def hook(_mod, args):
                     sums[i] = sums.get(i, 0) + S.sq_sum(args[0])
+                    lin_sums[i] = lin_sums.get(i, 0) + S.act_sum(args[0])
                     counts[i] += args[0].numel() // args[0].shape[-1]
                 return hook
 
             for i, b in enumerate(bl):
                 hs.append(_ffn_modules(model, b)[1].register_forward_pre_hook(make(i)))
             run_calibration(model, ids, cfg.batch_size, ctx, label="scoring neurons")
-            return torch.stack([S.neuron_activation_scores(sums[i], counts[i],
-                                                           _ffn_modules(model, b)[1].weight)
-                                for i, b in enumerate(bl)])
+            w = [_ffn_modules(model, b)[1].weight for b in bl]
+            if _compensates(model, cfg):
+                scores = torch.stack([S.neuron_fluctuation_scores(lin_sums[i], sums[i], counts[i], w[i])
+                                      for i in range(L)])
+                return scores, [lin_sums[i] / counts[i] for i in range(L)]
+            return torch.stack([S.neuron_activation_scores(sums[i], counts[i], w[i])
+                                for i in range(L)]), None
         _needs_lm_loss(model, "ffn")
         store: dict = {}
         for i, b in enumerate(bl):
@@ -552,17 +571,26 @@ def ffn_scores(model: nn.Module, ids: torch.Tensor, cfg: FfnConfig, ctx: Context
                                 label="scoring neurons",
                                 progress=(j / ids.shape[0], (j + cfg.batch_size) / ids.shape[0]))
                 _collect_mask_grads(store, sums)
-        return torch.stack([sums[i] / ids.shape[0] for i in range(L)])
+        return torch.stack([sums[i] / ids.shape[0] for i in range(L)]), None
 
 
-def prune_ffn(model: nn.Module, kept: list[list[int]]) -> None:
-    """Keep intermediate neurons ``kept[l]`` in layer ``l`` (the same count in every layer)."""
+@torch.no_grad()
+def prune_ffn(model: nn.Module, kept: list[list[int]],
+              means: list[torch.Tensor] | None = None) -> None:
+    """Keep intermediate neurons ``kept[l]`` in layer ``l`` (the same count in every layer).
+    With ``means`` (per-layer mean activation of every neuron), the removed neurons' mean
+    contribution is added to the output projection's bias."""
     sizes = {len(k) for k in kept}
     if len(sizes) != 1:
         raise CompressionError("every layer must keep the same number of FFN neurons")
     n = sizes.pop()
-    for blk, keep in zip(blocks(model), kept):
+    for li, (blk, keep) in enumerate(zip(blocks(model), kept)):
         idx = torch.tensor(keep, dtype=torch.long)
+        ins, out = _ffn_modules(model, blk)
+        if means is not None and out.bias is not None:
+            keep_set = set(keep)
+            removed = [j for j in range(out.in_features) if j not in keep_set]
+            out.bias.add_(S.bias_compensation(out.weight, removed, means[li]))
         if family(model) == "llama":
             mlp = blk.mlp
             mlp.gate_proj = slice_linear(mlp.gate_proj, out_idx=idx)
@@ -589,11 +617,12 @@ def apply_ffn(model: nn.Module, cfg: FfnConfig, ctx: Context) -> CompressionResu
     model.eval()
     old_dev = _ctx_device(model, ctx)
     ids = calibration_ids(model, cfg, ctx)
-    scores = ffn_scores(model, ids, cfg, ctx)
+    scores, means = ffn_scores(model, ids, cfg, ctx)
     kept = [S.keep_top(scores[i], keep_n) for i in range(scores.shape[0])]
-    prune_ffn(model, kept)
+    prune_ffn(model, kept, means)
     model.train(was_training)
-    ctx.event("ffn_pruned", {"intermediate_size": keep_n, "score": cfg.score})
+    ctx.event("ffn_pruned", {"intermediate_size": keep_n, "score": cfg.score,
+                             "bias_compensation": means is not None})
     return _finish(model, old_dev, before, {"intermediate_size": keep_n,
                                             "neurons_removed_per_layer": inter - keep_n},
                    started, ctx)

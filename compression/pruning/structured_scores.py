@@ -75,6 +75,33 @@ def sq_sum(act: torch.Tensor) -> torch.Tensor:
     return (a * a).sum(0).cpu()
 
 
+def act_sum(act: torch.Tensor) -> torch.Tensor:
+    """Per neuron (last dim), the sum of activations over all tokens: ``[units]``."""
+    a = act.detach().float().reshape(-1, act.shape[-1])
+    return a.sum(0).cpu()
+
+
+def neuron_fluctuation_scores(act_sum_: torch.Tensor, act_sq_sum: torch.Tensor, count: int,
+                              w_out: torch.Tensor) -> torch.Tensor:
+    """Importance when the removed neurons' MEAN contribution is folded into the output bias
+    (:func:`bias_compensation`): only the fluctuation around the mean is lost, so the score is
+    the activation's standard deviation times the column norm (FLAP-style)."""
+    n = max(count, 1)
+    mean = act_sum_.float() / n
+    var = (act_sq_sum.float() / n - mean * mean).clamp_min(0)
+    return var.sqrt() * w_out.detach().float().norm(dim=0).cpu()
+
+
+def bias_compensation(w_out: torch.Tensor, removed: list[int], mean: torch.Tensor) -> torch.Tensor:
+    """What to add to the output projection's bias so that removing neurons ``removed`` keeps
+    the block's mean output: ``W[:, removed] @ mean[removed]``."""
+    if not removed:
+        return torch.zeros(w_out.shape[0], dtype=w_out.dtype, device=w_out.device)
+    idx = torch.tensor(removed, dtype=torch.long, device=w_out.device)
+    m = mean.to(device=w_out.device, dtype=torch.float32)[idx]
+    return (w_out.detach().float().index_select(1, idx) @ m).to(w_out.dtype)
+
+
 def neuron_activation_scores(act_sq_sum: torch.Tensor, count: int, w_out: torch.Tensor) -> torch.Tensor:
     """Importance of each intermediate neuron j = RMS activation over the calibration tokens
     times the L2 norm of its column in the down/output projection (``w_out``: ``[hidden,

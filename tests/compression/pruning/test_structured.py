@@ -4,6 +4,7 @@ GQA consistency, importance-driven choices, and real-model checks (slow)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -275,6 +276,28 @@ def test_ffn_removes_dead_neurons(tiny_llama, tiny_tokenizer):
         assert torch.allclose(tiny_llama(x).logits, ref, atol=1e-5)
 
 
+def test_ffn_bert_bias_compensation_constant_neurons(tiny_bert, tiny_tokenizer):
+    """Neurons with a constant activation (zero input weights, non-zero bias) carry no
+    information: they have zero fluctuation, are removed first, and folding their constant
+    contribution into the output bias leaves the hidden states unchanged."""
+    const = torch.arange(0, 128, 2)  # 64 of 128 neurons per layer
+    with torch.no_grad():
+        for blk in tiny_bert.encoder.layer:
+            blk.intermediate.dense.weight[const] = 0
+            blk.intermediate.dense.bias[const] = 0.5
+    x = torch.randint(4, 500, (2, 16))
+    with torch.no_grad():
+        ref = tiny_bert(x).last_hidden_state
+    plain = copy.deepcopy(tiny_bert)
+    compress(tiny_bert, fast(st.FfnConfig, ratio=0.5), ctx_for(tiny_tokenizer))
+    with torch.no_grad():
+        assert torch.allclose(tiny_bert(x).last_hidden_state, ref, atol=1e-4)
+    # without compensation (RMS scores) the model loses those neurons' mean output
+    compress(plain, fast(st.FfnConfig, ratio=0.5, bias_compensation=False), ctx_for(tiny_tokenizer))
+    with torch.no_grad():
+        assert not torch.allclose(plain(x).last_hidden_state, ref, atol=1e-2)
+
+
 def test_ffn_gradient_needs_causal_lm(tiny_bert, tiny_tokenizer):
     with pytest.raises(CompressionError):
         compress(tiny_bert, fast(st.FfnConfig, score="gradient"), ctx_for(tiny_tokenizer))
@@ -362,6 +385,11 @@ def test_selection_math():
     with pytest.raises(ValueError):
         S.rounded_count(4, None, 4)
     assert S.round_keep(1536, 384, 64) == 1152
+    w = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+    assert torch.equal(S.bias_compensation(w, [0, 2], torch.tensor([2.0, 5.0, 1.0])), torch.tensor([5.0, 0.0]))
+    acts = torch.tensor([[1.0, 3.0], [1.0, -1.0]])  # neuron 0 constant, neuron 1 mean 1 std 2
+    fl = S.neuron_fluctuation_scores(S.act_sum(acts), S.sq_sum(acts), 2, torch.eye(2))
+    assert torch.allclose(fl, torch.tensor([0.0, 2.0]))
 
 
 # -------------------------------------------------------------------------------- real models
