@@ -6,10 +6,15 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from functools import lru_cache
+
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import sessionmaker
 
-from modelpress.domain.db import _factory
+from modelpress.domain.db import engine_for
 from modelpress.domain.keys import create_key
 from modelpress.domain.settings import Settings, get_settings
 
@@ -26,6 +31,17 @@ pruning, quantization and distillation stages), follow it, download the compress
 compare techniques. Every `/v1` route needs `Authorization: Bearer <key>`; what a key's owner
 registers is invisible to other owners. Errors are `{"error": {"code", "message"}}`.
 """
+
+
+@lru_cache
+def api_engine(url: str) -> Engine:
+    """The API's connection pool. For a server database it skips the per-checkout ping
+    (``pool_pre_ping`` costs a round trip on every request); a connection that died with the
+    server is detected on use, the pool is invalidated and the next request reconnects."""
+    if url.startswith("sqlite"):
+        return engine_for(url)
+    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=False,
+                         pool_recycle=1800, pool_use_lifo=True)
 
 
 def _bootstrap_key(app: FastAPI) -> None:
@@ -52,7 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="modelpress", version="1.0.0", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.settings = settings
-    app.state.session_factory = _factory(settings.resolved_database_url)
+    engine = api_engine(settings.resolved_database_url)
+    app.state.session_factory = sessionmaker(bind=engine, expire_on_commit=False)
+    # read-only requests: autocommit, so there is no transaction to finish after the route
+    app.state.read_session_factory = sessionmaker(
+        bind=engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
     app.state.stores = LazyStore(settings)
     app.state.key_cache = KeyCache(ttl_s=5.0)
     app.state.metrics = ApiMetrics(lambda: app.state.session_factory)

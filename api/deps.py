@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -51,24 +52,57 @@ def _run_hooks(session: Session, key: str) -> None:
             log.exception("%s hook failed", key)
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    session: Session = request.app.state.session_factory()
+def _finish(session: Session, ok: bool) -> None:
+    """Commit (or roll back) the request's transaction, then run the matching hooks."""
     try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        session.info.pop(_AFTER_COMMIT, None)
-        _run_hooks(session, _ON_ROLLBACK)
-        raise
-    else:
-        session.info.pop(_ON_ROLLBACK, None)
-        _run_hooks(session, _AFTER_COMMIT)
+        if ok:
+            try:
+                session.commit()
+            except BaseException:
+                session.rollback()
+                session.info.pop(_AFTER_COMMIT, None)
+                _run_hooks(session, _ON_ROLLBACK)
+                raise
+            session.info.pop(_ON_ROLLBACK, None)
+            _run_hooks(session, _AFTER_COMMIT)
+        else:
+            session.rollback()
+            session.info.pop(_AFTER_COMMIT, None)
+            _run_hooks(session, _ON_ROLLBACK)
     finally:
         session.close()
 
 
-def get_settings_dep(request: Request) -> _Settings:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """The request's unit of work. Creating a Session does no I/O, so it happens on the event
+    loop; finishing it (commit/rollback: database I/O) runs in the thread pool, and is skipped
+    entirely when the request never touched the database (cached auth, /v1/methods)."""
+    session: Session = request.app.state.session_factory()
+    try:
+        yield session
+    except BaseException:
+        if session.in_transaction() or session.info:
+            await run_in_threadpool(_finish, session, False)
+        else:
+            session.close()
+        raise
+    if session.in_transaction() or session.info:
+        await run_in_threadpool(_finish, session, True)
+    else:
+        session.close()
+
+
+async def get_read_db(request: Request) -> AsyncIterator[Session]:
+    """A session for routes that only read: autocommit (no BEGIN/COMMIT round trips), nothing
+    to commit or roll back, closed on the event loop (returning a connection does no I/O)."""
+    session: Session = request.app.state.read_session_factory()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+async def get_settings_dep(request: Request) -> _Settings:
     return request.app.state.settings
 
 
@@ -91,8 +125,11 @@ class LazyStore:
         return self._store
 
 
-def get_store(request: Request) -> ArtifactStore:
-    return request.app.state.stores.get()
+async def get_store(request: Request) -> ArtifactStore:
+    stores: LazyStore = request.app.state.stores
+    if stores._store is not None:
+        return stores._store
+    return await run_in_threadpool(stores.get)  # first use: may contact S3
 
 
 class KeyCache:
@@ -129,18 +166,25 @@ class KeyCache:
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 
 DbSession = Annotated[Session, Depends(get_db, scope="function")]
+ReadSession = Annotated[Session, Depends(get_read_db, scope="function")]
 
 
-def current_owner(request: Request, session: DbSession,
-                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+def _lookup_owner(session: Session, key_hash: str) -> str | None:
+    return session.scalar(select(ApiKey.owner).where(ApiKey.key_hash == key_hash,
+                                                     ApiKey.revoked.is_(False)))
+
+
+async def current_owner(request: Request, session: DbSession,
+                        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                        ) -> str:
+    """The key's owner. A cache hit costs no I/O and no thread hop; a miss asks the database."""
     if creds is None or not creds.credentials:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     h = hash_key(creds.credentials)
     cache: KeyCache = request.app.state.key_cache
     owner = cache.get(h)
     if owner is None:
-        owner = session.scalar(select(ApiKey.owner).where(ApiKey.key_hash == h,
-                                                          ApiKey.revoked.is_(False)))
+        owner = await run_in_threadpool(_lookup_owner, session, h)
         if owner is None:
             raise Unauthorized("invalid API key")
         cache.put(h, owner)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from ..deps import CurrentOwner, DbSession, Settings, Store
+from ..deps import CurrentOwner, DbSession, ReadSession, Settings, Store
 from ..errors import Unprocessable
 from ..schemas import DatasetList, DatasetOut
 from ..services import datasets as svc
@@ -39,11 +39,11 @@ async def create_dataset(request: Request, session: DbSession, owner: CurrentOwn
 
 
 @router.get("", response_model=DatasetList, summary="List your datasets")
-def list_datasets(session: DbSession, owner: CurrentOwner) -> DatasetList:
+def list_datasets(session: ReadSession, owner: CurrentOwner) -> DatasetList:
     return DatasetList(items=[DatasetOut.model_validate(d)
                               for d in svc.list_datasets(session, owner)])
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="Get a dataset")
-def get_dataset(dataset_id: str, session: DbSession, owner: CurrentOwner) -> DatasetOut:
+def get_dataset(dataset_id: str, session: ReadSession, owner: CurrentOwner) -> DatasetOut:
     return DatasetOut.model_validate(svc.get_dataset(session, owner, dataset_id))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from modelpress.domain.states import JobState
 
-from ..deps import CurrentOwner, DbSession, Settings, Store, after_commit
+from ..deps import CurrentOwner, DbSession, ReadSession, Settings, Store, after_commit
 from ..schemas import EventOut, EventPage, JobCreate, JobOut, JobPage
 from ..services import artifacts
 from ..services import jobs as svc
@@ -37,7 +37,7 @@ def submit_job(body: JobCreate, request: Request, session: DbSession, owner: Cur
 
 
 @router.get("", response_model=JobPage, summary="List your jobs (newest first)")
-def list_jobs(request: Request, session: DbSession, owner: CurrentOwner,
+def list_jobs(request: Request, session: ReadSession, owner: CurrentOwner,
               state: JobState | None = None, model_id: str | None = None,
               method: Annotated[str | None, Query(description="Single-method jobs using it")] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -50,8 +50,11 @@ def list_jobs(request: Request, session: DbSession, owner: CurrentOwner,
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Get a job")
-def get_job(job_id: str, request: Request, session: DbSession, owner: CurrentOwner) -> JobOut:
-    return svc.to_out(svc.get_job(session, owner, job_id), _base(request))
+def get_job(job_id: str, request: Request, session: ReadSession,
+            owner: CurrentOwner) -> Response:
+    # the hot path: one query, and the body serialised once (no second validation pass)
+    out = svc.get_job_out(session, owner, job_id, _base(request))
+    return Response(out.model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a job",
@@ -65,7 +68,7 @@ def cancel_job(job_id: str, request: Request, session: DbSession,
 
 @router.get("/{job_id}/events", response_model=EventPage, summary="A job's event log",
             description="Append-only; poll with `after` = the last id you saw.")
-def job_events(job_id: str, session: DbSession, owner: CurrentOwner,
+def job_events(job_id: str, session: ReadSession, owner: CurrentOwner,
                after: Annotated[int | None, Query(ge=0)] = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> EventPage:
     evs = svc.list_events(session, owner, job_id, after, limit)
@@ -76,7 +79,7 @@ def job_events(job_id: str, session: DbSession, owner: CurrentOwner,
 @router.get("/{job_id}/report", response_model=dict[str, Any], summary="A job's report",
             description="The report the pipeline wrote (the same as report.json in the "
             "artifact). 404 until the job has one.")
-def job_report(job_id: str, session: DbSession, owner: CurrentOwner) -> dict[str, Any]:
+def job_report(job_id: str, session: ReadSession, owner: CurrentOwner) -> dict[str, Any]:
     return reports.get_report(session, owner, job_id)
 
 
@@ -90,8 +93,8 @@ def job_report(job_id: str, session: DbSession, owner: CurrentOwner) -> dict[str
                        307: {"description": "Redirect to a presigned S3 URL"},
                        409: {"description": "Not ready"},
                        416: {"description": "Invalid range"}})
-def download_artifact(job_id: str, request: Request, session: DbSession, owner: CurrentOwner,
-                      store: Store, settings: Settings):
+def download_artifact(job_id: str, request: Request, session: ReadSession,
+                      owner: CurrentOwner, store: Store):
     art = artifacts.ready_artifact(session, owner, job_id)
     name = artifacts.filename(art)
     if store.kind == "s3":

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from ..deps import CurrentOwner, DbSession, Settings, Store
+from ..deps import CurrentOwner, DbSession, ReadSession, Settings, Store
 from ..errors import UnsupportedMediaType, Unprocessable
 from ..schemas import Comparison, ModelFromHub, ModelList, ModelOut
 from ..services import models as svc
@@ -79,12 +79,12 @@ async def create_model(request: Request, session: DbSession, owner: CurrentOwner
 
 
 @router.get("", response_model=ModelList, summary="List your models")
-def list_models(session: DbSession, owner: CurrentOwner) -> ModelList:
+def list_models(session: ReadSession, owner: CurrentOwner) -> ModelList:
     return ModelList(items=[ModelOut.model_validate(m) for m in svc.list_models(session, owner)])
 
 
 @router.get("/{model_id}", response_model=ModelOut, summary="Get a model")
-def get_model(model_id: str, session: DbSession, owner: CurrentOwner) -> ModelOut:
+def get_model(model_id: str, session: ReadSession, owner: CurrentOwner) -> ModelOut:
     return ModelOut.model_validate(svc.get_model(session, owner, model_id))
 
 
@@ -95,7 +95,7 @@ def get_model(model_id: str, session: DbSession, owner: CurrentOwner) -> ModelOu
             "params, bytes and perplexity, and which jobs are on the size/quality Pareto "
             "frontier. `format=png` or `svg` returns the scatter plot instead.",
             responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}}})
-def model_comparison(model_id: str, session: DbSession, owner: CurrentOwner,
+def model_comparison(model_id: str, session: ReadSession, owner: CurrentOwner,
                      format: Literal["json", "png", "svg"] = Query(
                          "json", description="json (default), png or svg")):
     comp = reports.comparison(session, owner, model_id)

@@ -12,12 +12,13 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from modelpress.domain.jobs import add_event, transition
-from modelpress.domain.models import Dataset, Job, JobEvent, ModelSource, new_id, utcnow
+from modelpress.domain.models import (Artifact, Dataset, Job, JobEvent, Metric, ModelSource,
+                                      new_id, utcnow)
 from modelpress.domain.settings import Settings
 from modelpress.domain.states import JobState
 
@@ -40,15 +41,16 @@ class _ConfigCache:
         self._d: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, model: ModelSource) -> Any:
+    def get(self, session: Session, model_id: str) -> Any:
         with self._lock:
-            hit = self._d.get(model.id)
+            hit = self._d.get(model_id)
             if hit is not None:
-                self._d.move_to_end(model.id)
+                self._d.move_to_end(model_id)
                 return hit
-        cfg = rebuild_config(model.config or {})
+        raw = session.scalar(select(ModelSource.config).where(ModelSource.id == model_id))
+        cfg = rebuild_config(raw or {})
         with self._lock:
-            self._d[model.id] = cfg
+            self._d[model_id] = cfg
             while len(self._d) > self.size:
                 self._d.popitem(last=False)
         return cfg
@@ -162,17 +164,17 @@ def _owned_model_refs(session: Session, owner: str, stages: list[dict[str, Any]]
 
 
 def create_job(session: Session, settings: Settings, owner: str, body: JobCreate) -> Job:
-    model = session.scalar(select(ModelSource).where(ModelSource.id == body.model_id,
-                                                     ModelSource.owner == owner))
-    if model is None:
+    model_id = session.scalar(select(ModelSource.id).where(ModelSource.id == body.model_id,
+                                                           ModelSource.owner == owner))
+    if model_id is None:
         raise NotFound(f"model {body.model_id!r} not found")
     _owned_dataset(session, owner, body.calibration_dataset_id, "calibration")
     _owned_dataset(session, owner, body.eval_dataset_id, "evaluation")
     stages = body.stages()
     _owned_model_refs(session, owner, stages)
-    validate_stages(stages, config_cache.get(model), single=body.method is not None)
+    validate_stages(stages, config_cache.get(session, model_id), single=body.method is not None)
     now = utcnow()
-    job = Job(id=new_id(), owner=owner, model_id=model.id, method=body.method,
+    job = Job(id=new_id(), owner=owner, model_id=model_id, method=body.method,
               params=body.params if body.method is not None else None, recipe=stages,
               calibration_dataset_id=body.calibration_dataset_id,
               eval_dataset_id=body.eval_dataset_id, max_ppl_increase=body.max_ppl_increase,
@@ -286,6 +288,40 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
     return job
 
 
+# ------------------------------------------------------------- read one (the hot path)
+_JOB_COLS = [c for c in Job.__table__.c if c.key != "report"]
+_ART_COLS = [Artifact.__table__.c[k] for k in ("bytes", "sha256", "format", "unpacked_bytes",
+                                                "ready")]
+_MET_COLS = [Metric.__table__.c[k] for k in ("stage", "name", "value", "unit")]
+_ONE_JOB = (
+    select(*_JOB_COLS, Job.report.is_not(None).label("has_report"),
+           *[c.label(f"a_{c.key}") for c in _ART_COLS], Artifact.id.label("a_id"),
+           *[c.label(f"m_{c.key}") for c in _MET_COLS])
+    .select_from(Job)
+    .outerjoin(Artifact, Artifact.job_id == Job.id)
+    .outerjoin(Metric, Metric.job_id == Job.id)
+    .where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner"))
+    .order_by(Metric.id)
+)
+
+
+def get_job_out(session: Session, owner: str, job_id: str, base_url: str) -> JobOut:
+    """GET /v1/jobs/{id} in ONE round trip (job + artifact + metrics joined), no ORM objects."""
+    rows = session.execute(_ONE_JOB, {"job_id": job_id, "owner": owner}).all()
+    if not rows:
+        raise NotFound(f"job {job_id!r} not found")
+    r = rows[0]._mapping
+    artifact = None
+    if r["a_id"] is not None:
+        artifact = ArtifactOut(bytes=r["a_bytes"], sha256=r["a_sha256"], format=r["a_format"],
+                               unpacked_bytes=r["a_unpacked_bytes"], ready=r["a_ready"],
+                               download_url=f"{base_url}v1/jobs/{job_id}/artifact"
+                               if r["a_ready"] else None)
+    metrics = [MetricOut(stage=m.m_stage, name=m.m_name, value=m.m_value, unit=m.m_unit)
+               for m in rows if m.m_name is not None]
+    return _out(r, metrics, artifact, r["has_report"])
+
+
 # ----------------------------------------------------------------------------- output
 def to_out(job: Job, base_url: str) -> JobOut:
     art = job.artifact
@@ -295,17 +331,25 @@ def to_out(job: Job, base_url: str) -> JobOut:
                                unpacked_bytes=art.unpacked_bytes, ready=art.ready,
                                download_url=f"{base_url}v1/jobs/{job.id}/artifact"
                                if art.ready else None)
+    metrics = [MetricOut(stage=m.stage, name=m.name, value=m.value, unit=m.unit)
+               for m in job.metrics]
+    return _out(job, metrics, artifact, job.report is not None)
+
+
+def _out(j: Any, metrics: list[MetricOut], artifact: ArtifactOut | None,
+         has_report: bool) -> JobOut:
+    """JobOut from a Job or a row mapping with the same keys."""
+    get = j.__getitem__ if hasattr(j, "__getitem__") else j.__getattribute__
     error = None
-    if job.error is not None or job.error_code is not None:
-        error = JobError(code=job.error_code or "error", message=job.error or "")
+    if get("error") is not None or get("error_code") is not None:
+        error = JobError(code=get("error_code") or "error", message=get("error") or "")
     return JobOut(
-        id=job.id, model_id=job.model_id, method=job.method, params=job.params,
-        recipe=job.recipe, calibration_dataset_id=job.calibration_dataset_id,
-        eval_dataset_id=job.eval_dataset_id, max_ppl_increase=job.max_ppl_increase,
-        queue=job.queue, state=job.state, progress=job.progress, stage=job.stage,
-        attempt=job.attempt, cancel_requested=job.cancel_requested, error=error,
-        metrics=[MetricOut(stage=m.stage, name=m.name, value=m.value, unit=m.unit)
-                 for m in job.metrics],
-        artifact=artifact, has_report=job.report is not None, created_at=job.created_at,
-        updated_at=job.updated_at, dispatched_at=job.dispatched_at, started_at=job.started_at,
-        finished_at=job.finished_at)
+        id=get("id"), model_id=get("model_id"), method=get("method"), params=get("params"),
+        recipe=get("recipe"), calibration_dataset_id=get("calibration_dataset_id"),
+        eval_dataset_id=get("eval_dataset_id"), max_ppl_increase=get("max_ppl_increase"),
+        queue=get("queue"), state=get("state"), progress=get("progress"), stage=get("stage"),
+        attempt=get("attempt"), cancel_requested=get("cancel_requested"), error=error,
+        metrics=metrics, artifact=artifact, has_report=has_report,
+        created_at=get("created_at"), updated_at=get("updated_at"),
+        dispatched_at=get("dispatched_at"), started_at=get("started_at"),
+        finished_at=get("finished_at"))

@@ -1,0 +1,314 @@
+"""Issue 2 benchmark: HTTP API latency and throughput against PostgreSQL + Redis.
+
+Starts uvicorn (``--workers N``) on a loopback port against a FRESH PostgreSQL database and a
+Redis broker database, registers a tiny llama (a tar of a HF directory built here), then measures
+
+* POST /v1/jobs latency (sequential, one keep-alive connection): p50 / p95 / p99
+* GET /v1/jobs/{id} throughput with C concurrent keep-alive connections (a raw asyncio HTTP/1.1
+  client: cheap enough that the 2-core machine spends its time in the server, not the client)
+* optionally (``--pickup N``) submit -> worker start latency with a real ``modelpress worker``
+
+Goals (issue 2): POST p99 <= 50 ms, GET >= 1,000 req/s. Everything stays on 127.0.0.1; counts are
+bounded. The database is dropped and the Redis database flushed at the end.
+
+    python benchmarks/api_latency.py [--workers 2] [--posts 500] [--gets 6000] [--clients 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+PG_ADMIN = os.environ.get("MODELPRESS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, int(round(p / 100 * len(xs) + 0.5)) - 1))
+    return xs[k]
+
+
+def tiny_llama_tar() -> bytes:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=256, tie_word_embeddings=True)
+    with tempfile.TemporaryDirectory() as d:
+        LlamaForCausalLM(cfg).save_pretrained(d)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for f in sorted(Path(d).iterdir()):
+                tf.add(f, arcname=f"tiny-llama/{f.name}")
+    return buf.getvalue()
+
+
+class Env:
+    """A fresh database, a Redis db, a temp home; torn down on exit."""
+
+    def __init__(self, redis_db: int):
+        from sqlalchemy import create_engine, text
+
+        from modelpress.migrations.runner import upgrade
+
+        self.name = f"mp_bench_{uuid.uuid4().hex[:10]}"
+        self.admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{self.name}"'))
+        self.db_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + self.name
+        upgrade(self.db_url)
+        self.redis_url = f"{REDIS}/{redis_db}"
+        import redis
+
+        redis.Redis.from_url(self.redis_url).flushdb()
+        self.home = tempfile.TemporaryDirectory(prefix="mp-bench-")
+        self.key = "mp_" + secrets.token_urlsafe(24)
+        self.env = {**os.environ, "MODELPRESS_DATABASE_URL": self.db_url,
+                    "MODELPRESS_BROKER_URL": self.redis_url, "MODELPRESS_HOME": self.home.name,
+                    "MODELPRESS_API_KEY": self.key, "HF_HUB_OFFLINE": "1",
+                    "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def close(self) -> None:
+        from sqlalchemy import text
+
+        import redis
+
+        redis.Redis.from_url(self.redis_url).flushdb()
+        with self.admin.connect() as c:
+            c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           f"WHERE datname = '{self.name}'"))
+            c.execute(text(f'DROP DATABASE IF EXISTS "{self.name}"'))
+        self.admin.dispose()
+        self.home.cleanup()
+
+
+def start(argv: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(argv, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def tree_cpu(proc: subprocess.Popen) -> float:
+    """CPU seconds (user + system) used so far by the server process and its children."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError(f"{url} did not come up: {proc.stderr.read().decode()[-2000:]}")
+
+
+# ------------------------------------------------------------------------------ GET load
+async def _get_worker(port: int, request: bytes, n: int, lat: list[float], errors: list[str]):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            lat.append(time.perf_counter() - t)
+            if status != 200:
+                errors.append(str(status))
+    finally:
+        writer.close()
+
+
+async def get_load(port: int, path: str, key: str, total: int, clients: int):
+    request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               f"Authorization: Bearer {key}\r\nAccept: application/json\r\n\r\n").encode()
+    lat: list[float] = []
+    errors: list[str] = []
+    per = total // clients
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_get_worker(port, request, per, lat, errors) for _ in range(clients)))
+    return time.perf_counter() - t0, lat, errors
+
+
+# --------------------------------------------------------------------------- pickup hook
+def measure_pickup(env: Env, client: httpx.Client, model_id: str, n: int) -> list[float] | None:
+    """Submit -> the worker starts the job (Job.started_at - the POST response), with a real
+    ``modelpress worker``. Returns None when the worker cannot start."""
+    from sqlalchemy import create_engine, text
+
+    worker = start([sys.executable, "-m", "modelpress", "worker", "--queues", "cpu,gpu",
+                    "--concurrency", "1"], env.env)
+    eng = create_engine(env.db_url)
+    out: list[float] = []
+    try:
+        time.sleep(3)
+        for _ in range(n):
+            r = client.post("/v1/jobs", json={"model_id": model_id, "method": "magnitude",
+                                              "params": {"sparsity": 0.5}})
+            sent = time.time()
+            job_id = r.json()["id"]
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                with eng.connect() as c:
+                    row = c.execute(text("SELECT started_at, state FROM jobs WHERE id=:i"),
+                                    {"i": job_id}).one()
+                if row.started_at is not None and row.state != "queued":
+                    out.append(row.started_at.timestamp() - sent)
+                    break
+                if worker.poll() is not None:
+                    return None
+                time.sleep(0.02)
+            # let it finish (or fail) before the next one so each pickup sees an idle worker
+            while time.time() < deadline:
+                with eng.connect() as c:
+                    st = c.execute(text("SELECT state FROM jobs WHERE id=:i"), {"i": job_id}).scalar()
+                if st in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.1)
+    finally:
+        stop(worker)
+        eng.dispose()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    ap.add_argument("--posts", type=int, default=500)
+    ap.add_argument("--gets", type=int, default=6000)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--pickup", type=int, default=0, help="jobs for the worker pickup measure")
+    ap.add_argument("--redis-db", type=int, default=13)
+    args = ap.parse_args()
+
+    env = Env(args.redis_db)
+    port = free_port()
+    server = None
+    try:
+        server = start([sys.executable, "-m", "uvicorn", "--factory",
+                        "modelpress.api.app:create_app", "--host", "127.0.0.1", "--port",
+                        str(port), "--workers", str(args.workers), "--no-access-log",
+                        "--log-level", "warning"], env.env)
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/healthz", server)
+        h = {"Authorization": f"Bearer {env.key}"}
+        client = httpx.Client(base_url=base, headers=h, timeout=30)
+        r = client.post("/v1/models", files={"file": ("tiny-llama.tar", tiny_llama_tar())})
+        r.raise_for_status()
+        model_id = r.json()["id"]
+        body = {"model_id": model_id, "method": "magnitude", "params": {"sparsity": 0.5}}
+
+        for _ in range(60):  # warm-up: every worker process, caches, prepared statements
+            client.post("/v1/jobs", json=body).raise_for_status()
+        post_lat = []
+        cpu0 = tree_cpu(server)
+        for _ in range(args.posts):
+            t = time.perf_counter()
+            r = client.post("/v1/jobs", json=body)
+            post_lat.append(time.perf_counter() - t)
+            assert r.status_code == 201, r.text
+        post_cpu = (tree_cpu(server) - cpu0) / args.posts
+        job_id = r.json()["id"]
+
+        asyncio.run(get_load(port, f"/v1/jobs/{job_id}", env.key, 400, args.clients))  # warm
+        cpu0 = tree_cpu(server)
+        wall, get_lat, errors = asyncio.run(
+            get_load(port, f"/v1/jobs/{job_id}", env.key, args.gets, args.clients))
+        get_cpu = (tree_cpu(server) - cpu0) / len(get_lat)
+        assert not errors, errors[:5]
+
+        pickup = measure_pickup(env, client, model_id, args.pickup) if args.pickup else None
+        metrics = client.get("/metrics").text
+        client.close()
+    finally:
+        if server is not None:
+            stop(server)
+        env.close()
+
+    ms = lambda s: f"{s * 1000:.1f}"  # noqa: E731
+    rows = [
+        ("POST /v1/jobs", f"n={len(post_lat)} sequential", f"p50 {ms(pct(post_lat, 50))} ms",
+         f"p95 {ms(pct(post_lat, 95))} ms", f"p99 {ms(pct(post_lat, 99))} ms",
+         f"server CPU {ms(post_cpu)} ms/req",
+         "goal p99 <= 50 ms: " + ("MET" if pct(post_lat, 99) <= 0.05 else "MISSED")),
+        ("GET /v1/jobs/{id}", f"n={len(get_lat)} c={args.clients}",
+         f"{len(get_lat) / wall:.0f} req/s", f"p50 {ms(pct(get_lat, 50))} ms",
+         f"p99 {ms(pct(get_lat, 99))} ms",
+         f"server CPU {ms(get_cpu)} ms/req",
+         "goal >= 1000 req/s: " + ("MET" if len(get_lat) / wall >= 1000 else "MISSED")),
+    ]
+    if pickup:
+        rows.append(("submit -> worker start", f"n={len(pickup)}",
+                     f"p50 {ms(statistics.median(pickup))} ms", f"max {ms(max(pickup))} ms", "", "", ""))
+    elif args.pickup:
+        rows.append(("submit -> worker start", "worker did not start", "", "", "", "", ""))
+    print(f"\nmodelpress API benchmark: uvicorn --workers {args.workers}, PostgreSQL + Redis, "
+          f"{os.cpu_count()} CPUs (shared machine: numbers are noisy)\n")
+    widths = [max(len(str(r[i])) for r in rows) for i in range(7)]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print(f"\nserver CPU = CPU seconds of the uvicorn processes / requests (excludes PostgreSQL "
+          f"and the load generator); machine load average during the run: "
+          f"{os.getloadavg()[0]:.1f}")
+    submitted = [ln for ln in metrics.splitlines() if ln.startswith("modelpress_jobs_submitted_total")]
+    print("\n(one worker process's counter) " + "; ".join(submitted))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
