@@ -37,8 +37,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     scale = torch.ones(out, n // g, device=W.device)
     zp = torch.zeros(out, n // g, device=W.device)
     if static:
-        scale, zp = search_qparams(W, bits, group_size, symmetric, mse=mse, norm=2.4, grid=80,
-                                   max_shrink=0.8)
+        scale, zp = search_qparams(W, bits, group_size, symmetric, mse=mse, norm=2.4, grid=25,
+                                   max_shrink=0.5)
 
     perm = None
     if act_order:
@@ -68,7 +68,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
             col = i1 + i
             if not static and col % g == 0:
                 s, z = search_qparams(W1[:, i : i + g], bits, None, symmetric, mse=mse, norm=2.4,
-                                      grid=80, max_shrink=0.8)
+                                      grid=25, max_shrink=0.5)
                 scale[:, col // g] = s[:, 0]
                 zp[:, col // g] = z[:, 0]
             gi = (int(perm[col]) if perm is not None else col) // g

@@ -39,7 +39,10 @@ def apply(model: nn.Module, cfg: Int8Config, ctx: Context) -> CompressionResult:
         ctx.check_cancelled()
     return CompressionResult(
         model=model, packed=True, format="compressed-tensors",
-        saver=make_saver("naive-quantized", dense_dtype=cfg.dense_dtype),
+        # per channel: int8 tensors ("naive-quantized"); per group: the same int8 values packed
+        # four to an int32 ("pack-quantized", what compressed-tensors dequantises per group)
+        saver=make_saver("pack-quantized" if cfg.group_size else "naive-quantized",
+                         dense_dtype=cfg.dense_dtype),
         metrics={"quantized_linears": float(len(lins)), "bits": 8.0,
                  "compress_seconds": time.perf_counter() - t0},
     )

@@ -75,15 +75,15 @@ def _fq_error(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int
               col_weight: torch.Tensor | None) -> torch.Tensor:
     qmin, qmax = qrange(bits)
     s, z = scale.unsqueeze(-1), zp.unsqueeze(-1)
-    dq = (torch.clamp(torch.round(wg / s) + z, qmin, qmax) - z) * s
-    err = (dq - wg).abs().pow(norm)
+    d = torch.div(wg, s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(wg)
+    err = d.square_() if norm == 2 else d.abs_().pow_(norm)
     if col_weight is not None:
-        err = err * col_weight
+        err.mul_(col_weight)
     return err.sum(-1)
 
 
 def search_qparams(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                   mse: bool = True, grid: int = 50, max_shrink: float = 0.5, norm: float = 2.0,
+                   mse: bool = True, grid: int = 20, max_shrink: float = 0.4, norm: float = 2.0,
                    col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero point for ``w`` (``[out, in]``).
 
@@ -128,7 +128,7 @@ class QuantizedWeight:
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
                     mse: bool = True, col_weight: torch.Tensor | None = None,
-                    grid: int = 50, max_shrink: float = 0.5) -> QuantizedWeight:
+                    grid: int = 20, max_shrink: float = 0.4) -> QuantizedWeight:
     """Round-to-nearest with (optionally) a per-group clipping search."""
     check_group(group_size, w.shape[1])
     scale, zp = search_qparams(w, bits, group_size, symmetric, mse=mse, col_weight=col_weight,

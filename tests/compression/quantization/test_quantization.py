@@ -1,0 +1,293 @@
+"""Quantization methods on a tiny llama: they run, pack, reload with plain from_pretrained, and
+refuse bad params."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+
+from modelpress.compression.base import CompressionError, Context
+from modelpress.compression.evaluation import prunable_linears
+from modelpress.compression.quantization import awq, gptq, int8, int8_dynamic, rtn
+from modelpress.compression.quantization.artifact import QUANT_ATTR
+from modelpress.compression.quantization.qtensor import (
+    dequantize_grouped,
+    qrange,
+    quantize_weight,
+    search_qparams,
+)
+from modelpress.compression.registry import get_method, parse_params
+
+
+def _ctx(tok):
+    return Context(tokenizer=tok)
+
+
+def _reload(d):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d).eval()
+
+
+def _tensors(d):
+    out = {}
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            out[k] = f.get_tensor(k)
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+IDS = torch.randint(4, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+
+# ------------------------------------------------------------------ pure tensor functions
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_quantize_weight_ranges_and_error(bits, sym):
+    w = torch.randn(32, 128)
+    qw = quantize_weight(w, bits, 32, sym, mse=False)
+    lo, hi = qrange(bits)
+    assert qw.q.dtype == torch.int8 and qw.q.shape == w.shape
+    assert int(qw.q.min()) >= lo and int(qw.q.max()) <= hi
+    assert qw.scale.shape == (32, 4)
+    if sym:
+        assert torch.all(qw.zero_point == 0)
+    err = (qw.dequantize() - w).abs()
+    # round-to-nearest with min/max never errs by more than half a step (plus the sym edge)
+    assert torch.all(err <= qw.scale.repeat_interleave(32, 1) * (1.0 if sym else 0.5) + 1e-6)
+
+
+def test_mse_clip_search_beats_minmax():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    # gaussian weights: clipping the rare extremes lowers the total rounding error
+    s0, z0 = search_qparams(w, 4, 64, False, mse=False)
+    s1, z1 = search_qparams(w, 4, 64, False, mse=True)
+    from modelpress.compression.quantization.qtensor import quantize_grouped
+    e0 = (dequantize_grouped(quantize_grouped(w, s0, z0, 4), s0, z0) - w).pow(2).sum()
+    e1 = (dequantize_grouped(quantize_grouped(w, s1, z1, 4), s1, z1) - w).pow(2).sum()
+    assert e1 < 0.95 * e0
+
+
+def test_gptq_math_beats_rtn_on_output_error():
+    from modelpress.compression.quantization.gptq_math import gptq_quantize
+
+    torch.manual_seed(0)
+    X = torch.randn(2048, 64) @ torch.randn(64, 64)  # correlated inputs
+    W = torch.randn(32, 64)
+    H = 2 * X.t() @ X / X.shape[0]
+    rtn_w = quantize_weight(W, 4, 32, True, mse=False).dequantize()
+    g = gptq_quantize(W, H, 4, 32, True, mse=False).dequantize()
+    g_ao = gptq_quantize(W, H, 4, 32, True, act_order=True).dequantize()
+    err = lambda Wq: (X @ (W - Wq).t()).pow(2).sum().item()  # noqa: E731
+    assert err(g) < 0.7 * err(rtn_w)
+    assert err(g_ao) < 0.7 * err(rtn_w)
+
+
+def test_awq_scale_search_never_worse_than_plain():
+    from modelpress.compression.quantization.awq_math import search_scale
+    from modelpress.compression.quantization.layerwise import _rtn_fake_quant
+
+    torch.manual_seed(0)
+    X = torch.randn(1024, 64)
+    X[:, :4] *= 20  # salient channels
+    W = torch.randn(48, 64)
+    G = X.t() @ X
+    s, alpha, best, base = search_scale(W, G, X.abs().mean(0), _rtn_fake_quant(4, 32, True))
+    assert best < base and alpha > 0 and s.shape == (64,)
+    assert s[:4].mean() > s[4:].mean()  # salient channels are scaled up
+
+
+def test_int8_dynamic_kernel_matches_float():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    m = int8_dynamic.Int8DynamicLinear.from_linear(lin)
+    x = torch.randn(3, 5, 64)
+    y, ref = m(x), lin(x)
+    assert y.shape == ref.shape
+    assert (y - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+# ------------------------------------------------------------------ methods on a tiny llama
+
+WEIGHT_ONLY = [
+    ("rtn", dict(bits=4, group_size=32, symmetric=False), 4),
+    ("rtn", dict(bits=3, group_size=None, symmetric=True), 3),
+    ("rtn", dict(bits=2, group_size=16, symmetric=True), 2),
+    ("int8", dict(), 8),
+    ("int8", dict(group_size=32, symmetric=True), 8),
+    ("gptq", dict(bits=4, group_size=32, num_samples=4, seq_len=64), 4),
+    ("gptq", dict(bits=4, group_size=32, symmetric=False, act_order=True, awq_scaling=False,
+                  num_samples=4, seq_len=64), 4),
+    ("awq", dict(bits=4, group_size=32, num_samples=4, seq_len=64, grid=5), 4),
+]
+
+
+@pytest.mark.parametrize("name,params,bits", WEIGHT_ONLY)
+def test_weight_only_methods_pack_and_reload(name, params, bits, tiny_llama, tiny_tokenizer,
+                                             tmp_path):
+    method = get_method(name)
+    cfg = parse_params(name, params)
+    dense = _logits(copy.deepcopy(tiny_llama), IDS)
+    res = method.apply(tiny_llama, cfg, _ctx(tiny_tokenizer))
+    assert res.packed and res.format == "compressed-tensors" and res.saver is not None
+    lins = prunable_linears(res.model)
+    assert len(lins) == 4 * 7
+    for lin in lins.values():
+        qw = getattr(lin, QUANT_ATTR)
+        lo, hi = qrange(bits)
+        assert qw.q.shape == lin.weight.shape and qw.q.dtype == torch.int8
+        assert lo <= int(qw.q.min()) and int(qw.q.max()) <= hi
+        # the float weight is exactly the dequantised integers (what the artifact reloads to)
+        assert torch.equal(lin.weight.data, qw.dequantize(lin.weight.dtype))
+        assert len(torch.unique(qw.q)) <= 2**bits
+    mem = _logits(res.model, IDS)
+    if bits >= 3:  # still the same model, roughly (2 bits on random weights is noise)
+        assert (mem - dense).abs().mean() < 0.5 * dense.abs().mean()
+
+    res.saver(res.model, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert conf["quant_method"] == "compressed-tensors"
+    per_channel_int8 = bits == 8 and not params.get("group_size")
+    assert conf["format"] == ("naive-quantized" if per_channel_int8 else "pack-quantized")
+    (grp,) = conf["config_groups"].values()
+    assert grp["weights"]["num_bits"] == bits
+    t = _tensors(tmp_path)
+    n_q = sum(lin.weight.numel() for lin in lins.values())
+    if bits == 8:
+        q_bytes = sum(v.numel() * v.element_size() for k, v in t.items()
+                      if k.endswith((".weight", ".weight_packed")) and not v.is_floating_point())
+        assert q_bytes == n_q  # one byte per weight, int8 on disk
+    else:
+        packed = sum(v.numel() * 4 for k, v in t.items() if k.endswith("weight_packed"))
+        assert packed == pytest.approx(n_q * bits / 8, rel=0.02)
+    assert not any(k.endswith(".weight") and v.dtype == torch.float32 and "proj" in k
+                   for k, v in t.items())
+    reloaded = _reload(tmp_path)
+    assert next(reloaded.parameters()).dtype == torch.float32
+    out = _logits(reloaded, IDS)
+    # dense tensors are stored as float16: tiny differences only
+    assert (out - mem).abs().max() < 1e-2 * mem.abs().max()
+
+
+def test_int8_dynamic_runs_packs_and_reloads(tiny_llama, tiny_tokenizer, tmp_path):
+    cfg = parse_params("int8_dynamic", {"num_samples": 4, "seq_len": 64})
+    dense = _logits(copy.deepcopy(tiny_llama), IDS)
+    res = int8_dynamic.apply(tiny_llama, cfg, _ctx(tiny_tokenizer))
+    n_int8 = sum(isinstance(m, int8_dynamic.Int8DynamicLinear) for m in res.model.modules())
+    assert n_int8 == 4 * 7 + 1  # every Linear and the head
+    assert res.metrics["smoothed_groups"] == 4 * 3
+    mem = _logits(res.model, IDS)
+    assert (mem - dense).abs().mean() < 0.1 * dense.abs().mean()
+    res.saver(res.model, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    qc = conf["quantization_config"]
+    assert qc["format"] == "int-quantized" and conf["tie_word_embeddings"] is False
+    (grp,) = qc["config_groups"].values()
+    assert grp["input_activations"]["dynamic"] is True
+    assert grp["input_activations"]["strategy"] == "token"
+    t = _tensors(tmp_path)
+    assert t["lm_head.weight"].dtype == torch.int8
+    assert t["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    reloaded = _reload(tmp_path)
+    out = _logits(reloaded, IDS)
+    assert (out - mem).abs().max() < 0.05 * mem.abs().max()
+    # the reloaded artifact converts back to the int8 runtime path with the same integers
+    int8_dynamic.to_runtime(reloaded)
+    q0 = reloaded.model.layers[0].mlp.down_proj
+    assert isinstance(q0, int8_dynamic.Int8DynamicLinear)
+    assert torch.equal(q0.qweight, res.model.model.layers[0].mlp.down_proj.qweight)
+    out2 = _logits(reloaded, IDS)
+    assert (out2 - mem).abs().max() < 2e-2 * mem.abs().max()
+
+
+def test_int8_dynamic_keep_float(tiny_llama, tiny_tokenizer):
+    cfg = parse_params("int8_dynamic", {"smoothing_alpha": None, "quantize_lm_head": False,
+                                        "keep_float": ["down_proj"]})
+    res = int8_dynamic.apply(tiny_llama, cfg, _ctx(tiny_tokenizer))
+    assert isinstance(res.model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(res.model.lm_head, torch.nn.Linear)
+    assert sum(isinstance(m, int8_dynamic.Int8DynamicLinear) for m in res.model.modules()) == 24
+
+
+def test_gptq_progress_and_cancel(tiny_llama, tiny_tokenizer):
+    seen = []
+    ctx = Context(tokenizer=tiny_tokenizer, progress=lambda f, m: seen.append(f))
+    gptq.apply(tiny_llama, gptq.GPTQConfig(num_samples=2, seq_len=32, group_size=32), ctx)
+    assert seen[-1] == 1.0 and len(seen) >= 4
+    from modelpress.compression.base import Cancelled
+
+    ctx = Context(tokenizer=tiny_tokenizer, should_stop=lambda: True)
+    with pytest.raises(Cancelled):
+        gptq.apply(copy.deepcopy(tiny_llama), gptq.GPTQConfig(num_samples=2, seq_len=32), ctx)
+
+
+def test_gptq_self_calibration(tiny_llama, tiny_tokenizer):
+    cfg = gptq.GPTQConfig(num_samples=2, seq_len=16, group_size=32, calibration_source="self")
+    res = gptq.apply(tiny_llama, cfg, _ctx(tiny_tokenizer))
+    assert res.metrics["calibration_tokens"] == 32
+
+
+# ------------------------------------------------------------------ bad params
+
+
+@pytest.mark.parametrize("name,params", [
+    ("rtn", {"bits": 1}), ("rtn", {"bits": 9}), ("rtn", {"group_size": 4}),
+    ("rtn", {"nonsense": 1}), ("gptq", {"dampening": 0}), ("gptq", {"num_samples": 0}),
+    ("awq", {"grid": 1}), ("int8", {"bits": 4}), ("int8_dynamic", {"smoothing_alpha": 2}),
+])
+def test_bad_params_rejected(name, params):
+    with pytest.raises(ValidationError):
+        parse_params(name, params)
+
+
+def test_group_size_none_and_minus_one_mean_per_channel():
+    assert parse_params("rtn", {"group_size": -1}).group_size is None
+    assert parse_params("gptq", {"group_size": None}).group_size is None
+
+
+@pytest.mark.parametrize("name", ["rtn", "gptq", "awq", "int8"])
+def test_group_size_validated_at_submission(name):
+    from transformers import LlamaConfig
+
+    smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                       num_key_value_heads=3, head_dim=64)
+    m = get_method(name)
+    with pytest.raises(CompressionError, match=r"group_size 128 .*576.*valid.*64"):
+        m.check_model(parse_params(name, {"group_size": 128}), smol)
+    m.check_model(parse_params(name, {"group_size": 64}), smol)
+    m.check_model(parse_params(name, {"group_size": None}), smol)
+
+
+def test_bad_group_size_refused_before_work(tiny_llama, tiny_tokenizer):
+    calls = []
+    ctx = Context(tokenizer=tiny_tokenizer, progress=lambda f, m: calls.append(f))
+    with pytest.raises(CompressionError):
+        gptq.apply(tiny_llama, gptq.GPTQConfig(group_size=48), ctx)  # 48 does not divide 64
+    assert calls == []
+
+
+def test_calibrated_methods_refuse_encoders():
+    from transformers import BertConfig
+
+    for name in ("gptq", "awq"):
+        with pytest.raises(CompressionError):
+            get_method(name).check_model(parse_params(name, {}), BertConfig())
+
+
+def test_configs_have_descriptions():
+    for name in ("int8", "int8_dynamic", "rtn", "gptq", "awq"):
+        schema = get_method(name).config.model_json_schema()
+        for field, spec in schema["properties"].items():
+            assert spec.get("description"), f"{name}.{field} has no description"
