@@ -133,3 +133,59 @@ def encoder_throughput(model: nn.Module, seq_len: int = 128, batch: int = 8,
         model(input_ids=ids)
         best = max(best, ids.numel() / (time.perf_counter() - t))
     return best
+
+
+class PeakMemory:
+    """Peak resident memory of this process (and peak CUDA allocation) while the ``with`` block
+    runs. RSS is sampled by a background thread (``ru_maxrss`` alone would be the peak over the
+    whole process life, e.g. over all jobs a worker ran); the sampled peak is at least the RSS
+    at entry and exit.
+
+        with PeakMemory() as pm:
+            ...
+        pm.peak_rss_bytes, pm.peak_gpu_bytes
+    """
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak_rss_bytes = 0
+        self.peak_gpu_bytes: int | None = None
+        self._stop = None
+        self._thread = None
+
+    def _rss(self) -> int:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+    def sample(self) -> int:
+        self.peak_rss_bytes = max(self.peak_rss_bytes, self._rss())
+        return self.peak_rss_bytes
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        self.sample()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.wait(self.interval_s):
+                self.sample()
+
+        self._thread = threading.Thread(target=run, name="peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.sample()
+        if torch.cuda.is_available():
+            self.peak_gpu_bytes = int(torch.cuda.max_memory_allocated())

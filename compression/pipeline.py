@@ -1,0 +1,643 @@
+"""The job pipeline: load a model, run a recipe of compression stages, save the artifact, measure
+it, write ``report.json``.
+
+This is exactly what a worker runs for a job and what ``modelpress compress`` runs offline. It
+knows nothing about HTTP, databases or queues: the caller passes :class:`JobHooks` callbacks.
+
+Numbers in the report are *measured*, never claimed: ``before`` on the loaded source model,
+``after`` on the saved artifact reloaded with plain ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from . import evaluation as E
+from .base import (
+    Cancelled,
+    CheckpointStore,
+    CompressionError,
+    CompressionResult,
+    Context,
+    Method,
+    MethodConfig,
+)
+from .registry import get_method
+
+MAX_STAGES = 8
+
+#: The quality gate a job may ask for: ``max_ppl_increase`` is a ratio bound on
+#: ``perplexity_after / perplexity_before`` (1.10 = at most +10%) on the held-out eval text.
+#: A miss does not raise: the outcome has ``gate_passed=False`` and ``report["gate"]`` says why.
+QUALITY_GATE = {
+    "param": "max_ppl_increase",
+    "metric": "ppl_ratio",
+    "definition": "perplexity(after) / perplexity(before) on the held-out eval text",
+    "passes_when": "ppl_ratio <= max_ppl_increase",
+    "applies_to": "causal-lm",
+}
+
+REPORT_VERSION = 1
+REPORT_FILE = "report.json"
+
+# progress slices (percent of the whole job)
+_LOAD = (0.0, 4.0)
+_BEFORE = (4.0, 12.0)
+_STAGES = (12.0, 88.0)
+_AFTER = (88.0, 100.0)
+
+
+class RecipeError(CompressionError):
+    """The recipe as a whole is invalid (empty, too long, packing stage not last, ...)."""
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def _noop(*_a: Any, **_k: Any) -> None:
+    return None
+
+
+@dataclass
+class JobHooks:
+    #: ``progress(percent_0_to_100, label)`` across the whole recipe (monotonic)
+    progress: Callable[[int, str], None] = _noop
+    #: ``event(kind, data)``: appended to the job's event log
+    event: Callable[[str, dict], None] = _noop
+    should_stop: Callable[[], bool] = lambda: False
+    checkpoints: CheckpointStore | None = None
+    #: registered model id -> model (distillation teacher/student)
+    load_model: Callable[[str], nn.Module] | None = None
+
+
+@dataclass
+class PipelineOutcome:
+    output_dir: Path
+    report: dict
+    metrics: list[tuple[str, str, float, str | None]]
+    format: str
+    gate_passed: bool
+
+
+class LocalCheckpoints:
+    """A :class:`base.CheckpointStore` in a local folder (``modelpress compress``, tests)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _path(self, name: str) -> Path:
+        parts = Path(name.strip("/")).parts
+        if not parts or ".." in parts:
+            raise ValueError(f"invalid checkpoint name {name!r}")
+        return self.root.joinpath(*parts)
+
+    def save(self, name: str, path: Path) -> None:
+        dst = self._path(name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".partial")
+        if Path(path).is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(path, tmp)
+            shutil.rmtree(dst, ignore_errors=True)
+        else:
+            shutil.copyfile(path, tmp)
+        tmp.replace(dst)
+
+    def load(self, name: str, dest: Path) -> bool:
+        src = self._path(name)
+        if not src.exists():
+            return False
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(src, dest)
+        else:
+            shutil.copyfile(src, dest)
+        return True
+
+
+class _PrefixedCheckpoints:
+    """Namespaces one stage's checkpoints (two distill stages never collide)."""
+
+    def __init__(self, inner: CheckpointStore, prefix: str):
+        self.inner = inner
+        self.prefix = prefix
+
+    def save(self, name: str, path: Path) -> None:
+        self.inner.save(self.prefix + name, path)
+
+    def load(self, name: str, dest: Path) -> bool:
+        return self.inner.load(self.prefix + name, dest)
+
+
+# --------------------------------------------------------------------------------- validation
+
+
+def _as_stages(stages: Any) -> list[Stage]:
+    if isinstance(stages, dict) and "stages" in stages and len(stages) == 1:
+        stages = stages["stages"]
+    if not isinstance(stages, (list, tuple)):
+        raise RecipeError("a recipe is a list of stages ({\"method\": ..., \"params\": {...}})")
+    out: list[Stage] = []
+    for i, st in enumerate(stages):
+        if isinstance(st, Stage):
+            out.append(st)
+            continue
+        if not isinstance(st, dict):
+            raise RecipeError(f"stage {i}: expected an object with 'method' and 'params', "
+                              f"got {type(st).__name__}")
+        extra = sorted(set(st) - {"method", "params"})
+        if extra:
+            raise RecipeError(f"stage {i}: unknown key(s) {', '.join(map(repr, extra))}; a stage "
+                              "has only 'method' and 'params'")
+        if not isinstance(st.get("method"), str) or not st.get("method"):
+            raise RecipeError(f"stage {i}: 'method' must be a non-empty string")
+        params = st.get("params")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise RecipeError(f"stage {i}: 'params' must be an object")
+        out.append(Stage(method=st["method"], params=params))
+    return out
+
+
+def validate_recipe(stages: list[Stage] | list[dict], model_config: Any = None, *,
+                    resolve_model: Callable[[str], Any] | None = None) -> list[MethodConfig]:
+    """Parse every stage's params with its method's config and check the chain as a whole.
+
+    Raises :class:`RecipeError` / :class:`CompressionError` (incl. ``UnknownMethodError`` and
+    ``UnsupportedModelError``) with a clear message, or ``pydantic.ValidationError`` for bad
+    params. ``model_config`` (an HF config) enables the per-model checks; ``resolve_model``
+    (model id -> anything, raising or returning None when unknown) checks the model ids that
+    stages refer to (distillation teacher/student)."""
+    parsed = _as_stages(stages)
+    if not parsed:
+        raise RecipeError("a recipe needs at least one stage")
+    if len(parsed) > MAX_STAGES:
+        raise RecipeError(f"a recipe has at most {MAX_STAGES} stages, got {len(parsed)}")
+    configs: list[MethodConfig] = []
+    for i, st in enumerate(parsed):
+        method = get_method(st.method)
+        cfg = method.config.model_validate(st.params)
+        if method.terminal and i != len(parsed) - 1:
+            raise RecipeError(f"stage {i} ({method.name}) packs the weights and must be the last "
+                              f"stage of the recipe; stage {i + 1} ({parsed[i + 1].method}) follows it")
+        if model_config is not None:
+            method.check_model(cfg, model_config)
+        for attr in ("teacher_model_id", "student_model_id"):
+            ref = getattr(cfg, attr, None)
+            if ref and resolve_model is not None:
+                try:
+                    ok = resolve_model(ref)
+                except CompressionError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - an unknown id is the user's error
+                    raise RecipeError(f"stage {i} ({method.name}): {attr} {ref!r}: {e}") from None
+                if ok is None or ok is False:
+                    raise RecipeError(f"stage {i} ({method.name}): {attr} {ref!r} is not a "
+                                      "registered model")
+        configs.append(cfg)
+    return configs
+
+
+# --------------------------------------------------------------------------------- measuring
+
+
+class _Progress:
+    def __init__(self, hook: Callable[[int, str], None]):
+        self.hook = hook
+        self.last = 0
+
+    def __call__(self, percent: float, label: str) -> None:
+        p = int(max(0, min(100, math.floor(percent))))
+        p = max(p, self.last)
+        self.last = p
+        self.hook(p, label)
+
+    def span(self, lo: float, hi: float, label: str) -> Callable[[float, str | None], None]:
+        def report(frac: float, msg: str | None = None) -> None:
+            f = 0.0 if frac is None or not math.isfinite(frac) else min(1.0, max(0.0, float(frac)))
+            self(lo + f * (hi - lo), f"{label}: {msg}" if msg else label)
+
+        return report
+
+
+def _stage_weight(method: Method) -> float:
+    if method.family == "distillation":
+        return 6.0
+    return 2.0 if method.needs_calibration else 1.0
+
+
+def _eval_seq_len(model: nn.Module) -> int:
+    mp = getattr(model.config, "max_position_embeddings", None) or 512
+    return int(min(512, mp))
+
+
+def _perplexity(model: nn.Module, tokenizer: Any, text: str) -> float:
+    seq = _eval_seq_len(model)
+    try:
+        return E.perplexity(model, tokenizer, text, seq_len=seq, num_chunks=16)
+    except ValueError:
+        try:
+            return E.perplexity(model, tokenizer, text, seq_len=min(seq, 64), num_chunks=16)
+        except ValueError:
+            raise CompressionError("the eval text is too short to measure perplexity "
+                                   "(needs at least 64 tokens)") from None
+
+
+def _safetensors_all_f32(paths: list[Path]) -> bool:
+    from safetensors import safe_open
+
+    for p in paths:
+        with safe_open(str(p), framework="pt") as f:
+            for k in f.keys():
+                if f.get_slice(k).get_dtype() not in ("F32",):
+                    return False
+    return True
+
+
+def _source_weight_bytes(source: str, model: nn.Module, work: Path) -> int:
+    """Bytes of the source's fp32 safetensors: the files themselves for a local fp32 HF
+    directory, else what ``save_pretrained`` writes for the loaded (fp32) model."""
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        if files and _safetensors_all_f32(files):
+            return sum(f.stat().st_size for f in files)
+    d = work / "source-fp32"
+    model.save_pretrained(d, safe_serialization=True)
+    n = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    shutil.rmtree(d, ignore_errors=True)
+    return n
+
+
+def _top_weight_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
+
+
+def _speed(model: nn.Module, kind: str) -> float:
+    from .models import CAUSAL
+
+    if kind == CAUSAL:
+        return E.tokens_per_second(model)
+    return E.encoder_throughput(model)
+
+
+def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
+             reference: nn.Module | None, gpu: torch.device | None, weight_bytes: int,
+             progress: Callable[[float, str | None], None],
+             check: Callable[[], None]) -> dict[str, float]:
+    """The standard metrics of ``model`` (on CPU; GPU speed too when ``gpu``)."""
+    from .models import CAUSAL
+
+    m: dict[str, float] = {}
+    m["params"] = float(E.param_count(model))
+    m["nonzero_params"] = float(E.nonzero_count(model))
+    m["bytes"] = float(weight_bytes)
+    m["sparsity"] = float(E.linear_sparsity(model))
+    progress(0.1, "counting")
+    check()
+    if tokenizer is not None:
+        if kind == CAUSAL:
+            m["perplexity"] = _perplexity(model, tokenizer, eval_text)
+        elif reference is not None:
+            m["embedding_fidelity"] = E.embedding_fidelity(model, reference, tokenizer, eval_text)
+        else:
+            m["embedding_fidelity"] = 1.0
+    progress(0.6, "quality")
+    check()
+    m["tokens_per_s"] = _speed(model, kind)
+    progress(0.85, "speed (cpu)")
+    if gpu is not None:
+        check()
+        g = copy.deepcopy(model).to(gpu)
+        m["tokens_per_s_gpu"] = _speed(g, kind)
+        del g
+        torch.cuda.empty_cache()
+    progress(1.0, "measured")
+    return m
+
+
+UNITS = {
+    "params": None, "nonzero_params": None, "bytes": "bytes", "sparsity": "ratio",
+    "perplexity": None, "embedding_fidelity": "cosine", "tokens_per_s": "tokens/s",
+    "tokens_per_s_gpu": "tokens/s", "compression_ratio": "x", "speedup": "x",
+    "speedup_gpu": "x", "ppl_ratio": "ratio", "accuracy_loss": "ratio", "wall_time_s": "s",
+    "peak_rss_bytes": "bytes", "peak_gpu_bytes": "bytes", "duration_s": "s",
+}
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("modelpress", "torch", "transformers", "compressed-tensors", "safetensors", "gguf"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device_info(dev: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(dev), "cpu_threads": torch.get_num_threads(),
+                            "platform": platform.platform()}
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return _jsonable(x.item())
+    return str(x)
+
+
+# --------------------------------------------------------------------------------- running
+
+
+def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_dir: Path, *,
+                 revision: str | None = None,
+                 calibration_text: str | None = None,
+                 eval_text: str | None = None,
+                 max_ppl_increase: float | None = None,
+                 hooks: JobHooks | None = None,
+                 device: str | None = None,
+                 keep_intermediate: bool = False,
+                 measure_stages: bool = False) -> PipelineOutcome:
+    """Load SOURCE, measure ``before``, run the stages in order, save the final model to
+    ``output_dir``, measure ``after`` on the artifact reloaded with plain ``from_pretrained``,
+    write ``report.json`` and return the outcome.
+
+    ``measure_stages``: also measure held-out perplexity (or embedding fidelity) of the
+    in-memory model after every stage (slower; the benchmark uses it).
+    Raises ``base.Cancelled`` when ``hooks.should_stop()`` turns true."""
+    from .data import default_calibration_text, default_eval_text
+    from .device import choose_device
+    from .models import CAUSAL, load_pretrained, load_source, save_model
+
+    hooks = hooks or JobHooks()
+    t_start = time.monotonic()
+    started_at = datetime.now(timezone.utc).isoformat()
+    output_dir = Path(output_dir)
+    prog = _Progress(hooks.progress)
+
+    def check() -> None:
+        if hooks.should_stop():
+            raise Cancelled("job cancelled")
+
+    if max_ppl_increase is not None and not (max_ppl_increase > 0 and math.isfinite(max_ppl_increase)):
+        raise RecipeError(f"max_ppl_increase must be a positive ratio (1.10 = at most +10%), "
+                          f"got {max_ppl_increase}")
+    parsed = _as_stages(stages)
+    configs = validate_recipe(parsed)
+    methods = [get_method(st.method) for st in parsed]
+    cal_text = calibration_text if calibration_text else default_calibration_text()
+    ev_text = eval_text if eval_text else default_eval_text()
+    dev = torch.device(device) if device else choose_device()
+    gpu = dev if dev.type == "cuda" else None
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise CompressionError(f"output directory {output_dir} is not empty")
+
+    metrics: list[tuple[str, str, float, str | None]] = []
+    work = Path(tempfile.mkdtemp(prefix="modelpress-pipeline-"))
+    peak = E.PeakMemory()
+    peak.__enter__()
+    try:
+        check()
+        prog(_LOAD[0], "loading model")
+        hooks.event("stage", {"message": f"loading {source}", "phase": "load"})
+        loaded = load_source(source, revision=revision)
+        model, tok, kind = loaded.model, loaded.tokenizer, loaded.kind
+        del loaded
+        model_type = getattr(model.config, "model_type", None)
+        model.eval()
+        for i, (m, cfg) in enumerate(zip(methods, configs)):
+            m.check_model(cfg, model.config)
+        prog(_LOAD[1], "model loaded")
+        check()
+
+        # ---- before
+        before_bytes = _source_weight_bytes(str(source), model, work)
+        before = _measure(model, tok, kind, ev_text, reference=None, gpu=gpu,
+                          weight_bytes=before_bytes, progress=prog.span(*_BEFORE, "measuring before"),
+                          check=check)
+        for k, v in before.items():
+            metrics.append(("before", k, v, UNITS.get(k)))
+        hooks.event("metrics", {"stage": "before", "metrics": before})
+
+        need_original = kind != CAUSAL or any(m.family == "distillation" for m in methods)
+        original = copy.deepcopy(model).eval() if need_original else None
+        if original is not None:
+            original.requires_grad_(False)
+        model.to(dev)
+
+        # ---- stages
+        weights = [_stage_weight(m) for m in methods]
+        total_w = sum(weights)
+        lo = _STAGES[0]
+        stage_reports: list[dict[str, Any]] = []
+        result: CompressionResult | None = None
+        for i, (st, method, cfg) in enumerate(zip(parsed, methods, configs)):
+            check()
+            hi = lo + (_STAGES[1] - _STAGES[0]) * weights[i] / total_w
+            label = f"{i}:{method.name}"
+            stage_metrics: dict[str, float] = {}
+            curve: list[dict[str, Any]] = []
+
+            def metric(name: str, value: float, unit: str | None = None, *, _l=label,
+                       _d=stage_metrics) -> None:
+                metrics.append((_l, name, float(value), unit))
+                _d[name] = float(value)
+
+            def event(kind_: str, data: dict, *, _l=label, _c=curve) -> None:
+                if kind_ == "train":
+                    _c.append(dict(data))
+                hooks.event(kind_, {"stage": _l, **data})
+
+            stage_work = work / f"stage-{i}"
+            stage_work.mkdir()
+            ctx = Context(
+                device=dev, tokenizer=tok, calibration_text=cal_text, eval_text=ev_text,
+                work_dir=stage_work, progress=prog.span(lo, hi, label), event=event,
+                metric=metric, should_stop=hooks.should_stop,
+                checkpoints=(_PrefixedCheckpoints(hooks.checkpoints, f"{i}-{method.name}/")
+                             if hooks.checkpoints is not None else None),
+                load_model=hooks.load_model, original_model=original,
+            )
+            prog(lo, f"{label}: starting")
+            hooks.event("stage", {"stage": label, "message": f"stage {i} ({method.name}) started",
+                                  "params": cfg.model_dump(mode="json")})
+            t0 = time.monotonic()
+            result = method.apply(model, cfg, ctx)
+            duration = time.monotonic() - t0
+            model = result.model
+            for k, v in (result.metrics or {}).items():
+                metric(k, v, UNITS.get(k))
+            metric("duration_s", duration, "s")
+            if not result.packed:
+                metric("params", E.param_count(model))
+                metric("nonzero_params", E.nonzero_count(model))
+                metric("sparsity", E.linear_sparsity(model), "ratio")
+            if measure_stages and tok is not None:
+                try:
+                    if kind == CAUSAL:
+                        metric("perplexity", _perplexity(model, tok, ev_text))
+                    elif original is not None:
+                        metric("embedding_fidelity",
+                               E.embedding_fidelity(model, original, tok, ev_text), "cosine")
+                except CompressionError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a packed model may not run in memory
+                    hooks.event("warning", {"stage": label, "message": f"stage metric: {e}"})
+            artifact = None
+            if keep_intermediate and i < len(parsed) - 1:
+                d = output_dir / "stages" / f"{i}-{method.name}"
+                save_model(model, tok, d, saver=result.saver)
+                artifact = str(d.relative_to(output_dir))
+            stage_reports.append({
+                "index": i, "method": method.name, "params": cfg.model_dump(mode="json"),
+                "duration_s": duration, "metrics": dict(stage_metrics), "packed": result.packed,
+                "format": result.format, "artifact": artifact if artifact else
+                (".") if i == len(parsed) - 1 else None,
+                **({"train_curve": curve} if curve else {}),
+            })
+            hooks.event("stage", {"stage": label, "message": f"stage {i} ({method.name}) done "
+                                  f"in {duration:.1f} s", "metrics": dict(stage_metrics)})
+            if result.packed and i != len(parsed) - 1:  # validate_recipe should have caught it
+                raise RecipeError(f"stage {i} ({method.name}) packed the weights but is not last")
+            lo = hi
+        assert result is not None
+        check()
+
+        # ---- save, reload, after
+        prog(_AFTER[0], "saving")
+        if kind == CAUSAL:
+            original = None  # the teacher is no longer needed: free it before reloading
+        model = model.to("cpu")
+        save_model(model, tok, output_dir, saver=result.saver)
+        fmt = result.format
+        del model, result
+        check()
+        reloaded = load_pretrained(output_dir).model
+        after = _measure(reloaded, tok, kind, ev_text, reference=original, gpu=gpu,
+                         weight_bytes=_top_weight_bytes(output_dir),
+                         progress=prog.span(_AFTER[0] + 1, 99.0, "measuring after"), check=check)
+        del reloaded, original
+        peak.stop()
+        wall = time.monotonic() - t_start
+        after["compression_ratio"] = before["bytes"] / after["bytes"] if after["bytes"] else float("nan")
+        after["speedup"] = after["tokens_per_s"] / before["tokens_per_s"]
+        if "tokens_per_s_gpu" in after and before.get("tokens_per_s_gpu"):
+            after["speedup_gpu"] = after["tokens_per_s_gpu"] / before["tokens_per_s_gpu"]
+        if "perplexity" in after and "perplexity" in before:
+            after["ppl_ratio"] = after["perplexity"] / before["perplexity"]
+            after["accuracy_loss"] = after["ppl_ratio"] - 1.0
+        elif "embedding_fidelity" in after:
+            after["accuracy_loss"] = 1.0 - after["embedding_fidelity"]
+        after["wall_time_s"] = wall
+        after["peak_rss_bytes"] = float(peak.peak_rss_bytes)
+        if peak.peak_gpu_bytes is not None and gpu is not None:
+            after["peak_gpu_bytes"] = float(peak.peak_gpu_bytes)
+        for k, v in after.items():
+            metrics.append(("after", k, v, UNITS.get(k)))
+
+        # ---- gate
+        gate: dict[str, Any] | None = None
+        gate_passed = True
+        if max_ppl_increase is not None:
+            if "ppl_ratio" in after:
+                gate_passed = bool(after["ppl_ratio"] <= max_ppl_increase)
+                gate = {"max_ppl_increase": max_ppl_increase, "ppl_ratio": after["ppl_ratio"],
+                        "perplexity_before": before["perplexity"],
+                        "perplexity_after": after["perplexity"], "passed": gate_passed}
+                if not gate_passed:
+                    gate["reason"] = (f"perplexity rose {after['ppl_ratio']:.4f}x "
+                                      f"({before['perplexity']:.3f} -> {after['perplexity']:.3f}), "
+                                      f"above the allowed {max_ppl_increase:g}x")
+            else:
+                gate = {"max_ppl_increase": max_ppl_increase, "passed": True,
+                        "skipped": "no perplexity for this model kind (encoder); gate not applied"}
+
+        summary_keys = ("compression_ratio", "speedup", "speedup_gpu", "ppl_ratio",
+                        "accuracy_loss", "wall_time_s", "peak_rss_bytes", "peak_gpu_bytes")
+        report = {
+            "report_version": REPORT_VERSION,
+            "source": str(source),
+            "revision": revision,
+            "model_type": model_type,
+            "model_kind": kind,
+            "recipe": [st.model_dump(mode="json") for st in parsed],
+            "stages": stage_reports,
+            "before": before,
+            "after": {k: v for k, v in after.items() if k not in summary_keys or k in before},
+            "summary": {k: after[k] for k in summary_keys if k in after},
+            "format": fmt,
+            "gate": gate,
+            "evaluation": {
+                "perplexity": {"seq_len": 512, "num_chunks": 16, "text": "held-out eval text"},
+                "eval_text": "custom" if eval_text else "default (wikitext-2 valid, held-out part)",
+                "calibration_text": "custom" if calibration_text else
+                "default (wikitext-2 valid, first 55%)",
+                "after_measured_on": "the saved artifact reloaded with from_pretrained",
+                "tokens_per_s": "greedy decode, batch 1, KV cache, CPU"
+                if kind == CAUSAL else "encoder forward tokens/s, CPU",
+            },
+            "device": _device_info(dev),
+            "versions": _versions(),
+            "started_at": started_at,
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+        }
+        report = _jsonable(report)
+        (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=False))
+        prog(100, "done")
+        hooks.event("done", {"message": "pipeline finished", "gate_passed": gate_passed,
+                             "summary": report["summary"]})
+        return PipelineOutcome(output_dir=output_dir, report=report, metrics=metrics, format=fmt,
+                               gate_passed=gate_passed)
+    finally:
+        peak.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = [
+    "MAX_STAGES",
+    "QUALITY_GATE",
+    "JobHooks",
+    "LocalCheckpoints",
+    "PipelineOutcome",
+    "RecipeError",
+    "Stage",
+    "ValidationError",
+    "run_pipeline",
+    "validate_recipe",
+]
