@@ -1,0 +1,312 @@
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from modelpress.compression import evaluation as E
+from modelpress.compression.base import Cancelled, CompressionError, CompressionResult, Method, MethodConfig
+from modelpress.compression.cli_compress import main as cli_main
+from modelpress.compression.data import default_calibration_text, default_eval_text
+from modelpress.compression.pipeline import (
+    QUALITY_GATE,
+    JobHooks,
+    LocalCheckpoints,
+    RecipeError,
+    Stage,
+    run_pipeline,
+    validate_recipe,
+)
+from modelpress.compression.registry import UnknownMethodError, methods
+
+EVAL = default_eval_text()[:40_000]
+CAL = default_calibration_text()[:60_000]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a busy 2-core box: per-op threading overhead dominates; one thread is
+    an order of magnitude faster. Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(src, stages, out, **kw):
+    kw.setdefault("eval_text", EVAL)
+    kw.setdefault("calibration_text", CAL)
+    kw.setdefault("device", "cpu")
+    return run_pipeline(src, stages, out, **kw)
+
+
+@pytest.fixture(scope="module")
+def magnitude_run(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mag") / "out"
+    progress, events = [], []
+    hooks = JobHooks(progress=lambda p, label: progress.append((p, label)),
+                     event=lambda k, d: events.append((k, d)))
+    torch.set_num_threads(1)
+    outcome = _run(tiny_llama_dir, [{"method": "magnitude", "params": {"sparsity": 0.5}}], out,
+                   hooks=hooks, max_ppl_increase=1000.0)
+    return outcome, progress, events
+
+
+def test_report_matches_independent_measurement(magnitude_run, tiny_llama_dir):
+    outcome, _, _ = magnitude_run
+    out = outcome.output_dir
+    report = json.loads((out / "report.json").read_text())
+    assert report == outcome.report
+    assert outcome.format == "hf-safetensors" and outcome.gate_passed
+
+    # independent: plain from_pretrained, own counting
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())  # parameters() dedups the tied head
+    nz = sum(int((p != 0).sum()) for p in model.parameters())
+    lin = [m.weight for name, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")]
+    sparsity = sum(int((w == 0).sum()) for w in lin) / sum(w.numel() for w in lin)
+    disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    ppl = E.perplexity(model, tok, EVAL, seq_len=512, num_chunks=16)
+    src_disk = sum(f.stat().st_size for f in Path(tiny_llama_dir).glob("*.safetensors"))
+    src = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    ppl0 = E.perplexity(src, tok, EVAL, seq_len=512, num_chunks=16)
+
+    a, b = report["after"], report["before"]
+    assert a["params"] == pytest.approx(n, rel=0.01)
+    assert a["nonzero_params"] == pytest.approx(nz, rel=0.01)
+    assert a["sparsity"] == pytest.approx(sparsity, rel=0.01)
+    assert sparsity == pytest.approx(0.5, abs=0.01)
+    assert a["bytes"] == pytest.approx(disk, rel=0.01)
+    assert a["perplexity"] == pytest.approx(ppl, rel=0.01)
+    assert b["perplexity"] == pytest.approx(ppl0, rel=0.01)
+    assert b["bytes"] == src_disk and b["params"] == n and b["sparsity"] < 0.01
+    s = report["summary"]
+    assert s["compression_ratio"] == pytest.approx(src_disk / disk, rel=1e-6)
+    assert s["ppl_ratio"] == pytest.approx(ppl / ppl0, rel=0.01)
+    assert s["accuracy_loss"] == pytest.approx(s["ppl_ratio"] - 1, abs=1e-9)
+    assert s["speedup"] == pytest.approx(a["tokens_per_s"] / b["tokens_per_s"], rel=1e-6)
+    assert s["wall_time_s"] > 0 and s["peak_rss_bytes"] > 50e6
+    assert report["gate"]["passed"] is True and report["gate"]["max_ppl_increase"] == 1000.0
+    assert report["recipe"] == [{"method": "magnitude", "params": {"sparsity": 0.5}}]
+    st = report["stages"][0]
+    assert st["method"] == "magnitude" and st["duration_s"] > 0
+    assert st["metrics"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert {"torch", "transformers", "python"} <= set(report["versions"])
+    assert report["device"]["device"] == "cpu"
+    # the metric rows carry the same numbers
+    rows = {(stage, name): v for stage, name, v, _ in outcome.metrics}
+    for name in ("params", "nonzero_params", "bytes", "sparsity", "perplexity", "tokens_per_s"):
+        assert rows[("before", name)] == pytest.approx(b[name])
+        assert rows[("after", name)] == pytest.approx(a[name])
+    for name in ("compression_ratio", "speedup", "ppl_ratio", "wall_time_s", "peak_rss_bytes"):
+        assert ("after", name) in rows
+    assert rows[("0:magnitude", "duration_s")] > 0
+
+
+def test_progress_monotonic_to_100(magnitude_run):
+    _, progress, events = magnitude_run
+    values = [p for p, _ in progress]
+    assert values == sorted(values) and values[-1] == 100 and values[0] == 0
+    assert all(isinstance(p, int) for p in values)
+    assert any("0:magnitude" in label for _, label in progress)
+    kinds = [k for k, _ in events]
+    assert "metrics" in kinds and kinds[-1] == "done"
+
+
+def test_quality_gate_miss(tiny_llama_dir, tmp_path):
+    outcome = _run(tiny_llama_dir, [{"method": "magnitude", "params": {"sparsity": 0.7}}],
+                   tmp_path / "out", max_ppl_increase=1e-3)
+    assert outcome.gate_passed is False
+    g = outcome.report["gate"]
+    assert g["passed"] is False and g["max_ppl_increase"] == 1e-3
+    assert g["ppl_ratio"] == pytest.approx(outcome.report["summary"]["ppl_ratio"])
+    assert "above the allowed" in g["reason"]
+    assert (tmp_path / "out" / "config.json").exists()  # the artifact is still written
+    assert QUALITY_GATE["param"] == "max_ppl_increase"
+
+
+def test_cancellation(tiny_llama_dir, tmp_path):
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    with pytest.raises(Cancelled):
+        _run(tiny_llama_dir, [{"method": "magnitude", "params": {}}], tmp_path / "out",
+             hooks=JobHooks(should_stop=stop))
+
+
+def test_keep_intermediate_and_distill_stage(tiny_llama_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    events = []
+    stages = [Stage(method="magnitude", params={"sparsity": 0.3}),
+              {"method": "distill", "params": {"steps": 6, "seq_len": 32, "batch_size": 2,
+                                               "checkpoint_every": 3, "log_every": 2,
+                                               "lr": 1e-3}}]
+    outcome = _run(tiny_llama_dir, stages, tmp_path / "out", keep_intermediate=True,
+                   measure_stages=True,
+                   hooks=JobHooks(checkpoints=LocalCheckpoints(ckpt),
+                                  event=lambda k, d: events.append((k, d))))
+    out = outcome.output_dir
+    mid = AutoModelForCausalLM.from_pretrained(out / "stages" / "0-magnitude")
+    assert E.linear_sparsity(mid) == pytest.approx(0.3, abs=0.01)
+    final = AutoModelForCausalLM.from_pretrained(out)
+    assert E.linear_sparsity(final) < 0.05  # distillation trained the pruned weights again
+    st = outcome.report["stages"]
+    assert st[0]["artifact"] == "stages/0-magnitude"
+    assert "perplexity" in st[0]["metrics"] and "perplexity" in st[1]["metrics"]
+    assert st[1]["metrics"]["steps"] == 6
+    assert [c["step"] for c in st[1]["train_curve"]] == [2, 4, 6]
+    assert any(k == "train" and d["stage"] == "1:distill" for k, d in events)
+    assert (ckpt / "1-distill" / "distill-state.safetensors").is_file()
+    # after-bytes count only the final model's files, not the kept stages
+    assert outcome.report["after"]["bytes"] == sum(
+        f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def test_encoder_source(tiny_bert_dir, tmp_path):
+    outcome = _run(tiny_bert_dir, [{"method": "magnitude", "params": {"sparsity": 0.5}}],
+                   tmp_path / "out", max_ppl_increase=1.1)
+    r = outcome.report
+    assert "perplexity" not in r["after"] and 0 < r["after"]["embedding_fidelity"] < 1
+    assert r["before"]["embedding_fidelity"] == 1.0
+    assert r["gate"]["skipped"] and outcome.gate_passed
+    AutoModel.from_pretrained(tmp_path / "out")
+
+
+def test_output_dir_must_be_empty(tiny_llama_dir, tmp_path):
+    (tmp_path / "x").write_text("x")
+    with pytest.raises(CompressionError, match="not empty"):
+        _run(tiny_llama_dir, [{"method": "magnitude"}], tmp_path)
+
+
+# ------------------------------------------------------------------ recipe validation
+
+
+def test_validate_recipe_ok(tiny_llama):
+    cfgs = validate_recipe([{"method": "magnitude", "params": {"sparsity": 0.4}},
+                            {"method": "distill", "params": {"steps": 3}}], tiny_llama.config)
+    assert cfgs[0].sparsity == 0.4 and cfgs[1].steps == 3
+    assert validate_recipe({"stages": [{"method": "magnitude"}]})[0].sparsity == 0.5
+
+
+@pytest.mark.parametrize("stages, exc, match", [
+    ([], RecipeError, "at least one"),
+    ([{"method": "magnitude"}] * 9, RecipeError, "at most 8"),
+    ([{"method": "nope"}], UnknownMethodError, "unknown method"),
+    ([{"method": "magnitude", "params": {"sparsity": 2}}], ValidationError, "sparsity"),
+    ([{"method": "magnitude", "params": {"bogus": 1}}], ValidationError, "bogus"),
+    ([{"method": "magnitude", "params": {}, "extra": 1}], RecipeError, "unknown key"),
+    ([{"params": {}}], RecipeError, "method"),
+    (["magnitude"], RecipeError, "expected an object"),
+])
+def test_validate_recipe_rejects(stages, exc, match):
+    with pytest.raises(exc, match=match):
+        validate_recipe(stages)
+
+
+def test_validate_recipe_model_checks(tiny_bert):
+    with pytest.raises(CompressionError, match="causal"):
+        validate_recipe([{"method": "distill"}], tiny_bert.config)
+    known = {"m-1"}
+    validate_recipe([{"method": "distill", "params": {"teacher_model_id": "m-1"}}],
+                    resolve_model=lambda mid: mid in known)
+    with pytest.raises(RecipeError, match="not a registered model"):
+        validate_recipe([{"method": "distill", "params": {"teacher_model_id": "m-2"}}],
+                        resolve_model=lambda mid: mid in known)
+
+
+class _PackCfg(MethodConfig):
+    bits: int = 4
+
+
+def _pack(model, cfg, ctx):
+    return CompressionResult(model=model, packed=True, format="compressed-tensors")
+
+
+@pytest.fixture
+def fake_terminal(monkeypatch):
+    m = Method(name="fakepack", config=_PackCfg, apply=_pack, description="test", family="quantization",
+               terminal=True)
+    monkeypatch.setitem(methods(), "fakepack", m)
+    return m
+
+
+def test_terminal_stage_must_be_last(fake_terminal):
+    validate_recipe([{"method": "magnitude"}, {"method": "fakepack"}])
+    with pytest.raises(RecipeError, match="must be the last stage"):
+        validate_recipe([{"method": "fakepack"}, {"method": "magnitude"}])
+
+
+def test_packed_result_uses_its_saver_and_format(fake_terminal, tiny_llama_dir, tmp_path):
+    saved = []
+
+    def saver(model, path):
+        saved.append(path)
+        model.save_pretrained(path)
+
+    def pack(model, cfg, ctx):
+        return CompressionResult(model=model, packed=True, saver=saver, format="compressed-tensors")
+
+    methods()["fakepack"] = Method(name="fakepack", config=_PackCfg, apply=pack, description="t",
+                                   family="quantization", terminal=True)
+    outcome = _run(tiny_llama_dir, [{"method": "fakepack"}], tmp_path / "out")
+    assert saved == [tmp_path / "out"]
+    assert outcome.format == "compressed-tensors" and outcome.report["format"] == "compressed-tensors"
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_method(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = cli_main([str(tiny_llama_dir), "--method", "magnitude", "--set", "sparsity=0.5",
+                     "--set", "scope=global", "--output", str(out), "-q"])
+    assert code == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["recipe"] == [{"method": "magnitude", "params": {"sparsity": 0.5, "scope": "global"}}]
+    assert r["after"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_cli_recipe_yaml_and_gate(tiny_llama_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: magnitude\n    params:\n      pattern: '2:4'\n")
+    ev = tmp_path / "eval.txt"
+    ev.write_text(EVAL)
+    code = cli_main([str(tiny_llama_dir), "--recipe", str(recipe), "--eval-file", str(ev),
+                     "--max-ppl-increase", "0.001", "--output", str(tmp_path / "o"), "-q"])
+    assert code == 3
+    r = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert r["gate"]["passed"] is False and r["after"]["sparsity"] == pytest.approx(0.5)
+    assert "quality gate missed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--method", "nope"], "unknown method"),
+    (["--method", "magnitude", "--set", "sparsity=7"], "sparsity"),
+    (["--method", "magnitude", "--set", "oops"], "KEY=VALUE"),
+    (["--recipe", "/nonexistent.yaml"], "cannot read recipe"),
+    (["--method", "magnitude", "--eval-file", "/nonexistent.txt"], "cannot read eval file"),
+])
+def test_cli_bad_input(tiny_llama_dir, tmp_path, capsys, args, match):
+    code = cli_main([str(tiny_llama_dir), *args, "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_bad_source_and_recipe(tmp_path, capsys):
+    assert cli_main([str(tmp_path / "missing.gguf"), "--method", "magnitude",
+                     "--output", str(tmp_path / "o")]) == 2
+    assert "GGUF file not found" in capsys.readouterr().err
+    bad = tmp_path / "r.json"
+    bad.write_text('[{"method": "magnitude", "params": {}, "stage": 2}]')
+    assert cli_main([str(tmp_path), "--recipe", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert "unknown key" in capsys.readouterr().err
