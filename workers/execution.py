@@ -16,6 +16,7 @@ nothing and fails the job with ``error_code="quality_gate"``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -405,11 +406,36 @@ def dataset_text(store: ArtifactStore, ds: Dataset, scratch: Path) -> str:
 # --------------------------------------------------------------------------- outputs
 
 
-def make_archive(model_dir: Path, top: str, dest: Path) -> None:
-    """tar.gz of ``model_dir`` with one top folder named ``top``, regular files only."""
-    with tarfile.open(dest, "w:gz", compresslevel=6) as tf:
-        tf.add(model_dir, arcname=top, recursive=True,
-               filter=lambda ti: ti if (ti.isfile() or ti.isdir()) else None)
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+#: gzip level 1: on fp32/bf16 weights it is ~5x faster than the default 6 for ~4 % more bytes
+ARCHIVE_GZIP_LEVEL = 1
+
+
+def make_archive(model_dir: Path, top: str, dest: Path) -> tuple[int, str]:
+    """tar.gz of ``model_dir`` with one top folder named ``top``, regular files only.
+    Returns (bytes, sha256) of the archive, hashed while it is written."""
+    with open(dest, "wb") as raw:
+        hw = _HashingWriter(raw)
+        with tarfile.open(fileobj=hw, mode="w:gz", compresslevel=ARCHIVE_GZIP_LEVEL) as tf:
+            tf.add(model_dir, arcname=top, recursive=True,
+                   filter=lambda ti: ti if (ti.isfile() or ti.isdir()) else None)
+        raw.flush()
+        os.fsync(raw.fileno())
+    return hw.n, hw.h.hexdigest()
 
 
 def error_code_for(exc: BaseException) -> str:
@@ -584,8 +610,10 @@ def execute_job(job_id: str, *, worker_name: str | None = None,
         unpacked = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
         archive = scratch / "model.tar.gz"
         channel.progress(99, "uploading artifact")
-        make_archive(model_dir, job_id, archive)
-        local_size, local_sha = archive.stat().st_size, sha256_file(archive)
+        local_size, local_sha = make_archive(model_dir, job_id, archive)
+        if archive.stat().st_size != local_size:
+            raise OSError(f"archive size mismatch: wrote {local_size} bytes, file has "
+                          f"{archive.stat().st_size}")
         key = f"jobs/{job_id}/model.tar.gz"
         uploaded_key = key
         store.put_file(key, archive)

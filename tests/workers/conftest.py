@@ -195,7 +195,7 @@ def job_row(job_id: str):
         return j
 
 
-def wait_for(job_id: str, states: set[str], timeout: float = 180, worker: Worker | None = None):
+def wait_for(job_id: str, states: set[str], timeout: float = 300, worker: Worker | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         j = job_row(job_id)
