@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -325,12 +326,15 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> CompressionResu
         ctx.event("train", rec)
         ctx.metric("train_loss", rec["loss"], None)
 
+    if step != resumed_from:
+        # a retry after this stage finished (a later stage failed) skips the training
+        save_ckpt(step)
     student.eval()
     for p in student.parameters():
         p.requires_grad_(True)
     student.zero_grad(set_to_none=True)
     del opt
-    ckpt_path.unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
     total_s = elapsed_before + time.monotonic() - t_start
     metrics = {
         "steps": float(step),

@@ -178,3 +178,19 @@ def test_time_budget_stops(tiny_llama, tiny_tokenizer):
 def test_rejects_encoders(tiny_bert):
     with pytest.raises(CompressionError):
         get_method("distill").check_model(DistillConfig(), tiny_bert.config)
+
+
+def test_retry_after_finished_stage_skips_training(tiny_llama, tiny_tokenizer, tmp_path):
+    teacher, start = _pair(tiny_llama)
+    cfg = DistillConfig(steps=5, lr=2e-3, checkpoint_every=100, **FAST)
+    store = LocalCheckpoints(tmp_path / "ckpt")
+    first = copy.deepcopy(start)
+    compress(first, cfg, _ctx(tiny_tokenizer, teacher, checkpoints=store))
+    events = []
+    again = copy.deepcopy(start)
+    res = compress(again, cfg, _ctx(tiny_tokenizer, teacher, checkpoints=store,
+                                    event=lambda k, d: events.append((k, d))))
+    assert res.metrics["resumed_from_step"] == 5 and res.metrics["steps"] == 5
+    assert not [d for k, d in events if k == "train"]
+    for k, v in _weights(first).items():
+        torch.testing.assert_close(_weights(again)[k], v)
