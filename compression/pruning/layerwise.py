@@ -239,6 +239,7 @@ def collect_stats(block: nn.Module, names: list[str], inputs: list[BlockInput], 
     finally:
         for h in hooks:
             h.remove()
+        last["x"] = None
     return stats
 
 
@@ -259,10 +260,10 @@ def prune_blockwise(model: nn.Module, tokens: torch.Tensor, ctx: Context, prune:
         home = next(block.parameters()).device
         block.to(device)
         lins = block_linears(block)
-        groups = linear_groups(block, inputs[0]) if sequential else [
-            [g for grp in linear_groups(block, inputs[0]) for g in grp]
-        ]
-        for gi, names in enumerate(groups):
+        groups = linear_groups(block, inputs[0])
+        if not sequential:
+            groups = [[name for grp in groups for name in grp]]
+        for names in groups:
             stats = collect_stats(block, names, inputs, hessian, stop_early=sequential)
             prune(i, {k: lins[k] for k in names}, stats)
         inputs = run_block(block, inputs)
