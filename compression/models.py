@@ -58,6 +58,14 @@ def _rebuild_plain(model: nn.Module) -> nn.Module:
     with torch.device("meta"):
         fresh = cls(config)
     fresh.load_state_dict(model.state_dict(), assign=True, strict=True)
+    # non-persistent buffers (e.g. the rotary ``inv_freq``) are not in the state dict: without
+    # this they would stay on the meta device and the first forward would fail
+    src_buffers = dict(model.named_buffers())
+    for name, buf in list(fresh.named_buffers()):
+        if buf.is_meta and name in src_buffers:
+            owner_name, _, attr = name.rpartition(".")
+            owner = fresh.get_submodule(owner_name) if owner_name else fresh
+            owner._buffers[attr] = src_buffers[name]
     if getattr(config, "tie_word_embeddings", False) and hasattr(fresh, "tie_weights"):
         fresh.tie_weights()
     fresh.eval()
