@@ -310,3 +310,23 @@ def test_cli_bad_source_and_recipe(tmp_path, capsys):
     bad.write_text('[{"method": "magnitude", "params": {}, "stage": 2}]')
     assert cli_main([str(tmp_path), "--recipe", str(bad), "--output", str(tmp_path / "o")]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+def test_smollm2_magnitude_report_is_true(smollm2_dir, tmp_path):
+    """SmolLM2-135M, 2:4 magnitude: the report's after-numbers are those of the artifact."""
+    ev = default_eval_text()[:12_000]  # a few 512-token windows keep this test short
+    outcome = run_pipeline(smollm2_dir, [{"method": "magnitude", "params": {"pattern": "2:4"}}],
+                           tmp_path / "out", eval_text=ev, device="cpu")
+    r = outcome.report
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert r["after"]["perplexity"] == pytest.approx(E.perplexity(model, tok, ev), rel=0.01)
+    assert r["after"]["sparsity"] == pytest.approx(E.linear_sparsity(model), rel=0.01)
+    assert r["after"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert r["after"]["params"] == E.param_count(model) == r["before"]["params"]
+    assert r["before"]["bytes"] == sum(f.stat().st_size for f in Path(smollm2_dir).glob("*.safetensors"))
+    assert r["after"]["perplexity"] > r["before"]["perplexity"] > 5
