@@ -31,19 +31,20 @@ REPO = Path(__file__).resolve().parents[1]
 SMOL_DIR = REPO / ".cache" / "test-models" / "smollm2-135m-fp32"
 
 ROWS = {
-    # name: (method, params)
+    # name: (method, params), in the order they run
     "int8": ("int8", {}),
     "int8_dynamic": ("int8_dynamic", {}),
-    "rtn_w4g64_sym": ("rtn", {"bits": 4, "group_size": 64, "symmetric": True}),
     "rtn_w4g64_asym": ("rtn", {"bits": 4, "group_size": 64, "symmetric": False}),
     "gptq_sym": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True}),
+    "llmc_gptq_sym": ("llmcompressor", {"symmetric": True}),
     "gptq_asym": ("gptq", {"bits": 4, "group_size": 64, "symmetric": False}),
-    "gptq_sym_noawq": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True,
-                                "awq_scaling": False}),
+    "llmc_gptq_asym": ("llmcompressor", {"symmetric": False}),
     "awq_sym": ("awq", {"bits": 4, "group_size": 64, "symmetric": True}),
     "awq_asym": ("awq", {"bits": 4, "group_size": 64, "symmetric": False}),
-    "llmc_gptq_sym": ("llmcompressor", {"symmetric": True}),
-    "llmc_gptq_asym": ("llmcompressor", {"symmetric": False}),
+    "rtn_w4g64_sym": ("rtn", {"bits": 4, "group_size": 64, "symmetric": True}),
+    "gptq_sym_noawq": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True,
+                                "awq_scaling": False}),
+    "gptq_sym_mse": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True, "mse_clip": True}),
 }
 
 

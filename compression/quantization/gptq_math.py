@@ -14,7 +14,7 @@ from .qtensor import QuantizedWeight, check_group, effective_group, qrange, sear
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None,
                   symmetric: bool, act_order: bool = False, dampening: float = 0.01,
-                  mse: bool = True, block_size: int = 128) -> QuantizedWeight:
+                  mse: bool = False, block_size: int = 128) -> QuantizedWeight:
     """Returns the integer weights, scales and zero points of ``W`` ([out, in]).
 
     Groups are always consecutive runs of ``group_size`` *original* columns (what the artifact

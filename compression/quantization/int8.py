@@ -39,10 +39,9 @@ def apply(model: nn.Module, cfg: Int8Config, ctx: Context) -> CompressionResult:
         ctx.check_cancelled()
     return CompressionResult(
         model=model, packed=True, format="compressed-tensors",
-        # per channel: int8 tensors ("naive-quantized"); per group: the same int8 values packed
-        # four to an int32 ("pack-quantized", what compressed-tensors dequantises per group)
-        saver=make_saver("pack-quantized" if cfg.group_size else "naive-quantized",
-                         dense_dtype=cfg.dense_dtype),
+        # the int8 values packed four to an int32 ("pack-quantized": one byte per weight, the
+        # layout compressed-tensors 0.19 picks itself for int weight-only schemes on load)
+        saver=make_saver("pack-quantized", dense_dtype=cfg.dense_dtype),
         metrics={"quantized_linears": float(len(lins)), "bits": 8.0,
                  "compress_seconds": time.perf_counter() - t0},
     )

@@ -20,8 +20,8 @@ class RTNConfig(GroupFieldsMixin, MethodConfig):
     group_size: int | None = group_size_field(64)
     symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric grid.")
     mse_clip: bool = Field(
-        True, description="Search each group's clipping range for the smallest squared rounding "
-        "error instead of plain min/max.")
+        False, description="Search each group's clipping range for the smallest squared rounding "
+        "error instead of plain min/max (on SmolLM2 min/max measured better at 4 bits).")
     dense_dtype: DenseDtype = dense_dtype_field()
 
 

@@ -159,8 +159,7 @@ def test_weight_only_methods_pack_and_reload(name, params, bits, tiny_llama, tin
     res.saver(res.model, tmp_path)
     conf = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert conf["quant_method"] == "compressed-tensors"
-    per_channel_int8 = bits == 8 and not params.get("group_size")
-    assert conf["format"] == ("naive-quantized" if per_channel_int8 else "pack-quantized")
+    assert conf["format"] == "pack-quantized"
     (grp,) = conf["config_groups"].values()
     assert grp["weights"]["num_bits"] == bits
     t = _tensors(tmp_path)
