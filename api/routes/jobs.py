@@ -29,11 +29,12 @@ def _base(request: Request) -> str:
              responses={404: {"description": "Unknown model or dataset"},
                         422: {"description": "Invalid method, params or recipe"}})
 def submit_job(body: JobCreate, request: Request, session: DbSession, owner: CurrentOwner,
-               settings: Settings) -> JobOut:
+               settings: Settings) -> Response:
     job = svc.create_job(session, settings, owner, body)
     counter = request.app.state.metrics.jobs_submitted.labels(job.queue)
     after_commit(session, counter.inc)
-    return svc.to_out(job, _base(request))
+    out = svc.to_out(job, _base(request))
+    return Response(out.model_dump_json(), status_code=201, media_type="application/json")
 
 
 @router.get("", response_model=JobPage, summary="List your jobs (newest first)")
