@@ -77,25 +77,25 @@ LLAMA_ROWS = [
     ("dense", None, ""),
     ("layers", st.LayersConfig(ratio=0.25), "25%, block influence, one-shot"),
     ("layers", st.LayersConfig(ratio=0.25, iterative=True), "25%, block influence, iterative"),
-    ("layers", st.LayersConfig(ratio=0.25, score="mean_abs_change"), "25%, mean |change|"),
+    ("layers", st.LayersConfig(ratio=0.25, score="mean_abs_change"), "25%, mean abs change"),
     ("layers (naive)", NaiveLast(8), "last 8 blocks, no data"),
     ("heads", st.HeadsConfig(count=3, score="activation"), "3 of 9 q-heads/layer, activation"),
     ("heads", st.HeadsConfig(count=3, score="gradient"), "3 of 9 q-heads/layer, gradient"),
     ("heads", st.HeadsConfig(count=3, score="entropy"), "3 of 9 q-heads/layer, entropy"),
     ("heads", st.HeadsConfig(count=3, gqa="group", score="activation"), "1 of 3 KV groups, activation"),
-    ("ffn", st.FfnConfig(ratio=0.25), "25%, activation x |W|"),
+    ("ffn", st.FfnConfig(ratio=0.25), "25%, activation x col norm"),
     ("ffn", st.FfnConfig(ratio=0.25, score="gradient"), "25%, gradient"),
-    ("ffn", st.FfnConfig(ratio=0.5), "50%, activation x |W|"),
+    ("ffn", st.FfnConfig(ratio=0.5), "50%, activation x col norm"),
 ]
 
 BERT_ROWS = [
     ("dense", None, ""),
     ("layers", st.LayersConfig(count=1), "1 of 6, block influence"),
     ("layers", st.LayersConfig(count=2), "2 of 6, block influence"),
-    ("layers", st.LayersConfig(count=2, score="mean_abs_change"), "2 of 6, mean |change|"),
+    ("layers", st.LayersConfig(count=2, score="mean_abs_change"), "2 of 6, mean abs change"),
     ("layers (naive)", NaiveLast(2), "last 2 blocks, no data"),
-    ("ffn", st.FfnConfig(ratio=0.25), "25%, activation x |W|"),
-    ("ffn", st.FfnConfig(ratio=0.5), "50%, activation x |W|"),
+    ("ffn", st.FfnConfig(ratio=0.25), "25%, activation x col norm"),
+    ("ffn", st.FfnConfig(ratio=0.5), "50%, activation x col norm"),
 ]
 
 
@@ -153,8 +153,8 @@ def table(rows: list[dict]) -> str:
         qxs = f"{qx:.2f}x" if r["model"] == "llama" else f"{qx:+.4f}"
         lines.append(
             f"| {'SmolLM2-135M' if r['model'] == 'llama' else 'MiniLM-L6'} | {r['method']} | "
-            f"{r['settings']} | {r['params'] / 1e6:.2f}M ({r['params'] / b['params']:.0%}) | "
-            f"{r['bytes'] / 1e6:.1f} | {qs} | {qxs} | {r['speed']:.0f} | "
+            f"{r['settings'].replace('|', '')} | {r['params'] / 1e6:.2f}M ({r['params'] / b['params']:.0%}) | "
+            f"{r['bytes'] / 1e6:.1f} | {qs} | {qxs} | {r['speed']:.3g} | "
             f"{r['speed'] / b['speed']:.2f}x | {r['time_s']:.1f} |"
         )
     return "\n".join(lines)
@@ -163,14 +163,14 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["llama", "bert"])
-    ap.add_argument("--rows", help="comma-separated row numbers (0 = dense) to run")
+    ap.add_argument("--rows", help="comma-separated row numbers to run (0 = dense; the table needs it)")
     ap.add_argument("--log", type=Path, help="append each row as JSON to this file")
     ap.add_argument("--table", type=Path, help="only print the table from a --log file")
     args = ap.parse_args()
     if args.table:
         print(table([json.loads(x) for x in args.table.read_text().splitlines() if x.strip()]))
         return
-    pick = {int(x) for x in args.rows.split(",")} | {0} if args.rows else None
+    pick = {int(x) for x in args.rows.split(",")} if args.rows else None
     torch.manual_seed(0)
     rows: list[dict] = []
     for kind, src, spec in (("bert", minilm_dir, BERT_ROWS), ("llama", smollm2_dir, LLAMA_ROWS)):
