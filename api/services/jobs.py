@@ -28,8 +28,6 @@ from ..schemas import ArtifactOut, JobCreate, JobError, JobOut, MetricOut
 
 log = logging.getLogger("modelpress.api")
 
-MAX_STAGES = 8
-
 
 # ------------------------------------------------------------------ model config (cached)
 class _ConfigCache:
@@ -79,9 +77,6 @@ def validate_stages(stages: list[dict[str, Any]], model_config: Any, *, single: 
     from modelpress.compression.base import CompressionError
     from modelpress.compression.registry import parse_params
 
-    if len(stages) > MAX_STAGES:
-        raise Unprocessable(f"a recipe has at most {MAX_STAGES} stages, got {len(stages)}",
-                            code="invalid_recipe")
     for i, st in enumerate(stages):
         where = "" if single else f"stage {i} "
         prefix = "params" if single else f"recipe.{i}.params"
@@ -96,38 +91,15 @@ def validate_stages(stages: list[dict[str, Any]], model_config: Any, *, single: 
         except CompressionError as e:  # unknown method
             raise Unprocessable(f"{where.strip()}: {e}" if where else str(e),
                                 code="unknown_method") from None
+    from modelpress.compression.pipeline import validate_recipe
+
     try:
-        validate_recipe = _validate_recipe_fn()
         validate_recipe(stages, model_config)
     except ValidationError as e:
         msg = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise Unprocessable(f"invalid recipe: {msg}", code="invalid_params") from None
     except CompressionError as e:
         raise Unprocessable(str(e), code="invalid_recipe") from None
-
-
-def _validate_recipe_fn():
-    try:
-        from modelpress.compression.pipeline import validate_recipe
-    except ImportError:  # the pipeline module not written yet: the same checks, by hand
-        return _validate_recipe_minimal
-    return validate_recipe
-
-
-def _validate_recipe_minimal(stages: list[dict[str, Any]], model_config: Any) -> None:
-    from modelpress.compression.base import CompressionError
-    from modelpress.compression.registry import get_method
-
-    if not stages:
-        raise CompressionError("a recipe needs at least one stage")
-    for i, st in enumerate(stages):
-        m = get_method(st["method"])
-        cfg = m.config.model_validate(st["params"])
-        if m.terminal and i != len(stages) - 1:
-            raise CompressionError(f"stage {i} ({m.name}) packs the weights and must be the "
-                                   "last stage of the recipe")
-        if model_config is not None:
-            m.check_model(cfg, model_config)
 
 
 def choose_queue(stages: list[dict[str, Any]], settings: Settings) -> str:
