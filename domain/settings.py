@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     port: int = 8000
 
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
+    gpu_queue_enabled: bool = Field(
+        False, description="GPU workers exist: jobs whose methods prefer a GPU go to the 'gpu' "
+        "queue (otherwise every job goes to 'cpu').")
     work_dir: Path | None = Field(None, description="Worker scratch space (default home/work).")
     upload_max_bytes: int = 20 * 1024**3
 

@@ -105,11 +105,7 @@ def validate_stages(stages: list[dict[str, Any]], model_config: Any, *, single: 
 def choose_queue(stages: list[dict[str, Any]], settings: Settings) -> str:
     from modelpress.compression.registry import get_method
 
-    enabled = getattr(settings, "gpu_queue_enabled", None)
-    if enabled is None:
-        enabled = os.environ.get("MODELPRESS_GPU_QUEUE_ENABLED", "").strip().lower() in {
-            "1", "true", "yes", "on"}
-    if enabled and any(get_method(s["method"]).prefers_gpu for s in stages):
+    if settings.gpu_queue_enabled and any(get_method(s["method"]).prefers_gpu for s in stages):
         return "gpu"
     return "cpu"
 
