@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import os
 import threading
 from collections import OrderedDict
 from datetime import datetime
