@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 
 from celery import Celery
+from celery.signals import worker_process_init
 from kombu import Exchange, Queue
 
 from modelpress.domain.settings import Settings, get_settings
@@ -78,7 +79,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
     app = Celery("modelpress", set_as_current=False)
     app.conf.update(celery_config(s))
-    # Tasks are declared with @shared_task, so every app instance knows them by name.
+    # Tasks are declared with @shared_task; a worker imports this module at start-up (before
+    # forking). Publishers (the API) never import it: they send tasks by name and stay light.
     app.conf.update(imports=["modelpress.workers.tasks"])
     return app
 
@@ -103,5 +105,11 @@ def current_celery() -> Celery:
         return a
 
 
-# Register the tasks with this app when it is imported by a worker.
-import modelpress.workers.tasks  # noqa: E402,F401
+@worker_process_init.connect
+def _fresh_db_pool_after_fork(**_kw) -> None:
+    """A prefork child must not reuse the parent's pooled database connections (the parent may
+    hold some: `modelpress worker --beat` sweeps from it). Replace the pool without closing the
+    parent's sockets."""
+    from modelpress.domain.db import get_engine
+
+    get_engine().dispose(close=False)

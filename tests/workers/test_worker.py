@@ -234,6 +234,37 @@ def test_reaper_gives_up_after_max_attempts(use_stack, tiny_model_id):
     assert any(e.kind == "worker_lost" for e in events(dead))
 
 
+def test_quality_gate_miss_keeps_metrics_and_report_but_no_artifact(worker, tiny_model_id):
+    # an impossible gate (perplexity must drop a million-fold) makes the miss deterministic
+    jid = submit(OWNER, tiny_model_id, MAGNITUDE, max_ppl_increase=1e-6)
+    job = wait_for(jid, {"succeeded", "failed", "cancelled"}, worker=worker)
+    assert job.state == "failed" and job.error_code == "quality_gate", (job.error_code, job.error)
+    assert "perplexity" in job.error
+    assert job.report["gate"]["passed"] is False
+    metrics = _metrics(jid)
+    assert metrics[("after", "sparsity")] == pytest.approx(0.5, abs=0.02)
+    assert ("before", "perplexity") in metrics and ("after", "ppl_ratio") in metrics
+    assert _artifact(jid) is None
+    from modelpress.domain.store import make_store
+
+    assert make_store().head(f"jobs/{jid}/model.tar.gz") is None, "a gate miss uploads nothing"
+
+
+def test_soft_time_limit_fails_the_job_with_timeout(use_stack, start_worker, tiny_model_id,
+                                                    worker):
+    """Celery's soft time limit (prefork pool) interrupts the job: failed, error_code timeout."""
+    worker.kill()
+    timed = start_worker("timed", pool="prefork",
+                         extra_env={"MODELPRESS_TASK_SOFT_TIME_LIMIT_S": "2",
+                                    "MODELPRESS_TASK_TIME_LIMIT_S": "120"})
+    jid = submit(OWNER, tiny_model_id, MAGNITUDE)
+    job = wait_for(jid, {"succeeded", "failed", "cancelled"}, worker=timed, timeout=180)
+    assert job.state == "failed" and job.error_code == "timeout", (job.error_code, job.error)
+    assert "SoftTimeLimitExceeded" in job.error
+    assert _artifact(jid) is None
+    timed.kill()
+
+
 def test_killed_worker_job_is_reaped_requeued_and_succeeds(use_stack, start_worker,
                                                            tiny_model_id, worker):
     """kill -9 the worker mid-job: the heartbeat stops, the sweep requeues the job (attempt 1 of
