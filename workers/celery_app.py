@@ -42,7 +42,6 @@ def celery_config(settings: Settings) -> dict:
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=2,
-        broker_heartbeat=0 if broker.startswith("sqla+") else None,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
