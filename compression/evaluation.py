@@ -125,7 +125,8 @@ def encoder_throughput(model: nn.Module, seq_len: int = 128, batch: int = 8,
                        repeats: int = 3) -> float:
     """Tokens per second through an encoder forward pass."""
     dev = model_device(model)
-    ids = torch.randint(1000, 2000, (batch, seq_len), device=dev)
+    vocab = getattr(model.config, "vocab_size", 2000)
+    ids = torch.randint(min(100, vocab - 1), vocab, (batch, seq_len), device=dev)
     model(input_ids=ids)
     best = 0.0
     for _ in range(repeats):

@@ -299,27 +299,7 @@ def _speed(model: nn.Module, kind: str) -> float:
 
     if kind == CAUSAL:
         return E.tokens_per_second(model)
-    vocab = getattr(model.config, "vocab_size", 0) or 0
-    if vocab >= 2000:
-        return E.encoder_throughput(model)
-    return _encoder_throughput_small_vocab(model, vocab)
-
-
-@torch.no_grad()
-def _encoder_throughput_small_vocab(model: nn.Module, vocab: int, seq_len: int = 128,
-                                    batch: int = 8, repeats: int = 3) -> float:
-    """E.encoder_throughput draws ids from 1000..2000; tiny vocabularies need ids in range."""
-    dev = E.model_device(model)
-    ids = torch.randint(min(4, vocab - 1), vocab, (batch, seq_len), device=dev,
-                        generator=torch.Generator().manual_seed(0)) if dev.type == "cpu" else \
-        torch.randint(min(4, vocab - 1), vocab, (batch, seq_len)).to(dev)
-    model(input_ids=ids)
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(input_ids=ids)
-        best = max(best, ids.numel() / (time.perf_counter() - t))
-    return best
+    return E.encoder_throughput(model)
 
 
 def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
