@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
 import multiprocessing as mp
 import os
+import queue
 import resource
 import sys
 import tempfile
@@ -45,6 +47,12 @@ ROWS = {
     "gptq_sym_noawq": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True,
                                 "awq_scaling": False}),
     "gptq_sym_mse": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True, "mse_clip": True}),
+    "gptq_sym_actorder": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True,
+                                   "act_order": True}),
+    "gptq_sym_damp0.1": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True,
+                                  "dampening": 0.1}),
+    # dense tensors (embeddings, norms) kept in float32 instead of float16: checks dense_dtype
+    "int8_dense_fp32": ("int8", {"dense_dtype": "float32"}),
 }
 
 
@@ -99,6 +107,7 @@ def run_row(name: str, quick: bool, q) -> None:
     from modelpress.compression.registry import get_method, parse_params
 
     chunks = 4 if quick else 16
+    rss_base = _rss_mb()
     lm = load_pretrained(smollm2_dir())
     model, tok = lm.model, lm.tokenizer
     rss_loaded = _rss_mb()
@@ -138,18 +147,62 @@ def run_row(name: str, quick: bool, q) -> None:
                 reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
                 row["ppl"] = perplexity(reloaded, tok, ev, num_chunks=chunks)
     row["rss_after_load_mb"] = rss_loaded
+    row["rss_base_mb"] = rss_base
     q.put(row)
+
+
+def table(rows: list[dict], quick: bool = False) -> str:
+    """A markdown table (README-ready) of the rows; the first row must be ``dense``."""
+    dense = next(r for r in rows if r["name"] == "dense")
+    fp32_bytes, dense_ppl = dense["bytes"], dense["ppl"]
+    lines = [
+        f"SmolLM2-135M fp32, held-out ppl on {4 if quick else 16} x 512 tokens of "
+        "default_eval_text; calibration 32 x 512 tokens of default_calibration_text; CPU, "
+        "2 shared cores (timings noisy).",
+        "",
+        "| row | method | params | ppl | x dense | weight bytes | x fp32 | compress s "
+        "| peak RSS MB (over base) | decode tok/s (x fp32) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        method, params = ("dense", {}) if r["name"] == "dense" else ROWS.get(r["name"], ("?", {}))
+        ps = ", ".join(f"{k}={v}" for k, v in params.items()).replace("|", "/")
+        tps = f"{r['tps']:.1f} ({r['tps'] / r['dense_tps']:.2f}x)" if "tps" in r else ""
+        peak = r.get("peak_rss_mb", r["rss_after_load_mb"])
+        ct = f"{r['compress_s']:.1f}" if "compress_s" in r else ""
+        lines.append(
+            f"| {r['name']} | {method} | {ps} | {r['ppl']:.3f} | {r['ppl'] / dense_ppl:.4f} "
+            f"| {r['bytes']} | {r['bytes'] / fp32_bytes:.3f} | {ct} "
+            f"| {peak:.0f} ({peak - r.get('rss_base_mb', 0):.0f}) | {tps} |")
+    lines.append("")
+    lines.append(f"fp32 weights: {fp32_bytes} bytes. Peak RSS is each row's own process "
+                 "(ru_maxrss), in brackets minus the RSS before the model was loaded "
+                 f"(~{dense.get('rss_base_mb', 0):.0f} MB of Python, torch and transformers).")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", help=f"rows to run (default all): {list(ROWS)}")
     ap.add_argument("--quick", action="store_true", help="4 eval chunks instead of 16")
+    ap.add_argument("--log", type=Path, help="append every finished row to this JSONL file")
+    ap.add_argument("--table", type=Path, help="only print the markdown table of a --log file "
+                    "(the last row of each name wins)")
     a = ap.parse_args()
+    if a.table:
+        by_name: dict[str, dict] = {}
+        for line in a.table.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                by_name.pop(r["name"], None)
+                by_name[r["name"]] = r
+        order = ["dense", *ROWS]
+        print(table(sorted(by_name.values(), key=lambda r: order.index(r["name"])
+                           if r["name"] in order else len(order)), a.quick))
+        return
     names = ["dense", *(a.only or list(ROWS))]
     have_llmc = importlib.util.find_spec("llmcompressor") is not None
     smollm2_dir()
-    fp32_bytes = None
     rows = []
     ctx = mp.get_context("spawn")
     for n in names:
@@ -159,30 +212,25 @@ def main() -> None:
         q = ctx.Queue()
         p = ctx.Process(target=run_row, args=(n, a.quick, q))
         p.start()
+        r = None
+        while r is None:  # read before join: a full queue pipe would block the child's exit
+            try:
+                r = q.get(timeout=5)
+            except queue.Empty:
+                if not p.is_alive():
+                    break
         p.join()
-        if p.exitcode != 0:
+        if r is None:
             print(f"# {n}: failed (exit {p.exitcode})", file=sys.stderr)
             continue
-        r = q.get()
+        r["uptime"] = os.getloadavg()
         rows.append(r)
-        if n == "dense":
-            fp32_bytes = r["bytes"]
+        if a.log:
+            with a.log.open("a") as f:
+                f.write(json.dumps(r) + "\n")
         print(f"# done {n}: {r}", flush=True)
-    dense_ppl = rows[0]["ppl"]
     print()
-    print(f"SmolLM2-135M fp32, held-out ppl on {4 if a.quick else 16} x 512 tokens; calibration "
-          "32 x 512 tokens; CPU, 2 shared cores (timings noisy)")
-    hdr = f"{'row':<16} {'ppl':>8} {'x dense':>8} {'bytes':>12} {'x fp32':>7} " \
-          f"{'time s':>7} {'peakRSS MB':>10} {'tok/s':>14}"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        tps = f"{r['tps']:.1f} ({r['tps'] / r['dense_tps']:.2f}x)" if "tps" in r else ""
-        print(f"{r['name']:<16} {r['ppl']:8.3f} {r['ppl'] / dense_ppl:8.4f} {r['bytes']:12d} "
-              f"{r['bytes'] / fp32_bytes:7.3f} {r.get('compress_s', 0):7.1f} "
-              f"{r.get('peak_rss_mb', r['rss_after_load_mb']):10.0f} {tps:>14}")
-    print(f"fp32 model weights: {fp32_bytes} bytes; peak RSS includes the loaded fp32 model "
-          f"(~{rows[0]['rss_after_load_mb']:.0f} MB RSS after load)")
+    print(table(rows, a.quick))
 
 
 if __name__ == "__main__":

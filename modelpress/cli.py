@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 APP_FACTORY = "modelpress.api.app:create_app"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
