@@ -7,7 +7,6 @@ from __future__ import annotations
 import tarfile
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
