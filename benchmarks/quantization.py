@@ -51,6 +51,10 @@ ROWS = {
                                    "act_order": True}),
     "gptq_sym_damp0.1": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True,
                                   "dampening": 0.1}),
+    "gptq_sym_trueseq": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True,
+                                  "true_sequential": True}),
+    "gptq_sym_trueseq_actorder": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True,
+                                           "true_sequential": True, "act_order": True}),
     # dense tensors (embeddings, norms) kept in float32 instead of float16: checks dense_dtype
     "int8_dense_fp32": ("int8", {"dense_dtype": "float32"}),
 }
@@ -96,8 +100,11 @@ def _llmcompressor(model, tok, symmetric: bool, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def run_row(name: str, quick: bool, q) -> None:
+def run_row(name: str, quick: bool, q, threads: int | None = None) -> None:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM
 
     from modelpress.compression.base import Context
@@ -185,6 +192,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", help=f"rows to run (default all): {list(ROWS)}")
     ap.add_argument("--quick", action="store_true", help="4 eval chunks instead of 16")
+    ap.add_argument("--threads", type=int, help="torch threads in every row (default: torch's "
+                    "default; on an oversubscribed machine 1 avoids OpenMP stalls)")
     ap.add_argument("--log", type=Path, help="append every finished row to this JSONL file")
     ap.add_argument("--table", type=Path, help="only print the markdown table of a --log file "
                     "(the last row of each name wins)")
@@ -210,7 +219,7 @@ def main() -> None:
             print(f"# {n}: skipped, llmcompressor is not installed (pip install .[bench])")
             continue
         q = ctx.Queue()
-        p = ctx.Process(target=run_row, args=(n, a.quick, q))
+        p = ctx.Process(target=run_row, args=(n, a.quick, q, a.threads))
         p.start()
         r = None
         while r is None:  # read before join: a full queue pipe would block the child's exit
@@ -224,6 +233,7 @@ def main() -> None:
             print(f"# {n}: failed (exit {p.exitcode})", file=sys.stderr)
             continue
         r["uptime"] = os.getloadavg()
+        r["threads"] = a.threads
         rows.append(r)
         if a.log:
             with a.log.open("a") as f:

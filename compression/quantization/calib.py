@@ -134,10 +134,13 @@ class InputStats:
     abs_mean: torch.Tensor  # mean |x| per input channel
 
 
-def input_stats(layer: nn.Module, inputs: LayerInputs, groups: list[list[str]]
-                ) -> dict[str, InputStats]:
+def input_stats(layer: nn.Module, inputs: LayerInputs, groups: list[list[str]],
+                stop_early: bool = False) -> dict[str, InputStats]:
     """Hessian and mean |x| of every Linear's inputs over the calibration tokens; Linears that
-    read the same tensor share one (the same object)."""
+    read the same tensor share one (the same object). With ``stop_early`` (one group only) the
+    layer's forward is cut right after that group's input is seen (the rest is not needed)."""
+    if stop_early and len(groups) != 1:
+        raise ValueError("stop_early needs exactly one group")
     lins = layer_linears(layer)
     H: dict[str, torch.Tensor] = {}
     A: dict[str, torch.Tensor] = {}
@@ -156,9 +159,18 @@ def input_stats(layer: nn.Module, inputs: LayerInputs, groups: list[list[str]]
         n[name] = tot
         xs = x * (2.0 / tot) ** 0.5
         H[name].addmm_(xs.t(), xs)
+        if stop_early:
+            raise _Stop
 
     with observe_inputs({g[0]: lins[g[0]] for g in groups}, acc):
-        run_layer(layer, inputs)
+        if stop_early:
+            for hs, kw in zip(inputs.hidden, inputs.kwargs):
+                try:
+                    layer(hs, **kw)
+                except _Stop:
+                    pass
+        else:
+            run_layer(layer, inputs)
     out: dict[str, InputStats] = {}
     for g in groups:
         st = InputStats(H[g[0]], A[g[0]])

@@ -22,12 +22,17 @@ class GPTQConfig(WeightCalibConfig):
     awq_scaling: bool = Field(
         True, description="Fold activation-aware (AWQ) per-channel scales into each layer before "
         "GPTQ (lower perplexity at the same bits).")
+    true_sequential: bool = Field(
+        False, description="Within each decoder layer quantize q/k/v, o, gate/up, down in turn, "
+        "each from inputs recomputed with the earlier ones already quantized (a cut-short layer "
+        "forward per group).")
 
 
 def apply(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> CompressionResult:
     target_linears(model, cfg.group_size)  # refuse bad group sizes before any work
     metrics = quantize_layerwise(model, cfg, ctx, algorithm="gptq", awq_scaling=cfg.awq_scaling,
-                                 act_order=cfg.act_order, dampening=cfg.dampening)
+                                 act_order=cfg.act_order, dampening=cfg.dampening,
+                                 true_sequential=cfg.true_sequential)
     return CompressionResult(model=model, metrics=metrics, packed=True,
                              format="compressed-tensors",
                              saver=make_saver("pack-quantized", dense_dtype=cfg.dense_dtype))

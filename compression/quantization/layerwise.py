@@ -100,9 +100,13 @@ def apply_awq_scaling(layer: nn.Module, stats: dict[str, InputStats], bits: int,
 @torch.no_grad()
 def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *,
                        algorithm: str, awq_scaling: bool, act_order: bool = False,
-                       dampening: float = 0.01, awq_grid: int = 20) -> dict[str, float]:
+                       dampening: float = 0.01, awq_grid: int = 20,
+                       true_sequential: bool = False) -> dict[str, float]:
     """Quantize every decoder layer's Linears in turn (``algorithm``: "gptq" or "rtn" with a
-    Hessian-diagonal-weighted clipping search), optionally after AWQ scaling."""
+    Hessian-diagonal-weighted clipping search), optionally after AWQ scaling. With
+    ``true_sequential`` the Linears of a layer are quantized group by group (q/k/v, o, gate/up,
+    down) and each group's Hessian is taken from inputs computed with the earlier groups already
+    quantized (a cut-short forward of the layer per group)."""
     t0 = time.perf_counter()
     layers = decoder_layers(model)
     orig_device = next(model.parameters()).device
@@ -120,16 +124,13 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
             if awq_scaling:
                 stats = apply_awq_scaling(layer, stats, cfg.bits, cfg.group_size, cfg.symmetric,
                                           grid=awq_grid)
-            for name, lin in layer_linears(layer).items():
-                st = stats[name]
-                if algorithm == "gptq":
-                    qw = gptq_quantize(lin.weight, st.H, cfg.bits, cfg.group_size, cfg.symmetric,
-                                       act_order=act_order, dampening=dampening, mse=cfg.mse_clip)
-                else:
-                    qw = quantize_weight(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric,
-                                         mse=cfg.mse_clip, col_weight=torch.diag(st.H))
-                attach(lin, qw)
-                n_lin += 1
+            lins = layer_linears(layer)
+            for gi, group in enumerate(groups):
+                if true_sequential and gi > 0:
+                    stats.update(input_stats(layer, inputs, [group], stop_early=True))
+                for name in group:
+                    n_lin += _quantize_one(lins[name], stats[name], cfg, algorithm, act_order,
+                                           dampening)
             del stats
             inputs.hidden = run_layer(layer, inputs)
             ctx.progress((li + 1) / len(layers), f"quantized layer {li + 1}/{len(layers)}")
@@ -143,3 +144,16 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
     return {"quantized_linears": float(n_lin), "bits": float(cfg.bits),
             "calibration_tokens": float(tokens.numel()),
             "compress_seconds": time.perf_counter() - t0}
+
+
+def _quantize_one(lin: nn.Linear, st: InputStats, cfg: WeightCalibConfig, algorithm: str,
+                  act_order: bool, dampening: float) -> int:
+    if algorithm == "gptq":
+        qw = gptq_quantize(lin.weight, st.H, cfg.bits, cfg.group_size, cfg.symmetric,
+                           act_order=act_order, dampening=dampening, mse=cfg.mse_clip)
+    else:
+        qw = quantize_weight(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric,
+                             mse=cfg.mse_clip, col_weight=torch.diag(st.H))
+    attach(lin, qw)
+    return 1
+
