@@ -22,7 +22,7 @@ up: install
 
 # The whole suite, against the real PostgreSQL and Redis (a missing service fails the run).
 test: install
-	$(BIN)/python -m pytest -q --timeout 1200
+	$(BIN)/python -m pytest -q --timeout 1200 --durations=25
 
 bench: install
 	$(BIN)/pip install -q -e ".[bench]"

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     store: Literal["local", "s3"] = Field("local", description="Artifact store kind.")
     store_dir: Path | None = Field(None, description="Local store root (default home/artifacts).")
     s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = Field(
+        None, description="Endpoint clients use to download artifacts (presigned URLs), when it "
+        "differs from the one the service uses, e.g. http://localhost:9000 vs http://minio:9000.")
     s3_bucket: str = "modelpress"
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None

@@ -110,19 +110,28 @@ class S3Store:
 
     def __init__(self, bucket: str, endpoint_url: str | None = None, region: str = "us-east-1",
                  access_key_id: str | None = None, secret_access_key: str | None = None,
-                 presign_expiry_s: int = 3600, create_bucket: bool = False):
+                 presign_expiry_s: int = 3600, create_bucket: bool = False,
+                 public_endpoint_url: str | None = None):
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.presign_expiry_s = presign_expiry_s
-        self.client = boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region,
-            aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
-            config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                          retries={"max_attempts": 5, "mode": "standard"},
-                          connect_timeout=5, read_timeout=60),
-        )
+
+        def client(endpoint: str | None):
+            return boto3.client(
+                "s3", endpoint_url=endpoint, region_name=region,
+                aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
+                config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                              retries={"max_attempts": 5, "mode": "standard"},
+                              connect_timeout=5, read_timeout=60),
+            )
+
+        self.client = client(endpoint_url)
+        # presigned URLs are signed for the host the client will use (SigV4 signs the host)
+        self._presign_client = (client(public_endpoint_url)
+                                if public_endpoint_url and public_endpoint_url != endpoint_url
+                                else self.client)
         if create_bucket:
             self.ensure_bucket()
 
@@ -179,7 +188,7 @@ class S3Store:
         params = {"Bucket": self.bucket, "Key": _check_key(key)}
         if filename:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
-        return self.client.generate_presigned_url("get_object", Params=params,
+        return self._presign_client.generate_presigned_url("get_object", Params=params,
                                                   ExpiresIn=self.presign_expiry_s)
 
     def delete(self, key: str) -> None:
@@ -198,5 +207,6 @@ def make_store(settings: Settings | None = None) -> ArtifactStore:
             secret_access_key=s.s3_secret_access_key.get_secret_value()
             if s.s3_secret_access_key else None,
             presign_expiry_s=s.s3_presign_expiry_s, create_bucket=s.s3_create_bucket,
+            public_endpoint_url=s.s3_public_endpoint_url,
         )
     return LocalStore(s.resolved_store_dir)

@@ -47,3 +47,17 @@ def test_s3_presigned_url_downloads(s3_endpoint, tmp_path):
     url = s.presigned_url("a/b.bin", filename="b.bin")
     assert url.startswith(s3_endpoint)
     assert urllib.request.urlopen(url).read() == b"payload"
+
+
+def test_s3_presigned_url_uses_public_endpoint(s3_endpoint):
+    """Inside compose the service reaches MinIO as http://minio:9000 while clients download
+    from a public address: presigned URLs must name the public one."""
+    import urllib.request
+
+    public = s3_endpoint.replace("127.0.0.1", "localhost")
+    s = S3Store("mp-public", endpoint_url=s3_endpoint, access_key_id="testing",
+                secret_access_key="testing", create_bucket=True, public_endpoint_url=public)
+    s.put_stream("k.bin", io.BytesIO(b"abc"))
+    url = s.presigned_url("k.bin")
+    assert url.startswith(public + "/")
+    assert urllib.request.urlopen(url).read() == b"abc"
