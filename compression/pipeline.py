@@ -314,7 +314,7 @@ def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
     m["nonzero_params"] = float(E.nonzero_count(model))
     m["bytes"] = float(weight_bytes)
     m["sparsity"] = float(E.linear_sparsity(model))
-    progress(0.1, "counting")
+    progress(0.1, "evaluating quality" if tokenizer is not None else "counted")
     check()
     if tokenizer is not None:
         if kind == CAUSAL:
@@ -323,10 +323,10 @@ def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
             m["embedding_fidelity"] = E.embedding_fidelity(model, reference, tokenizer, eval_text)
         else:
             m["embedding_fidelity"] = 1.0
-    progress(0.6, "quality")
+    progress(0.6, "measuring speed (cpu)")
     check()
     m["tokens_per_s"] = _speed(model, kind)
-    progress(0.85, "speed (cpu)")
+    progress(0.85, "measuring speed (gpu)" if gpu is not None else "measured speed")
     if gpu is not None:
         check()
         g = copy.deepcopy(model).to(gpu)
