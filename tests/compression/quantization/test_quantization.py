@@ -141,6 +141,24 @@ def test_awq_scale_search_never_worse_than_plain():
     assert s[:4].mean() > s[4:].mean()  # salient channels are scaled up
 
 
+def test_low_rank_output_error_close_to_exact():
+    from modelpress.compression.quantization.awq_math import (
+        gram_factor,
+        output_error,
+        output_error_lr,
+    )
+
+    torch.manual_seed(0)
+    X = torch.randn(2048, 96) * 0.1
+    X += torch.randn(2048, 4) @ torch.randn(4, 96) * 3  # a few dominant directions
+    G = X.t() @ X
+    W = torch.randn(40, 96)
+    Wq = quantize_weight(W, 3, 32, True, mse=False).dequantize()
+    exact = output_error(W, Wq, G).item()
+    assert output_error_lr(W, Wq, gram_factor(G, None)) == pytest.approx(exact, rel=1e-4)
+    assert output_error_lr(W, Wq, gram_factor(G, 16)) == pytest.approx(exact, rel=0.05)
+
+
 def test_int8_dynamic_kernel_matches_float():
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
