@@ -25,7 +25,13 @@ from .calib import (
 )
 from .common import GroupFieldsMixin, dense_dtype_field, group_size_field
 from .gptq_math import gptq_quantize
-from .qtensor import dequantize_grouped, quantize_grouped, quantize_weight, search_qparams
+from .qtensor import (
+    QuantizedWeight,
+    dequantize_grouped,
+    quantize_grouped,
+    quantize_weight,
+    search_qparams,
+)
 
 
 class WeightCalibConfig(GroupFieldsMixin, CalibrationConfig):
@@ -128,6 +134,12 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
             for gi, group in enumerate(groups):
                 if true_sequential and gi > 0:
                     stats.update(input_stats(layer, inputs, [group], stop_early=True))
+                if algorithm == "gptq" and len(group) > 1:
+                    # GPTQ treats output rows independently given H: one pass over the columns
+                    # for all the Linears reading this input (same result, fewer steps)
+                    n_lin += _gptq_stacked([lins[n] for n in group], stats[group[0]], cfg,
+                                           act_order, dampening)
+                    continue
                 for name in group:
                     n_lin += _quantize_one(lins[name], stats[name], cfg, algorithm, act_order,
                                            dampening)
@@ -157,3 +169,19 @@ def _quantize_one(lin: nn.Linear, st: InputStats, cfg: WeightCalibConfig, algori
     attach(lin, qw)
     return 1
 
+
+
+def _gptq_stacked(lins: list[nn.Linear], st: InputStats, cfg: WeightCalibConfig,
+                  act_order: bool, dampening: float) -> int:
+    W = torch.cat([lin.weight for lin in lins], 0)
+    qw = gptq_quantize(W, st.H, cfg.bits, cfg.group_size, cfg.symmetric, act_order=act_order,
+                       dampening=dampening, mse=cfg.mse_clip)
+    off = 0
+    for lin in lins:
+        k = lin.out_features
+        part = QuantizedWeight(qw.q[off : off + k].clone(), qw.scale[off : off + k].clone(),
+                               qw.zero_point[off : off + k].clone(), qw.bits, qw.group_size,
+                               qw.symmetric)
+        attach(lin, part)
+        off += k
+    return len(lins)

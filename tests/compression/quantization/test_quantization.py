@@ -127,6 +127,20 @@ def test_gptq_math_beats_rtn_on_output_error():
     assert err(g_ao) < 0.7 * err(rtn_w)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_rows_independent_so_stacking_is_exact(act_order):
+    from modelpress.compression.quantization.gptq_math import gptq_quantize
+
+    torch.manual_seed(0)
+    X = torch.randn(512, 64) @ torch.randn(64, 64)
+    H = 2 * X.t() @ X / X.shape[0]
+    Ws = [torch.randn(32, 64), torch.randn(16, 64)]
+    both = gptq_quantize(torch.cat(Ws), H, 4, 32, False, act_order=act_order)
+    each = [gptq_quantize(w, H, 4, 32, False, act_order=act_order) for w in Ws]
+    assert torch.equal(both.q, torch.cat([e.q for e in each]))
+    assert torch.allclose(both.scale, torch.cat([e.scale for e in each]))
+
+
 def test_awq_scale_search_never_worse_than_plain():
     from modelpress.compression.quantization.awq_math import search_scale
     from modelpress.compression.quantization.layerwise import _rtn_fake_quant
