@@ -194,6 +194,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 eval chunks instead of 16")
     ap.add_argument("--threads", type=int, help="torch threads in every row (default: torch's "
                     "default; on an oversubscribed machine 1 avoids OpenMP stalls)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense row (already in "
+                    "the --log file)")
     ap.add_argument("--log", type=Path, help="append every finished row to this JSONL file")
     ap.add_argument("--table", type=Path, help="only print the markdown table of a --log file "
                     "(the last row of each name wins)")
@@ -209,7 +211,7 @@ def main() -> None:
         print(table(sorted(by_name.values(), key=lambda r: order.index(r["name"])
                            if r["name"] in order else len(order)), a.quick))
         return
-    names = ["dense", *(a.only or list(ROWS))]
+    names = ([] if a.no_dense else ["dense"]) + (a.only or list(ROWS))
     have_llmc = importlib.util.find_spec("llmcompressor") is not None
     smollm2_dir()
     rows = []
@@ -240,7 +242,8 @@ def main() -> None:
                 f.write(json.dumps(r) + "\n")
         print(f"# done {n}: {r}", flush=True)
     print()
-    print(table(rows, a.quick))
+    if any(r["name"] == "dense" for r in rows):
+        print(table(rows, a.quick))
 
 
 if __name__ == "__main__":

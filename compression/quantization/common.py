@@ -19,8 +19,8 @@ GROUP_DESC = (
 )
 DENSE_DESC = (
     "Storage dtype of the tensors that stay in float (embeddings, norms) in the artifact. "
-    "float16 halves them with no measurable perplexity change on SmolLM2; float32 keeps them "
-    "bit-exact."
+    "float16 halves them; measured on SmolLM2-135M: held-out perplexity 37.3825 vs 37.3847 in "
+    "float32 (8 x 512 tokens, -0.006%). float32 keeps them bit-exact."
 )
 
 
