@@ -36,7 +36,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def attach(module: nn.Linear, qw: QuantizedWeight) -> None:
     """Record ``qw`` on ``module`` and make its float weight the dequantised values."""
     with torch.no_grad():
-        module.weight.data = qw.dequantize(module.weight.dtype).to(module.weight.device)
+        # in place: no second float copy of the weights (a model loaded from safetensors is
+        # memory-mapped; the written pages replace the mapped ones)
+        module.weight.copy_(qw.dequantize(module.weight.dtype))
     setattr(module, QUANT_ATTR, qw)
 
 
