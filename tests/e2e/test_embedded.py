@@ -40,7 +40,13 @@ def test_up_runs_a_job_end_to_end_and_stops_cleanly(procs, tmp_path, tiny_llama_
     assert key.startswith("mp_")
     assert oct((home / "api-key").stat().st_mode & 0o777) == "0o600"
     assert up.text().count(key) == 1, "the generated key is printed once"
-    assert (home / "modelpress.db").is_file() and (home / "broker.db").is_file()
+    assert (home / "modelpress.db").is_file()
+    # the SQLite broker file appears when the worker (or the first publish) connects, which may
+    # be a moment after the API answers
+    deadline = time.monotonic() + 120
+    while not (home / "broker.db").is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert (home / "broker.db").is_file()
 
     c = Client(base, key)
     assert c.http.get("/readyz").status_code == 200, c.http.get("/readyz").text
