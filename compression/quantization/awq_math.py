@@ -35,9 +35,14 @@ def gram_factor(G: torch.Tensor, rank: int | None = 64) -> tuple[torch.Tensor, t
     if rank is None or 2 * rank >= n:
         evals, evecs = torch.linalg.eigh(G)
         return evecs * evals.clamp(min=0).sqrt(), torch.zeros(n, device=G.device)
-    # randomized range finder (a few power iterations): far cheaper than a full eigh
-    U, S, _ = torch.svd_lowrank(G, q=rank, niter=3)
-    B = U * S.sqrt()
+    # randomized range finder with a fixed seed (a few power iterations; deterministic):
+    # far cheaper than a full eigh
+    gen = torch.Generator(device=G.device).manual_seed(0)
+    Q = torch.randn(n, rank + 8, generator=gen, device=G.device)
+    for _ in range(3):
+        Q = torch.linalg.qr(G @ Q).Q
+    evals, evecs = torch.linalg.eigh(Q.t() @ G @ Q)
+    B = (Q @ evecs[:, -rank:]) * evals[-rank:].clamp(min=0).sqrt()
     r = (torch.diagonal(G) - B.square().sum(1)).clamp(min=0)
     return B, r
 
