@@ -16,27 +16,29 @@ from torch import nn
 from .data import token_chunks
 
 
-def param_count(model: nn.Module) -> int:
-    """Parameters, counting tied weights once and packed/quantized tensors by logical size."""
+#: parameters a quantized (compressed-tensors) model carries besides its weights: quantization
+#: metadata, not model parameters
+QUANT_AUX_SUFFIXES = ("_scale", "_zero_point", "_shape", "_g_idx", "_global_scale")
+
+
+def _model_params(model: nn.Module):
+    """Each distinct parameter once (tied weights count once), quantization metadata excluded."""
     seen: set[int] = set()
-    n = 0
-    for p in model.parameters():
-        if id(p) in seen:
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or name.endswith(QUANT_AUX_SUFFIXES):
             continue
         seen.add(id(p))
-        n += p.numel()
-    return n
+        yield p
+
+
+def param_count(model: nn.Module) -> int:
+    """Parameters, counting tied weights once. Measure quantized artifacts decompressed
+    (models.load_pretrained does that) so weights count by their logical size."""
+    return sum(p.numel() for p in _model_params(model))
 
 
 def nonzero_count(model: nn.Module) -> int:
-    seen: set[int] = set()
-    n = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n += int(torch.count_nonzero(p.detach()).item())
-    return n
+    return sum(int(torch.count_nonzero(p.detach()).item()) for p in _model_params(model))
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:

@@ -103,7 +103,16 @@ def load_pretrained(source: str | Path, revision: str | None = None,
     except Exception as e:  # noqa: BLE001
         raise CompressionError(f"cannot load model config from {src!r}: {e}") from e
     kind = model_kind(config)
+    qcfg = getattr(config, "quantization_config", None)
+    qmethod = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+    if str(qmethod) in {"compressed-tensors", "QuantizationMethod.COMPRESSED_TENSORS"}:
+        # a compressed-tensors artifact: decompress to float Linear weights so it can be
+        # measured and compressed further (plain from_pretrained keeps packed modules)
+        from transformers.utils.quantization_config import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
     model = _auto_class(kind).from_pretrained(src, dtype=dtype, **kwargs)
+    kwargs.pop("quantization_config", None)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)

@@ -330,3 +330,26 @@ def test_smollm2_magnitude_report_is_true(smollm2_dir, tmp_path):
     assert r["after"]["params"] == E.param_count(model) == r["before"]["params"]
     assert r["before"]["bytes"] == sum(f.stat().st_size for f in Path(smollm2_dir).glob("*.safetensors"))
     assert r["after"]["perplexity"] > r["before"]["perplexity"] > 5
+
+
+@pytest.mark.parametrize("method, params", [("rtn", {"bits": 4, "group_size": 16}), ("int8", {})])
+def test_quantized_job_reports_true_numbers(tiny_llama_dir, tmp_path, method, params):
+    """A packed (compressed-tensors) artifact is measured decompressed: parameters count by
+    their logical size, bytes are the packed files, and the perplexity is the artifact's."""
+    from transformers import AutoModelForCausalLM
+
+    from modelpress.compression.evaluation import param_count, perplexity
+    from modelpress.compression.models import load_pretrained, weight_bytes
+
+    outcome = _run(tiny_llama_dir, [{"method": method, "params": params}], tmp_path / "out")
+    before, after = outcome.report["before"], outcome.report["after"]
+    assert outcome.format == "compressed-tensors"
+    assert after["params"] == before["params"]  # tied head kept, nothing removed
+    assert after["bytes"] == weight_bytes(outcome.output_dir) < 0.5 * before["bytes"]
+    # plain from_pretrained loads the packed artifact and runs it
+    plain = AutoModelForCausalLM.from_pretrained(outcome.output_dir)
+    assert plain(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == plain.config.vocab_size
+    reloaded = load_pretrained(outcome.output_dir)
+    assert param_count(reloaded.model) == after["params"]
+    ppl = perplexity(reloaded.model, reloaded.tokenizer, EVAL)
+    assert ppl == pytest.approx(after["perplexity"], rel=0.01)
