@@ -168,23 +168,27 @@ def table(rows: list[dict], quick: bool = False) -> str:
         "2 shared cores (timings noisy).",
         "",
         "| row | method | params | ppl | x dense | weight bytes | x fp32 | compress s "
-        "| peak RSS MB (over base) | decode tok/s (x fp32) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS MB (over base) | decode tok/s (x fp32) | load |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         method, params = ("dense", {}) if r["name"] == "dense" else ROWS.get(r["name"], ("?", {}))
         ps = ", ".join(f"{k}={v}" for k, v in params.items()).replace("|", "/")
+        if method == "llmcompressor":
+            method, ps = "llm-compressor GPTQModifier", f"bits=4, group_size=64, {ps}"
         tps = f"{r['tps']:.1f} ({r['tps'] / r['dense_tps']:.2f}x)" if "tps" in r else ""
         peak = r.get("peak_rss_mb", r["rss_after_load_mb"])
         ct = f"{r['compress_s']:.1f}" if "compress_s" in r else ""
+        load = f"{r['uptime'][0]:.1f}" if r.get("uptime") else ""
         lines.append(
             f"| {r['name']} | {method} | {ps} | {r['ppl']:.3f} | {r['ppl'] / dense_ppl:.4f} "
             f"| {r['bytes']} | {r['bytes'] / fp32_bytes:.3f} | {ct} "
-            f"| {peak:.0f} ({peak - r.get('rss_base_mb', 0):.0f}) | {tps} |")
+            f"| {peak:.0f} ({peak - r.get('rss_base_mb', 0):.0f}) | {tps} | {load} |")
     lines.append("")
     lines.append(f"fp32 weights: {fp32_bytes} bytes. Peak RSS is each row's own process "
                  "(ru_maxrss), in brackets minus the RSS before the model was loaded "
-                 f"(~{dense.get('rss_base_mb', 0):.0f} MB of Python, torch and transformers).")
+                 f"(~{dense.get('rss_base_mb', 0):.0f} MB of Python, torch and transformers). load: "
+                 "1-minute load average when the row finished.")
     return "\n".join(lines)
 
 
