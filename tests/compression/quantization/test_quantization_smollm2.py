@@ -53,7 +53,7 @@ def test_int8_smollm2_ppl_and_size(smol, tmp_path):
 def test_gptq_w4g64_smollm2_size_and_ppl(smol, tmp_path):
     d, tok, dense_ppl = smol
     # with only 1k calibration tokens the default dampening (0.01) over-fits the Hessian
-    # (measured 1.654 x dense); 0.1 with act-order measured 1.284 x dense; RTN 1.569 x
+    # (measured 1.654 x dense); 0.1 with act-order measured 1.333 x dense; RTN 1.569 x
     params = {"bits": 4, "group_size": 64, "dampening": 0.1, "act_order": True, **CAL}
     _res, reloaded = _run(d, tok, "gptq", params, tmp_path)
     from safetensors import safe_open
@@ -76,8 +76,8 @@ def test_gptq_w4g64_smollm2_size_and_ppl(smol, tmp_path):
     rtn_ppl = _ppl(rtn, tok)
     print(f"gptq: ppl {ppl:.4f} dense {dense_ppl:.4f} ratio {ppl / dense_ppl:.5f} "
           f"rtn {rtn_ppl:.4f}")
-    assert ppl <= dense_ppl * 1.35, (ppl, dense_ppl)
-    assert ppl <= 0.9 * rtn_ppl, (ppl, rtn_ppl)  # calibration pays: measured 0.82 x RTN
+    assert ppl <= dense_ppl * 1.38, (ppl, dense_ppl)
+    assert ppl <= 0.9 * rtn_ppl, (ppl, rtn_ppl)  # calibration pays: measured 0.85 x RTN
 
 
 def test_int8_dynamic_smollm2_ppl(smol):
