@@ -9,12 +9,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from fastapi import Request
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
 from .errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+
+T = TypeVar("T")
 
 MAX_FIELD_BYTES = 64 * 1024
 #: allowance for multipart framing and small fields on top of the file size limit
@@ -152,3 +155,19 @@ async def parse_multipart(request: Request, tmp_dir: Path, limit: int) -> Parsed
             raise BadRequest(f"malformed multipart body: {e}") from e
         raise
     return c.form
+
+
+async def receive_file(request: Request, tmp_dir: Path, limit: int,
+                       register: Callable[[UploadedFile, str | None], T]) -> T:
+    """Parse a multipart upload with a required ``file`` field (and an optional ``name``),
+    hand it to ``register`` in a worker thread, and remove the temporary file whatever happens."""
+    from fastapi.concurrency import run_in_threadpool
+
+    form = await parse_multipart(request, tmp_dir, limit)
+    try:
+        upload = form.files.get("file")
+        if upload is None:
+            raise Unprocessable("multipart field `file` is required", code="validation_error")
+        return await run_in_threadpool(register, upload, form.fields.get("name"))
+    finally:
+        form.cleanup()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 
 from ..deps import CurrentOwner, DbSession, ReadSession, Settings, Store
-from ..errors import Unprocessable
 from ..schemas import DatasetList, DatasetOut
 from ..services import datasets as svc
-from ..uploads import parse_multipart
+from ..uploads import receive_file
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -25,16 +23,9 @@ _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": 
                         422: {"description": "Not UTF-8 text, or empty"}})
 async def create_dataset(request: Request, session: DbSession, owner: CurrentOwner,
                          store: Store, settings: Settings) -> DatasetOut:
-    form = await parse_multipart(request, settings.resolved_work_dir / "uploads",
-                                 settings.upload_max_bytes)
-    try:
-        upload = form.files.get("file")
-        if upload is None:
-            raise Unprocessable("multipart field `file` is required", code="validation_error")
-        row = await run_in_threadpool(svc.register_dataset, session, store, owner, upload,
-                                      form.fields.get("name"))
-    finally:
-        form.cleanup()
+    row = await receive_file(
+        request, settings.resolved_work_dir / "uploads", settings.upload_max_bytes,
+        lambda upload, name: svc.register_dataset(session, store, owner, upload, name))
     return DatasetOut.model_validate(row)
 
 

@@ -10,11 +10,11 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from ..deps import CurrentOwner, DbSession, ReadSession, Settings, Store
-from ..errors import UnsupportedMediaType, Unprocessable
+from ..errors import UnsupportedMediaType
 from ..schemas import Comparison, ModelFromHub, ModelList, ModelOut
 from ..services import models as svc
 from ..services import reports
-from ..uploads import parse_multipart
+from ..uploads import receive_file
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -65,16 +65,9 @@ async def create_model(request: Request, session: DbSession, owner: CurrentOwner
     if ctype != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data (a file) or application/json "
                                    "(a hub id)")
-    form = await parse_multipart(request, settings.resolved_work_dir / "uploads",
-                                 settings.upload_max_bytes)
-    try:
-        upload = form.files.get("file")
-        if upload is None:
-            raise Unprocessable("multipart field `file` is required", code="validation_error")
-        row = await run_in_threadpool(svc.register_upload, session, store, owner, upload,
-                                      form.fields.get("name"))
-    finally:
-        form.cleanup()
+    row = await receive_file(
+        request, settings.resolved_work_dir / "uploads", settings.upload_max_bytes,
+        lambda upload, name: svc.register_upload(session, store, owner, upload, name))
     return ModelOut.model_validate(row)
 
 
