@@ -292,3 +292,34 @@ def test_killed_worker_job_is_reaped_requeued_and_succeeds(use_stack, start_work
     assert states == ["running", "queued", "running", "succeeded"]
     art = _artifact(jid)
     assert art is not None and art.ready
+
+
+def test_killed_worker_distill_resumes_from_checkpoint(use_stack, start_worker, tiny_model_id,
+                                                        worker):
+    """kill -9 a worker in the middle of a distillation stage: the retried job resumes training
+    from the last checkpoint in the artifact store, not from step 0."""
+    from modelpress.workers.sweeper import sweep
+
+    recipe = [{"method": "distill", "params": {
+        "steps": 400, "checkpoint_every": 5, "log_every": 5, "batch_size": 1, "seq_len": 32,
+        "warmup_steps": 0, "max_minutes": 5, "autocast": "none"}}]
+    worker.kill()
+    doomed = start_worker("doomed-distill")
+    jid = submit(OWNER, tiny_model_id, recipe)
+    deadline = time.monotonic() + 180
+    saved = []
+    while time.monotonic() < deadline and not saved:
+        saved = [e.data["step"] for e in events(jid) if e.kind == "checkpoint"]
+        time.sleep(0.05)
+    assert saved, "no checkpoint was written"
+    doomed.kill()
+    killed_at = max(e.data["step"] for e in events(jid) if e.kind == "checkpoint")
+    assert job_row(jid).state == "running"
+    time.sleep(5.0)  # > MODELPRESS_REAPER_TIMEOUT_S
+    assert jid in sweep()["requeued"]
+    rescuer = start_worker("rescuer-distill")
+    job = wait_for(jid, {"succeeded", "failed", "cancelled"}, worker=rescuer, timeout=300)
+    assert job.state == "succeeded", (job.error_code, job.error)
+    assert job.attempt == 2
+    resumed = [e.data["step"] for e in events(jid) if e.kind == "resume"]
+    assert resumed and resumed[0] >= killed_at > 0
