@@ -75,6 +75,9 @@ class JobCreate(Strict):
     max_ppl_increase: float | None = Field(
         None, gt=1.0, description="Quality gate: fail the job if perplexity after / before "
         "exceeds this ratio (e.g. 1.2).")
+    keep_intermediate: bool = Field(
+        False, description="Keep each stage's intermediate model (and its metrics) in the "
+        "downloadable archive, under stages/<i>-<method>/.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"model_id": "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "method": "magnitude",
@@ -129,6 +132,7 @@ class JobOut(BaseModel):
     calibration_dataset_id: str | None = None
     eval_dataset_id: str | None = None
     max_ppl_increase: float | None = None
+    keep_intermediate: bool = False
     queue: str
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: int

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer,
-                        String, Text, UniqueConstraint)
+                        String, Text, UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .states import JobState
@@ -85,6 +85,9 @@ class Job(Base):
     eval_dataset_id: Mapped[str | None] = mapped_column(
         ForeignKey("datasets.id", ondelete="RESTRICT"), nullable=True)
     max_ppl_increase: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: keep each stage's intermediate model in the artifact (under stages/<i>-<method>/)
+    keep_intermediate: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                    server_default=false())
     queue: Mapped[str] = mapped_column(String(20), default="cpu")
     state: Mapped[str] = mapped_column(String(20), default=JobState.queued.value)
     progress: Mapped[int] = mapped_column(Integer, default=0)

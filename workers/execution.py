@@ -107,6 +107,7 @@ class Claim:
     eval_dataset_id: str | None
     max_ppl_increase: float | None
     attempt: int
+    keep_intermediate: bool = False
 
 
 def claim_job(job_id: str, worker: str) -> Claim | str:
@@ -128,7 +129,7 @@ def claim_job(job_id: str, worker: str) -> Claim | str:
         job.worker = worker
         return Claim(job.id, worker, job.owner, job.model_id, list(job.recipe or []),
                      job.calibration_dataset_id, job.eval_dataset_id, job.max_ppl_increase,
-                     job.attempt)
+                     job.attempt, bool(job.keep_intermediate))
 
 
 # --------------------------------------------------------------------------- heartbeat & hooks
@@ -591,7 +592,7 @@ def execute_job(job_id: str, *, worker_name: str | None = None,
         outcome = run_pipeline(source, claim.recipe, out_dir, revision=revision,
                                calibration_text=calibration_text, eval_text=eval_text,
                                max_ppl_increase=claim.max_ppl_increase, hooks=hooks,
-                               device=device)
+                               device=device, keep_intermediate=claim.keep_intermediate)
         channel.flush_progress()
         if channel.should_stop():
             raise Cancelled("job cancelled")

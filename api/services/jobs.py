@@ -145,6 +145,7 @@ def create_job(session: Session, settings: Settings, owner: str, body: JobCreate
               params=body.params if body.method is not None else None, recipe=stages,
               calibration_dataset_id=body.calibration_dataset_id,
               eval_dataset_id=body.eval_dataset_id, max_ppl_increase=body.max_ppl_increase,
+              keep_intermediate=body.keep_intermediate,
               queue=choose_queue(stages, settings), state=JobState.queued.value, progress=0,
               attempt=0, cancel_requested=False, created_at=now, updated_at=now)
     session.add(job)
@@ -324,6 +325,7 @@ def _out(j: Any, metrics: list[MetricOut], artifact: ArtifactOut | None,
         id=get("id"), model_id=get("model_id"), method=get("method"), params=get("params"),
         recipe=get("recipe"), calibration_dataset_id=get("calibration_dataset_id"),
         eval_dataset_id=get("eval_dataset_id"), max_ppl_increase=get("max_ppl_increase"),
+        keep_intermediate=bool(get("keep_intermediate")),
         queue=get("queue"), state=get("state"), progress=get("progress"), stage=get("stage"),
         attempt=get("attempt"), cancel_requested=get("cancel_requested"), error=error,
         metrics=metrics, artifact=artifact, has_report=has_report,

@@ -70,11 +70,14 @@ def test_dispatch_failure_leaves_job_queued(client, alice, model_id, monkeypatch
 def test_submit_recipe(client, alice, model_id, published):
     recipe = [{"method": "magnitude", "params": {"sparsity": 0.3}},
               {"method": "magnitude", "params": {"pattern": "2:4"}}]
-    r = submit(client, alice[1], model_id=model_id, recipe=recipe, max_ppl_increase=1.5)
+    r = submit(client, alice[1], model_id=model_id, recipe=recipe, max_ppl_increase=1.5,
+               keep_intermediate=True)
     assert r.status_code == 201, r.text
     j = r.json()
     assert j["method"] is None and j["params"] is None and j["recipe"] == recipe
-    assert j["max_ppl_increase"] == 1.5
+    assert j["max_ppl_increase"] == 1.5 and j["keep_intermediate"] is True
+    got = client.get(f"/v1/jobs/{j['id']}", headers=alice[1]).json()
+    assert got["keep_intermediate"] is True
 
 
 def _terminal_method(monkeypatch):

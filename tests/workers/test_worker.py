@@ -92,6 +92,30 @@ def test_magnitude_job_succeeds_with_verified_artifact(worker, tiny_model_id, tm
     assert states == ["running", "succeeded"]
 
 
+def test_recipe_keep_intermediate_archives_each_stage(worker, tiny_model_id, tmp_path):
+    """A two-stage recipe with keep_intermediate: the archive holds the final model and the
+    intermediate model of every stage before the last, with each stage's metrics."""
+    from modelpress.domain.store import make_store
+
+    recipe = [{"method": "magnitude", "params": {"sparsity": 0.3}},
+              {"method": "magnitude", "params": {"pattern": "2:4"}}]
+    jid = submit(OWNER, tiny_model_id, recipe, keep_intermediate=True)
+    job = wait_for(jid, {"succeeded", "failed", "cancelled"}, worker=worker)
+    assert job.state == "succeeded", (job.error_code, job.error)
+    local = tmp_path / "model.tar.gz"
+    make_store().get_file(_artifact(jid).store_key, local)
+    with tarfile.open(local) as tf:
+        names = set(tf.getnames())
+    assert f"{jid}/config.json" in names
+    assert f"{jid}/stages/0-magnitude/config.json" in names
+    # the last stage's model is the artifact itself, not stored twice
+    assert not any(n.startswith(f"{jid}/stages/1-") for n in names)
+    metrics = _metrics(jid)
+    assert metrics[("0:magnitude", "sparsity")] == pytest.approx(0.3, abs=0.01)
+    # 2:4 on top of 30%: every group of 4 keeps at most 2, so at least half is zero
+    assert 0.5 <= metrics[("after", "sparsity")] < 0.6
+
+
 def test_corrupt_model_fails_with_reason_and_no_artifact(worker, use_stack, tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00garbage" * 1000)
