@@ -122,6 +122,13 @@ def start_worker(stack_env, tmp_path_factory) -> Iterator[Callable[..., Worker]]
         workers.append(w)
         return w.wait_ready()
 
+    def kill_all() -> None:
+        """Kill every worker this module started, so the next one started is the only consumer
+        of the queue (a test that kills "the" worker must know which one took the job)."""
+        for w in workers:
+            w.kill(signal.SIGKILL)
+
+    start.kill_all = kill_all  # type: ignore[attr-defined]
     yield start
     for w in workers:
         w.kill(signal.SIGKILL)

@@ -276,7 +276,7 @@ def test_quality_gate_miss_keeps_metrics_and_report_but_no_artifact(worker, tiny
 def test_soft_time_limit_fails_the_job_with_timeout(use_stack, start_worker, tiny_model_id,
                                                     worker):
     """Celery's soft time limit (prefork pool) interrupts the job: failed, error_code timeout."""
-    worker.kill()
+    start_worker.kill_all()
     timed = start_worker("timed", pool="prefork",
                          extra_env={"MODELPRESS_TASK_SOFT_TIME_LIMIT_S": "2",
                                     "MODELPRESS_TASK_TIME_LIMIT_S": "120"})
@@ -294,10 +294,11 @@ def test_killed_worker_job_is_reaped_requeued_and_succeeds(use_stack, start_work
     2) and re-publishes it, and another worker finishes it on attempt 2."""
     from modelpress.workers.sweeper import sweep
 
-    worker.kill()  # the module's worker must not take the job
+    start_worker.kill_all()  # no other worker may take the job
     doomed = start_worker("doomed")
     jid = submit(OWNER, tiny_model_id, MAGNITUDE)
     wait_for(jid, {"running"}, worker=doomed, timeout=60)
+    assert job_row(jid).worker.startswith("doomed-")
     time.sleep(0.5)
     doomed.kill()
     assert job_row(jid).state == "running"
@@ -310,6 +311,7 @@ def test_killed_worker_job_is_reaped_requeued_and_succeeds(use_stack, start_work
     job = wait_for(jid, {"succeeded", "failed", "cancelled"}, worker=rescuer, timeout=300)
     assert job.state == "succeeded", (job.error_code, job.error)
     assert job.attempt == 2 and job.worker.startswith("rescuer-")
+    rescuer.kill()
     kinds = [e.kind for e in events(jid)]
     assert "worker_lost" in kinds
     states = [e.data["to"] for e in events(jid) if e.kind == "state"]
@@ -327,7 +329,7 @@ def test_killed_worker_distill_resumes_from_checkpoint(use_stack, start_worker, 
     recipe = [{"method": "distill", "params": {
         "steps": 400, "checkpoint_every": 5, "log_every": 5, "batch_size": 1, "seq_len": 32,
         "warmup_steps": 0, "max_minutes": 5, "autocast": "none"}}]
-    worker.kill()
+    start_worker.kill_all()  # no other worker may take the job
     doomed = start_worker("doomed-distill")
     jid = submit(OWNER, tiny_model_id, recipe)
     deadline = time.monotonic() + 180
@@ -336,6 +338,7 @@ def test_killed_worker_distill_resumes_from_checkpoint(use_stack, start_worker, 
         saved = [e.data["step"] for e in events(jid) if e.kind == "checkpoint"]
         time.sleep(0.05)
     assert saved, "no checkpoint was written"
+    assert job_row(jid).worker.startswith("doomed-distill-")
     doomed.kill()
     killed_at = max(e.data["step"] for e in events(jid) if e.kind == "checkpoint")
     assert job_row(jid).state == "running"
