@@ -17,6 +17,7 @@ in-memory model computes exactly what the reloaded artifact computes. The saver 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Literal
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .qtensor import QuantizedWeight
+from .qtensor import QuantizedWeight, dequantize_grouped, quantize_grouped
 
 QUANT_ATTR = "_modelpress_qweight"
 
@@ -34,12 +35,34 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def attach(module: nn.Linear, qw: QuantizedWeight) -> None:
-    """Record ``qw`` on ``module`` and make its float weight the dequantised values."""
+    """Record ``qw`` on ``module`` and make its float weight the dequantised values.
+
+    A float32 weight determines its integer codes exactly (``round(w / scale) + zero_point``
+    recovers them: ``|q - zp| <= 255`` is far inside float32's 24-bit mantissa), so for float32
+    weights the codes are not kept (a quarter of the weights' bytes saved for the whole run);
+    :func:`codes_of` derives and checks them when the artifact is written."""
     with torch.no_grad():
         # in place: no second float copy of the weights (a model loaded from safetensors is
         # memory-mapped; the written pages replace the mapped ones)
         module.weight.copy_(qw.dequantize(module.weight.dtype))
+    if module.weight.dtype == torch.float32:
+        qw = dataclasses.replace(qw, q=None)
     setattr(module, QUANT_ATTR, qw)
+
+
+def codes_of(module: nn.Module) -> torch.Tensor:
+    """The integer codes of a quantized module (kept, or derived from its float weight and
+    checked to reproduce that weight exactly)."""
+    qw: QuantizedWeight = getattr(module, QUANT_ATTR)
+    if qw.q is not None:
+        return qw.q
+    w = module.weight.detach()
+    q = quantize_grouped(w, qw.scale.to(w.device), qw.zero_point.to(w.device), qw.bits)
+    back = dequantize_grouped(q, qw.scale.to(w.device), qw.zero_point.to(w.device), w.dtype)
+    if not torch.equal(back, w):
+        raise RuntimeError("a quantized weight was modified after quantization; its integer "
+                           "codes cannot be recovered")
+    return q
 
 
 def float_dtype(module: nn.Module) -> torch.dtype:
@@ -118,13 +141,15 @@ def compressed_state_dict(model: nn.Module, fmt: str, dense_dtype: DenseDtype = 
         sdt = float_dtype(m)  # scales in the model's float dtype: bit-exact reload
         out[f"{name}.weight_scale"] = qw.scale.to("cpu", sdt).contiguous()
         if fmt == "pack-quantized":
-            out[f"{name}.weight_packed"] = pack_to_int32(qw.q.cpu(), qw.bits).contiguous()
-            out[f"{name}.weight_shape"] = torch.tensor(list(qw.q.shape), dtype=torch.int64)
+            q = codes_of(m)
+            out[f"{name}.weight_packed"] = pack_to_int32(q.cpu(), qw.bits).contiguous()
+            out[f"{name}.weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
+            del q
             if not qw.symmetric:
                 out[f"{name}.weight_zero_point"] = pack_to_int32(
                     qw.zero_point.to(torch.int8).cpu(), qw.bits, packed_dim=0).contiguous()
         else:
-            out[f"{name}.weight"] = qw.q.cpu().contiguous()
+            out[f"{name}.weight"] = codes_of(m).cpu().contiguous()
             if not qw.symmetric:
                 out[f"{name}.weight_zero_point"] = qw.zero_point.to("cpu", torch.int8).contiguous()
     return out

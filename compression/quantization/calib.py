@@ -95,6 +95,16 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     return outs
 
 
+@torch.no_grad()
+def advance(layer: nn.Module, inputs: LayerInputs) -> None:
+    """Replace ``inputs.hidden`` by ``layer``'s outputs, one mini-batch at a time (never two
+    full copies of the calibration activations alive)."""
+    for i, kw in enumerate(inputs.kwargs):
+        o = layer(inputs.hidden[i], **kw)
+        inputs.hidden[i] = o[0] if isinstance(o, tuple) else o
+        del o
+
+
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
@@ -163,14 +173,11 @@ def input_stats(layer: nn.Module, inputs: LayerInputs, groups: list[list[str]],
             raise _Stop
 
     with observe_inputs({g[0]: lins[g[0]] for g in groups}, acc):
-        if stop_early:
-            for hs, kw in zip(inputs.hidden, inputs.kwargs):
-                try:
-                    layer(hs, **kw)
-                except _Stop:
-                    pass
-        else:
-            run_layer(layer, inputs)
+        for hs, kw in zip(inputs.hidden, inputs.kwargs):
+            try:
+                layer(hs, **kw)  # outputs dropped batch by batch: only the hooks matter here
+            except _Stop:
+                pass
     out: dict[str, InputStats] = {}
     for g in groups:
         st = InputStats(H[g[0]], A[g[0]])

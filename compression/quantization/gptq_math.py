@@ -8,13 +8,21 @@ import math
 
 import torch
 
-from .qtensor import QuantizedWeight, check_group, effective_group, qrange, search_qparams
+from .qtensor import (
+    QuantizedWeight,
+    check_group,
+    effective_group,
+    qrange,
+    refit_scales,
+    search_qparams,
+)
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None,
                   symmetric: bool, act_order: bool = False, dampening: float = 0.01,
-                  mse: bool = False, block_size: int = 128) -> QuantizedWeight:
+                  mse: bool = False, block_size: int = 128, refit: bool = True
+                  ) -> QuantizedWeight:
     """Returns the integer weights, scales and zero points of ``W`` ([out, in]).
 
     Groups are always consecutive runs of ``group_size`` *original* columns (what the artifact
@@ -22,6 +30,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     reached, from the error-updated weights; with ``act_order`` (columns processed by decreasing
     Hessian diagonal) all scales are fixed up front from the original weights ("static
     groups"). ``mse`` searches each group's clipping range (min squared error) instead of min/max.
+    With ``refit`` the scales are finally re-solved by least squares for the chosen integers
+    (:func:`refit_scales`; never increases the layer's output error).
     """
     out, n = W.shape
     check_group(group_size, n)
@@ -32,6 +42,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    W0, H0 = (W.clone(), H.clone()) if refit else (None, None)
 
     static = act_order or g == n
     scale = torch.ones(out, n // g, device=W.device)
@@ -83,4 +94,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return QuantizedWeight(Q, scale, zp, bits, group_size, symmetric)
+    qw = QuantizedWeight(Q, scale, zp, bits, group_size, symmetric)
+    if refit:
+        qw = refit_scales(W0, qw, H0)[0]
+    return qw

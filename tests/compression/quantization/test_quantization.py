@@ -14,7 +14,7 @@ from safetensors import safe_open
 from modelpress.compression.base import CompressionError, Context
 from modelpress.compression.evaluation import prunable_linears
 from modelpress.compression.quantization import awq, gptq, int8, int8_dynamic, rtn
-from modelpress.compression.quantization.artifact import QUANT_ATTR
+from modelpress.compression.quantization.artifact import QUANT_ATTR, codes_of
 from modelpress.compression.quantization.qtensor import (
     dequantize_grouped,
     qrange,
@@ -127,6 +127,62 @@ def test_gptq_math_beats_rtn_on_output_error():
     assert err(g_ao) < 0.7 * err(rtn_w)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_refit_scales_is_the_least_squares_optimum(sym):
+    """Refitting the group scales for fixed codes lowers the true output error ||X (W - Wq)^T||^2,
+    reports it exactly, keeps the codes, and is a fixed point (refitting again changes nothing)."""
+    from modelpress.compression.quantization.qtensor import refit_scales
+
+    torch.manual_seed(0)
+    X = (torch.randn(2048, 128) @ torch.randn(128, 128)) * torch.rand(128)
+    W = torch.randn(48, 128) * 0.05
+    H = X.t() @ X
+    qw = quantize_weight(W, 4, 32, sym, mse=False)
+    new, before, after = refit_scales(W, qw, H)
+    err = lambda q: (X @ (W - q.dequantize()).t()).pow(2).sum(0)  # noqa: E731  (per row)
+    assert torch.equal(new.q, qw.q) and torch.equal(new.zero_point, qw.zero_point)
+    assert torch.all(new.scale > 0)
+    assert torch.allclose(before, err(qw), rtol=1e-3) and torch.allclose(after, err(new), rtol=1e-3)
+    assert torch.all(err(new) <= err(qw) * (1 + 1e-5))
+    assert err(new).sum() < 0.97 * err(qw).sum()
+    # perturbing any scale of the optimum only makes the error worse
+    for _ in range(5):
+        bumped = type(new)(new.q, new.scale * (1 + 0.01 * torch.randn_like(new.scale)),
+                           new.zero_point, 4, 32, sym)
+        assert err(bumped).sum() > err(new).sum()
+    again = refit_scales(W, new, H)[0]
+    assert torch.allclose(again.scale, new.scale, rtol=1e-3)
+
+
+def test_refit_scales_keeps_rows_it_cannot_improve():
+    """A group whose codes are all zero has no scale to fit: it keeps its scale."""
+    from modelpress.compression.quantization.qtensor import refit_scales
+
+    torch.manual_seed(1)
+    X = torch.randn(256, 64)
+    W = torch.randn(4, 64)
+    W[0, :32] = 0  # all-zero group
+    qw = quantize_weight(W, 4, 32, True, mse=False)
+    new, _, after = refit_scales(W, qw, X.t() @ X)
+    assert torch.isfinite(new.scale).all() and torch.all(new.scale > 0)
+    assert new.scale[0, 0] == qw.scale[0, 0]
+
+
+def test_gptq_refit_lowers_output_error():
+    from modelpress.compression.quantization.gptq_math import gptq_quantize
+
+    torch.manual_seed(0)
+    X = torch.randn(2048, 64) @ torch.randn(64, 64)
+    W = torch.randn(32, 64)
+    H = 2 * X.t() @ X / X.shape[0]
+    err = lambda q: (X @ (W - q.dequantize()).t()).pow(2).sum().item()  # noqa: E731
+    for act_order in (False, True):
+        plain = gptq_quantize(W, H, 4, 32, True, act_order=act_order, refit=False)
+        refit = gptq_quantize(W, H, 4, 32, True, act_order=act_order)
+        assert torch.equal(plain.q, refit.q)
+        assert err(refit) < err(plain)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_rows_independent_so_stacking_is_exact(act_order):
     from modelpress.compression.quantization.gptq_math import gptq_quantize
@@ -211,12 +267,14 @@ def test_weight_only_methods_pack_and_reload(name, params, bits, llama, tiny_tok
     assert len(lins) == N_LAYERS * 7
     for lin in lins.values():
         qw = getattr(lin, QUANT_ATTR)
+        q = codes_of(lin)  # float32 weights: derived from the weight, not kept
+        assert qw.q is None and lin.weight.dtype == torch.float32
         lo, hi = qrange(bits)
-        assert qw.q.shape == lin.weight.shape and qw.q.dtype == torch.int8
-        assert lo <= int(qw.q.min()) and int(qw.q.max()) <= hi
+        assert q.shape == lin.weight.shape and q.dtype == torch.int8
+        assert lo <= int(q.min()) and int(q.max()) <= hi
         # the float weight is exactly the dequantised integers (what the artifact reloads to)
-        assert torch.equal(lin.weight.data, qw.dequantize(lin.weight.dtype))
-        assert len(torch.unique(qw.q)) <= 2**bits
+        assert torch.equal(lin.weight.data, dequantize_grouped(q, qw.scale, qw.zero_point))
+        assert len(torch.unique(q)) <= 2**bits
     mem = _logits(res.model, IDS)
     if bits >= 3:  # still the same model, roughly (2 bits on random weights is noise)
         assert (mem - dense).abs().mean() < 0.5 * dense.abs().mean()
