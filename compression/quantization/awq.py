@@ -15,6 +15,10 @@ from .layerwise import WeightCalibConfig, quantize_layerwise
 
 class AWQConfig(WeightCalibConfig):
     grid: int = Field(20, ge=2, le=100, description="Grid points for the scale exponent search.")
+    refit_rounds: int = Field(
+        3, ge=1, le=20, description="With refit_scales: alternations of re-rounding the weights on "
+        "the refitted scales and refitting the scales (a row keeps a round only if its output "
+        "error falls).")
 
 
 def apply(model: nn.Module, cfg: AWQConfig, ctx: Context) -> CompressionResult:

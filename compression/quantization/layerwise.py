@@ -30,8 +30,8 @@ from .qtensor import (
     QuantizedWeight,
     dequantize_grouped,
     quantize_grouped,
+    alternate_refit,
     quantize_weight,
-    refit_scales,
     search_qparams,
 )
 
@@ -177,7 +177,7 @@ def _quantize_one(lin: nn.Linear, st: InputStats, cfg: WeightCalibConfig, algori
         qw = quantize_weight(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric,
                              mse=cfg.mse_clip, col_weight=torch.diag(st.H))
         if cfg.refit_scales:
-            qw = refit_scales(lin.weight, qw, st.H)[0]
+            qw = alternate_refit(lin.weight, qw, st.H, rounds=getattr(cfg, "refit_rounds", 1))
     attach(lin, qw)
     return 1
 

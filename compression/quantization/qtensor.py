@@ -186,3 +186,24 @@ def refit_scales(W: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor,
     const = (Wf * HW).sum(-1)
     refitted = QuantizedWeight(qw.q, scale, qw.zero_point, qw.bits, qw.group_size, qw.symmetric)
     return refitted, e_old + const, torch.minimum(e_new, e_old) + const
+
+
+@torch.no_grad()
+def alternate_refit(W: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor, rounds: int = 3
+                    ) -> QuantizedWeight:
+    """Round-to-nearest codes and least-squares scales, alternately: re-round ``W`` on the
+    refitted scales, refit the scales for the new codes, and keep a row's new codes and scales
+    only where its output error (under ``H``) went down. ``rounds`` alternations at most."""
+    best, _, best_err = refit_scales(W, qw, H)
+    for _ in range(rounds - 1):
+        q = quantize_grouped(W, best.scale, best.zero_point, best.bits)
+        cand, _, err = refit_scales(W, QuantizedWeight(q, best.scale, best.zero_point, best.bits,
+                                                       best.group_size, best.symmetric), H)
+        better = err < best_err
+        if not better.any():
+            break
+        best = QuantizedWeight(torch.where(better.unsqueeze(1), cand.q, best.q),
+                               torch.where(better.unsqueeze(1), cand.scale, best.scale),
+                               best.zero_point, best.bits, best.group_size, best.symmetric)
+        best_err = torch.where(better, err, best_err)
+    return best

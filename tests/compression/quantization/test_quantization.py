@@ -168,6 +168,24 @@ def test_refit_scales_keeps_rows_it_cannot_improve():
     assert new.scale[0, 0] == qw.scale[0, 0]
 
 
+def test_alternate_refit_never_worse_than_one_refit():
+    from modelpress.compression.quantization.qtensor import alternate_refit, refit_scales
+
+    torch.manual_seed(2)
+    X = (torch.randn(2048, 128) @ torch.randn(128, 128)) * torch.rand(128)
+    W = torch.randn(64, 128) * 0.05
+    H = X.t() @ X
+    err = lambda q: (X @ (W - q.dequantize()).t()).pow(2).sum(0)  # noqa: E731  (per row)
+    for sym in (True, False):
+        qw = quantize_weight(W, 4, 32, sym, mse=False)
+        once = refit_scales(W, qw, H)[0]
+        alt = alternate_refit(W, qw, H, rounds=4)
+        assert torch.all(err(alt) <= err(once) * (1 + 1e-4))
+        assert err(alt).sum() < 0.98 * err(once).sum()
+        lo, hi = qrange(4)
+        assert lo <= int(alt.q.min()) and int(alt.q.max()) <= hi
+
+
 def test_gptq_refit_lowers_output_error():
     from modelpress.compression.quantization.gptq_math import gptq_quantize
 
