@@ -120,7 +120,8 @@ def llmc_row(kind: str) -> Callable[[str], dict]:
         ids = token_chunks(lm.tokenizer, default_calibration_text(), NUM_SAMPLES, SEQ_LEN)
         ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
         mod = (WandaPruningModifier if kind == "wanda" else SparseGPTModifier)(
-            sparsity=SPARSITY, mask_structure="0:0", targets=["Linear"], ignore=["lm_head"])
+            sparsity=SPARSITY, mask_structure="0:0", targets=["Linear"],
+            ignore=["re:.*lm_head"])  # the documented form; a bare "lm_head" does not match here
         t = time.perf_counter()
         model = oneshot(model=lm.model, tokenizer=lm.tokenizer, dataset=ds, recipe=mod,
                         num_calibration_samples=NUM_SAMPLES, max_seq_length=SEQ_LEN,

@@ -44,6 +44,7 @@ ROWS = {
     "awq_sym": ("awq", {"bits": 4, "group_size": 64, "symmetric": True}),
     "awq_asym": ("awq", {"bits": 4, "group_size": 64, "symmetric": False}),
     "rtn_w4g64_sym": ("rtn", {"bits": 4, "group_size": 64, "symmetric": True}),
+    "gptq_sym_2pass": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True, "gptq_passes": 2}),
     "gptq_sym_b8": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True, "batch_size": 8}),
     "gptq_sym_norefit": ("gptq", {"bits": 4, "group_size": 64, "symmetric": True,
                                   "refit_scales": False}),

@@ -21,8 +21,8 @@ from .qtensor import (
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None,
                   symmetric: bool, act_order: bool = False, dampening: float = 0.01,
-                  mse: bool = False, block_size: int = 128, refit: bool = True
-                  ) -> QuantizedWeight:
+                  mse: bool = False, block_size: int = 128, refit: bool = True,
+                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
     """Returns the integer weights, scales and zero points of ``W`` ([out, in]).
 
     Groups are always consecutive runs of ``group_size`` *original* columns (what the artifact
@@ -31,7 +31,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     Hessian diagonal) all scales are fixed up front from the original weights ("static
     groups"). ``mse`` searches each group's clipping range (min squared error) instead of min/max.
     With ``refit`` the scales are finally re-solved by least squares for the chosen integers
-    (:func:`refit_scales`; never increases the layer's output error).
+    (:func:`refit_scales`; never increases the layer's output error). ``qparams`` (scale, zero
+    point) fixes the groups' grids up front instead of choosing them (a second pass on the
+    refitted grids of a first).
     """
     out, n = W.shape
     check_group(group_size, n)
@@ -44,10 +46,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     W[:, dead] = 0
     W0, H0 = (W.clone(), H.clone()) if refit else (None, None)
 
-    static = act_order or g == n
+    static = act_order or g == n or qparams is not None
     scale = torch.ones(out, n // g, device=W.device)
     zp = torch.zeros(out, n // g, device=W.device)
-    if static:
+    if qparams is not None:
+        scale, zp = (t.to(W.device).float().clone() for t in qparams)
+    elif static:
         scale, zp = search_qparams(W, bits, group_size, symmetric, mse=mse, norm=2.4, grid=25,
                                    max_shrink=0.5)
 

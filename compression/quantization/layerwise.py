@@ -47,6 +47,9 @@ class WeightCalibConfig(GroupFieldsMixin, CalibrationConfig):
         True, description="After rounding, re-solve each row's group scales by least squares "
         "for the chosen integers against the calibration Hessian (lower output error, same "
         "format).")
+    gptq_passes: int = Field(
+        1, ge=1, le=4, description="gptq only: run GPTQ again on the grids (refitted scales) the "
+        "previous pass chose; a row keeps the pass with the lowest output error.")
     batch_size: int = Field(
         2, ge=1, le=256, description="Calibration sequences per forward pass (small batches keep "
         "the transient activation memory low at the same speed on CPU).")
@@ -170,9 +173,7 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
 def _quantize_one(lin: nn.Linear, st: InputStats, cfg: WeightCalibConfig, algorithm: str,
                   act_order: bool, dampening: float) -> int:
     if algorithm == "gptq":
-        qw = gptq_quantize(lin.weight, st.H, cfg.bits, cfg.group_size, cfg.symmetric,
-                           act_order=act_order, dampening=dampening, mse=cfg.mse_clip,
-                           refit=cfg.refit_scales)
+        qw = _gptq_passes(lin.weight, st.H, cfg, act_order, dampening)
     else:
         qw = quantize_weight(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric,
                              mse=cfg.mse_clip, col_weight=torch.diag(st.H))
@@ -183,11 +184,36 @@ def _quantize_one(lin: nn.Linear, st: InputStats, cfg: WeightCalibConfig, algori
 
 
 
+def _gptq_passes(W: torch.Tensor, H: torch.Tensor, cfg: WeightCalibConfig, act_order: bool,
+                 dampening: float) -> QuantizedWeight:
+    best = gptq_quantize(W, H, cfg.bits, cfg.group_size, cfg.symmetric, act_order=act_order,
+                         dampening=dampening, mse=cfg.mse_clip, refit=cfg.refit_scales)
+    if cfg.gptq_passes == 1:
+        return best
+    Wf, Hf = W.detach().float(), H.float()
+
+    def row_err(qw: QuantizedWeight) -> torch.Tensor:
+        D = Wf - qw.dequantize()
+        return ((D @ Hf) * D).sum(1)
+
+    best_err = row_err(best)
+    for _ in range(cfg.gptq_passes - 1):
+        cand = gptq_quantize(W, H, cfg.bits, cfg.group_size, cfg.symmetric, act_order=act_order,
+                             dampening=dampening, refit=cfg.refit_scales,
+                             qparams=(best.scale, best.zero_point))
+        err = row_err(cand)
+        better = (err < best_err).unsqueeze(1)
+        best = QuantizedWeight(torch.where(better, cand.q, best.q),
+                               torch.where(better, cand.scale, best.scale),
+                               best.zero_point, best.bits, best.group_size, best.symmetric)
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
 def _gptq_stacked(lins: list[nn.Linear], st: InputStats, cfg: WeightCalibConfig,
                   act_order: bool, dampening: float) -> int:
     W = torch.cat([lin.weight for lin in lins], 0)
-    qw = gptq_quantize(W, st.H, cfg.bits, cfg.group_size, cfg.symmetric, act_order=act_order,
-                       dampening=dampening, mse=cfg.mse_clip, refit=cfg.refit_scales)
+    qw = _gptq_passes(W, st.H, cfg, act_order, dampening)
     off = 0
     for lin in lins:
         k = lin.out_features

@@ -186,6 +186,20 @@ def test_alternate_refit_never_worse_than_one_refit():
         assert lo <= int(alt.q.min()) and int(alt.q.max()) <= hi
 
 
+def test_gptq_second_pass_on_refitted_grids_never_worse():
+    from modelpress.compression.quantization.layerwise import WeightCalibConfig, _gptq_passes
+
+    torch.manual_seed(0)
+    X = (torch.randn(4096, 128) @ (torch.randn(128, 128) * 0.2 + torch.eye(128))) * torch.rand(128)
+    W = torch.randn(64, 128) * 0.05
+    H = 2 * X.t() @ X / X.shape[0]
+    err = lambda q: (X @ (W - q.dequantize()).t()).pow(2).sum(0)  # noqa: E731  (per row)
+    one = _gptq_passes(W, H, WeightCalibConfig(bits=4, group_size=32), False, 0.01)
+    two = _gptq_passes(W, H, WeightCalibConfig(bits=4, group_size=32, gptq_passes=2), False, 0.01)
+    assert torch.all(err(two) <= err(one) * (1 + 1e-4))
+    assert err(two).sum() < 0.99 * err(one).sum()
+
+
 def test_gptq_refit_lowers_output_error():
     from modelpress.compression.quantization.gptq_math import gptq_quantize
 
