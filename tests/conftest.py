@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,32 +140,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> str:
-    """A fresh PostgreSQL database for this test session, migrated to head, dropped at the end."""
+@contextlib.contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database (URL), dropped afterwards with its connections."""
     import uuid
 
     from sqlalchemy import create_engine, text
 
-    from modelpress.migrations.runner import upgrade
-
-    name = f"mp_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as c:
             c.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as e:  # noqa: BLE001
+        admin.dispose()
         pytest.fail(f"PostgreSQL is required at {PG_ADMIN_URL}: {e}")
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    upgrade(url)
-    yield url
-    from modelpress.domain.db import engine_for
+    try:
+        yield url
+    finally:
+        from modelpress.domain.db import engine_for
 
-    engine_for(url).dispose()
-    with admin.connect() as c:
-        c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+        engine_for(url).dispose()
+        with admin.connect() as c:
+            c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           f"WHERE datname = '{name}'"))
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def scratch_db():
+    """``with scratch_db("prefix") as url:`` a throwaway PostgreSQL database."""
+    return scratch_database
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated to head, dropped at the end."""
+    from modelpress.migrations.runner import upgrade
+
+    with scratch_database("mp_test") as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture(scope="session")

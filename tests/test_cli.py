@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 
 from sqlalchemy import create_engine, inspect, select, text
 
@@ -56,14 +55,8 @@ def test_migrate_embedded_sqlite_then_keys(tmp_path):
     eng.dispose()
 
 
-def test_migrate_postgres(pg_url):
-    base = pg_url.rsplit("/", 1)[0]
-    name = f"mp_cli_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = f"{base}/{name}"
+def test_migrate_postgres(scratch_db):
+    with scratch_db("mp_cli") as url:
         r = run(["migrate"], {"MODELPRESS_DATABASE_URL": url})
         assert r.returncode == 0, r.stderr
         eng = create_engine(url)
@@ -75,12 +68,6 @@ def test_migrate_postgres(pg_url):
                 ApiKey.key_hash == hash_key(r.stdout.strip()))).scalar()
         assert owner == "dave"
         eng.dispose()
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           f"WHERE datname = '{name}'"))
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def test_keys_create_requires_owner(tmp_path):

@@ -10,24 +10,14 @@ import secrets
 import uuid
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from .conftest import Client, clean_env, free_port, metric, python, untar
 
 
 @pytest.fixture
-def own_pg(pg_url):
-    base = pg_url.rsplit("/", 1)[0]
-    name = f"mp_e2e_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    yield f"{base}/{name}"
-    with admin.connect() as c:
-        c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                       f"WHERE datname = '{name}'"))
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+def own_pg(scratch_db):
+    with scratch_db("mp_e2e") as url:
+        yield url
 
 
 @pytest.mark.slow

@@ -24,30 +24,14 @@ FAST = {"MODELPRESS_HEARTBEAT_S": "0.5", "MODELPRESS_REAPER_TIMEOUT_S": "4",
 
 
 @pytest.fixture(scope="module")
-def own_pg(pg_url) -> Iterator[str]:
+def own_pg(scratch_db) -> Iterator[str]:
     """A PostgreSQL database of this module's own (migrated), so the sweep, which looks at every
     job in the database, never sees jobs other test modules left behind."""
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
-    from modelpress.domain.db import engine_for
     from modelpress.migrations.runner import upgrade
 
-    base = pg_url.rsplit("/", 1)[0]
-    name = f"mp_workers_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"{base}/{name}"
-    upgrade(url)
-    yield url
-    engine_for(url).dispose()
-    with admin.connect() as c:
-        c.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                       f"WHERE datname = '{name}'"))
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+    with scratch_db("mp_workers") as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture(scope="module")
