@@ -24,7 +24,7 @@ class AWQConfig(WeightCalibConfig):
 def apply(model: nn.Module, cfg: AWQConfig, ctx: Context) -> CompressionResult:
     target_linears(model, cfg.group_size)
     metrics = quantize_layerwise(model, cfg, ctx, algorithm="rtn", awq_scaling=True,
-                                 awq_grid=cfg.grid)
+                                 awq_grid=cfg.grid, refit_rounds=cfg.refit_rounds)
     return CompressionResult(model=model, metrics=metrics, packed=True,
                              format="compressed-tensors",
                              saver=make_saver("pack-quantized", dense_dtype=cfg.dense_dtype))

@@ -102,3 +102,32 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     if refit:
         qw = refit_scales(W0, qw, H0)[0]
     return qw
+
+
+@torch.no_grad()
+def gptq_quantize_passes(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None,
+                         symmetric: bool, passes: int = 1, **kw) -> QuantizedWeight:
+    """:func:`gptq_quantize`, then ``passes - 1`` more passes each run on the grids (refitted
+    scales, zero points) the best result so far chose; every output row keeps the pass with
+    the lowest output error ``(W - Wq) H (W - Wq)^T``. ``kw`` goes to :func:`gptq_quantize`."""
+    best = gptq_quantize(W, H, bits, group_size, symmetric, **kw)
+    if passes == 1:
+        return best
+    Wf, Hf = W.detach().float(), H.float()
+
+    def row_err(qw: QuantizedWeight) -> torch.Tensor:
+        D = Wf - qw.dequantize()
+        return ((D @ Hf) * D).sum(1)
+
+    best_err = row_err(best)
+    kw = {k: v for k, v in kw.items() if k != "mse"}
+    for _ in range(passes - 1):
+        cand = gptq_quantize(W, H, bits, group_size, symmetric,
+                             qparams=(best.scale, best.zero_point), **kw)
+        err = row_err(cand)
+        better = (err < best_err).unsqueeze(1)
+        best = QuantizedWeight(torch.where(better, cand.q, best.q),
+                               torch.where(better, cand.scale, best.scale),
+                               best.zero_point, bits, group_size, symmetric)
+        best_err = torch.minimum(err, best_err)
+    return best

@@ -25,12 +25,12 @@ from .calib import (
     shared_input_groups,
 )
 from .common import GroupFieldsMixin, dense_dtype_field, group_size_field
-from .gptq_math import gptq_quantize
+from .gptq_math import gptq_quantize_passes
 from .qtensor import (
     QuantizedWeight,
+    alternate_refit,
     dequantize_grouped,
     quantize_grouped,
-    alternate_refit,
     quantize_weight,
     search_qparams,
 )
@@ -118,7 +118,7 @@ def apply_awq_scaling(layer: nn.Module, stats: dict[str, InputStats], bits: int,
 def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *,
                        algorithm: str, awq_scaling: bool, act_order: bool = False,
                        dampening: float = 0.01, awq_grid: int = 20,
-                       true_sequential: bool = False) -> dict[str, float]:
+                       true_sequential: bool = False, refit_rounds: int = 1) -> dict[str, float]:
     """Quantize every decoder layer's Linears in turn (``algorithm``: "gptq" or "rtn" with a
     Hessian-diagonal-weighted clipping search), optionally after AWQ scaling. With
     ``true_sequential`` the Linears of a layer are quantized group by group (q/k/v, o, gate/up,
@@ -153,7 +153,7 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
                     continue
                 for name in group:
                     n_lin += _quantize_one(lins[name], stats[name], cfg, algorithm, act_order,
-                                           dampening)
+                                           dampening, refit_rounds)
             del stats
             advance(layer, inputs)
             ctx.progress((li + 1) / len(layers), f"quantized layer {li + 1}/{len(layers)}")
@@ -170,50 +170,30 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
             "compress_seconds": time.perf_counter() - t0}
 
 
+def _gptq(W: torch.Tensor, H: torch.Tensor, cfg: WeightCalibConfig, act_order: bool,
+          dampening: float) -> QuantizedWeight:
+    return gptq_quantize_passes(W, H, cfg.bits, cfg.group_size, cfg.symmetric,
+                                passes=cfg.gptq_passes, act_order=act_order, dampening=dampening,
+                                mse=cfg.mse_clip, refit=cfg.refit_scales)
+
+
 def _quantize_one(lin: nn.Linear, st: InputStats, cfg: WeightCalibConfig, algorithm: str,
-                  act_order: bool, dampening: float) -> int:
+                  act_order: bool, dampening: float, refit_rounds: int = 1) -> int:
     if algorithm == "gptq":
-        qw = _gptq_passes(lin.weight, st.H, cfg, act_order, dampening)
+        qw = _gptq(lin.weight, st.H, cfg, act_order, dampening)
     else:
         qw = quantize_weight(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric,
                              mse=cfg.mse_clip, col_weight=torch.diag(st.H))
         if cfg.refit_scales:
-            qw = alternate_refit(lin.weight, qw, st.H, rounds=getattr(cfg, "refit_rounds", 1))
+            qw = alternate_refit(lin.weight, qw, st.H, rounds=refit_rounds)
     attach(lin, qw)
     return 1
-
-
-
-def _gptq_passes(W: torch.Tensor, H: torch.Tensor, cfg: WeightCalibConfig, act_order: bool,
-                 dampening: float) -> QuantizedWeight:
-    best = gptq_quantize(W, H, cfg.bits, cfg.group_size, cfg.symmetric, act_order=act_order,
-                         dampening=dampening, mse=cfg.mse_clip, refit=cfg.refit_scales)
-    if cfg.gptq_passes == 1:
-        return best
-    Wf, Hf = W.detach().float(), H.float()
-
-    def row_err(qw: QuantizedWeight) -> torch.Tensor:
-        D = Wf - qw.dequantize()
-        return ((D @ Hf) * D).sum(1)
-
-    best_err = row_err(best)
-    for _ in range(cfg.gptq_passes - 1):
-        cand = gptq_quantize(W, H, cfg.bits, cfg.group_size, cfg.symmetric, act_order=act_order,
-                             dampening=dampening, refit=cfg.refit_scales,
-                             qparams=(best.scale, best.zero_point))
-        err = row_err(cand)
-        better = (err < best_err).unsqueeze(1)
-        best = QuantizedWeight(torch.where(better, cand.q, best.q),
-                               torch.where(better, cand.scale, best.scale),
-                               best.zero_point, best.bits, best.group_size, best.symmetric)
-        best_err = torch.minimum(err, best_err)
-    return best
 
 
 def _gptq_stacked(lins: list[nn.Linear], st: InputStats, cfg: WeightCalibConfig,
                   act_order: bool, dampening: float) -> int:
     W = torch.cat([lin.weight for lin in lins], 0)
-    qw = _gptq_passes(W, st.H, cfg, act_order, dampening)
+    qw = _gptq(W, st.H, cfg, act_order, dampening)
     off = 0
     for lin in lins:
         k = lin.out_features

@@ -187,15 +187,15 @@ def test_alternate_refit_never_worse_than_one_refit():
 
 
 def test_gptq_second_pass_on_refitted_grids_never_worse():
-    from modelpress.compression.quantization.layerwise import WeightCalibConfig, _gptq_passes
+    from modelpress.compression.quantization.gptq_math import gptq_quantize_passes
 
     torch.manual_seed(0)
     X = (torch.randn(4096, 128) @ (torch.randn(128, 128) * 0.2 + torch.eye(128))) * torch.rand(128)
     W = torch.randn(64, 128) * 0.05
     H = 2 * X.t() @ X / X.shape[0]
     err = lambda q: (X @ (W - q.dequantize()).t()).pow(2).sum(0)  # noqa: E731  (per row)
-    one = _gptq_passes(W, H, WeightCalibConfig(bits=4, group_size=32), False, 0.01)
-    two = _gptq_passes(W, H, WeightCalibConfig(bits=4, group_size=32, gptq_passes=2), False, 0.01)
+    one = gptq_quantize_passes(W, H, 4, 32, True, passes=1)
+    two = gptq_quantize_passes(W, H, 4, 32, True, passes=2)
     assert torch.all(err(two) <= err(one) * (1 + 1e-4))
     assert err(two).sum() < 0.99 * err(one).sum()
 
