@@ -38,6 +38,7 @@ from modelpress.compression.evaluation import (  # noqa: E402
     linear_sparsity, nonzero_count, param_count, perplexity, tokens_per_second,
 )
 from modelpress.compression.models import load_gguf, load_pretrained, save_model, weight_bytes  # noqa: E402
+from modelpress.compression.pruning.admm import ADMMConfig  # noqa: E402
 from modelpress.compression.pruning.magnitude import MagnitudeConfig  # noqa: E402
 from modelpress.compression.pruning.sparsegpt import SparseGPTConfig  # noqa: E402
 from modelpress.compression.pruning.wanda import WandaConfig  # noqa: E402
@@ -145,6 +146,9 @@ ROWS: dict[str, Callable[[str], dict]] = {
     "sparsegpt-seq-owl": method_row(SparseGPTConfig(**CAL, owl=True), "sequential + OWL (lambda .08, M 5)"),
     "wanda+obs-seq": method_row(SparseGPTConfig(**CAL, mask_selection="wanda"), "Wanda mask + OBS update"),
     "sparsegpt-2:4": method_row(SparseGPTConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, pattern="2:4")),
+    "admm": method_row(ADMMConfig(**CAL), "gradual mask + ADMM update (defaults: one pass per block)"),
+    "admm-seq": method_row(ADMMConfig(**CAL, sequential=True), "sequential groups"),
+    "admm-2:4": method_row(ADMMConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, pattern="2:4")),
     "llmc-wanda": llmc_row("wanda"),
     "llmc-sparsegpt": llmc_row("sparsegpt"),
 }

@@ -22,3 +22,27 @@ def choose_device(preference: str | None = None) -> torch.device:
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+_libc = None
+
+
+def return_freed_memory() -> None:
+    """Give memory that was freed back to the operating system (glibc's ``malloc_trim``).
+
+    Layer-by-layer methods free and reallocate activations and work tensors every layer; glibc
+    keeps those freed chunks in its heap, so the process's resident memory only grows (measured
+    on SmolLM2 GPTQ: peak RSS 1,258 -> 1,127 MB by trimming after every layer, at no measurable
+    time cost). A no-op where glibc is absent."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)

@@ -1,13 +1,14 @@
 """Pruning methods. ``METHODS`` is this family's part of the explicit registry."""
 
 from ..base import Method
-from . import lottery, magnitude, sparsegpt, wanda
+from . import admm, lottery, magnitude, sparsegpt, wanda
 from . import structured
 
 METHODS: list[Method] = [
     magnitude.METHOD,
     wanda.METHOD,
     sparsegpt.METHOD,
+    admm.METHOD,
     lottery.METHOD,
     *structured.METHODS,
 ]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..base import CompressionError, Context
+from ..device import return_freed_memory
 from ..data import default_calibration_text, self_generated_text, token_chunks
 
 #: model types whose blocks this module knows how to find and run
@@ -264,10 +265,12 @@ def prune_blockwise(model: nn.Module, tokens: torch.Tensor, ctx: Context, prune:
         if not sequential:
             groups = [[name for grp in groups for name in grp]]
         for names in groups:
-            stats = collect_stats(block, names, inputs, hessian, stop_early=sequential)
+            # the forward stops once the group's last Linear has its input (whole block or not)
+            stats = collect_stats(block, names, inputs, hessian, stop_early=True)
             prune(i, {k: lins[k] for k in names}, stats)
         inputs = run_block(block, inputs)
         block.to(home)
+        return_freed_memory()
         ctx.progress((i + 1) / n, f"{progress_label} {i + 1}/{n}")
     del inputs
 

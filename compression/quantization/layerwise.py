@@ -11,6 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from ..base import CalibrationConfig, Context
+from ..device import return_freed_memory
 from .artifact import DenseDtype, attach
 from .awq_math import search_scale
 from .calib import (
@@ -156,6 +157,7 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
                                            dampening, refit_rounds)
             del stats
             advance(layer, inputs)
+            return_freed_memory()
             ctx.progress((li + 1) / len(layers), f"quantized layer {li + 1}/{len(layers)}")
     finally:
         model.to(orig_device)
