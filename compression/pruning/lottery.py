@@ -236,7 +236,8 @@ def _validate(cfg: LotteryTicketConfig, model_config) -> None:
 
     if model_config is not None and model_kind(model_config) != CAUSAL:
         raise CompressionError("lottery_ticket trains with a causal language-model loss: it needs a "
-                               "causal LM (decoder), not an encoder")
+                               "causal LM (decoder), not an encoder (model type "
+                               f"{getattr(model_config, 'model_type', None)!r})")
     if not math.isfinite(cfg.target_sparsity):
         raise CompressionError("bad sparsity schedule")
 

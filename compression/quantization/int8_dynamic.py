@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from ..base import CalibrationConfig, CompressionResult, Context, Method
+from ..base import CalibrationConfig, CompressionResult, Context, Method, UnsupportedModelError
 from .artifact import QUANT_ATTR, DenseDtype, make_saver
 from .calib import (
     calibration_tokens,
@@ -244,6 +245,17 @@ def apply(model: nn.Module, cfg: Int8DynamicConfig, ctx: Context) -> Compression
     )
 
 
+def _validate(cfg: Int8DynamicConfig, model_config: Any) -> None:
+    from .gptq import LLAMA_LIKE
+
+    model_type = getattr(model_config, "model_type", None)
+    if cfg.smoothing_alpha is not None and model_config is not None and model_type not in LLAMA_LIKE:
+        raise UnsupportedModelError(
+            f"int8_dynamic's SmoothQuant smoothing runs on decoder layers of model types "
+            f"{sorted(LLAMA_LIKE)}, not {model_type!r}; pass smoothing_alpha: null to quantize "
+            "without smoothing")
+
+
 METHOD = Method(
     name="int8_dynamic",
     config=Int8DynamicConfig,
@@ -253,4 +265,5 @@ METHOD = Method(
     "artifact.",
     family="quantization",
     terminal=True,
+    validate=_validate,
 )

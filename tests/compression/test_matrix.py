@@ -1,0 +1,83 @@
+"""The method x model matrix: every registered method on every tiny model family, as a one-stage
+job through ``run_pipeline`` (load, measure, compress, save, reload with plain
+``from_pretrained``, measure the artifact). A method that does not support a family must be
+refused before any work (the check a submission runs), with the family named, and leave no
+output behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from modelpress.compression import CompressionError, methods, parse_params
+from modelpress.compression.data import default_eval_text
+from modelpress.compression.pipeline import run_pipeline
+
+CAL = {"num_samples": 4, "seq_len": 32}
+#: tiny-model parameters for every method; a new method must be added here (checked below)
+TINY = {
+    "magnitude": {"sparsity": 0.5},
+    "wanda": {"sparsity": 0.5, **CAL},
+    "sparsegpt": {"sparsity": 0.5, **CAL},
+    "admm": {"sparsity": 0.5, **CAL},
+    "lottery_ticket": {"rounds": 1, "prune_per_round": 0.3, "steps_per_round": 2, "batch_size": 2,
+                       "seq_len": 32, "max_minutes": 1, "eval_chunks": 1},
+    "heads": {"ratio": 0.5, **CAL},
+    "ffn": {"ratio": 0.25, **CAL},
+    "layers": {"count": 1, **CAL},
+    "int8": {},
+    "int8_dynamic": {**CAL},
+    "rtn": {"bits": 4, "group_size": 16},
+    "gptq": {"bits": 4, "group_size": 16, **CAL},
+    "awq": {"bits": 4, "group_size": 16, **CAL},
+    "distill": {"steps": 2, "batch_size": 2, "seq_len": 32, "max_minutes": 1},
+}
+FAMILIES = {"llama": "tiny_llama_dir", "bert": "tiny_bert_dir"}
+EVAL = default_eval_text()[:6000]
+
+
+def test_every_registered_method_is_in_the_matrix():
+    assert set(TINY) == set(methods())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_method_on_tiny_model(name, family, request, tmp_path):
+    src = request.getfixturevalue(FAMILIES[family])
+    method = methods()[name]
+    out = tmp_path / "out"
+    stage = [{"method": name, "params": TINY[name]}]
+    try:  # what submission checks: the method's architectures and its own validation
+        method.check_model(parse_params(name, TINY[name]), AutoConfig.from_pretrained(src))
+        refused = None
+    except CompressionError as e:
+        refused = e
+    if refused is not None:
+        assert family in str(refused)
+        with pytest.raises(type(refused), match=family):
+            run_pipeline(src, stage, out, eval_text=EVAL, device="cpu")
+        assert not out.exists() or not any(out.iterdir())
+        return
+    outcome = run_pipeline(src, stage, out, eval_text=EVAL, device="cpu")
+    before, after = outcome.report["before"], outcome.report["after"]
+    # the artifact loads with plain from_pretrained and runs
+    cfg = AutoConfig.from_pretrained(out)
+    model = (AutoModelForCausalLM if family == "llama" else AutoModel).from_pretrained(out).eval()
+    ids = torch.tensor([[5, 9, 17, 33, 60]])
+    with torch.no_grad():
+        y = model(input_ids=ids)
+    y = y.logits if family == "llama" else y.last_hidden_state
+    assert torch.isfinite(y).all()
+    # ...and the method did what its family promises, measured on that artifact
+    if method.family == "quantization":
+        assert after["bytes"] < 0.6 * before["bytes"], "quantized artifact is not smaller"
+    elif name in ("heads", "ffn", "layers"):
+        assert after["params"] < before["params"]
+        assert cfg.num_hidden_layers < 4 if (name == "layers" and family == "llama") else True
+    elif method.family == "pruning":
+        assert after["sparsity"] >= 0.25, f"sparsity {after['sparsity']}"
+    else:  # distillation: the weights were trained
+        assert after["bytes"] == before["bytes"]
+        assert outcome.report["stages"][0]["metrics"]
+    assert (family == "llama") == ("perplexity" in after)
