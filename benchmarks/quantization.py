@@ -207,6 +207,8 @@ def main() -> None:
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (already in "
                     "the --log file)")
     ap.add_argument("--log", type=Path, help="append every finished row to this JSONL file")
+    ap.add_argument("--row-timeout", type=float, default=3600, help="seconds before a row's "
+                    "process is killed and the row reported failed (default 3600)")
     ap.add_argument("--table", type=Path, help="only print the markdown table of a --log file "
                     "(the last row of each name wins)")
     a = ap.parse_args()
@@ -234,11 +236,16 @@ def main() -> None:
         p = ctx.Process(target=run_row, args=(n, a.quick, q, a.threads))
         p.start()
         r = None
+        deadline = time.monotonic() + a.row_timeout
         while r is None:  # read before join: a full queue pipe would block the child's exit
             try:
                 r = q.get(timeout=5)
             except queue.Empty:
                 if not p.is_alive():
+                    break
+                if time.monotonic() > deadline:
+                    p.kill()
+                    print(f"# {n}: killed after {a.row_timeout:.0f} s", file=sys.stderr)
                     break
         p.join()
         if r is None:

@@ -147,8 +147,9 @@ class InputStats:
 def input_stats(layer: nn.Module, inputs: LayerInputs, groups: list[list[str]],
                 stop_early: bool = False) -> dict[str, InputStats]:
     """Hessian and mean |x| of every Linear's inputs over the calibration tokens; Linears that
-    read the same tensor share one (the same object). With ``stop_early`` (one group only) the
-    layer's forward is cut right after that group's input is seen (the rest is not needed)."""
+    read the same tensor share one (the same object). Each forward is cut as soon as every
+    group's input has been seen (for all four llama groups: before down_proj's matmul);
+    ``stop_early`` asserts a single group, whose forward thus stops right at its input."""
     if stop_early and len(groups) != 1:
         raise ValueError("stop_early needs exactly one group")
     lins = layer_linears(layer)
@@ -169,11 +170,14 @@ def input_stats(layer: nn.Module, inputs: LayerInputs, groups: list[list[str]],
         n[name] = tot
         xs = x * (2.0 / tot) ** 0.5
         H[name].addmm_(xs.t(), xs)
-        if stop_early:
+        seen.add(name)
+        if len(seen) == len(groups):  # every group's input is in: the rest of the layer is not needed
             raise _Stop
 
+    seen: set[str] = set()
     with observe_inputs({g[0]: lins[g[0]] for g in groups}, acc):
         for hs, kw in zip(inputs.hidden, inputs.kwargs):
+            seen.clear()
             try:
                 layer(hs, **kw)  # outputs dropped batch by batch: only the hooks matter here
             except _Stop:
