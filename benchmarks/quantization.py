@@ -41,6 +41,9 @@ ROWS = {
     "llmc_gptq_sym": ("llmcompressor", {"symmetric": True}),
     "gptq_asym": ("gptq", {"bits": 4, "group_size": 64, "symmetric": False}),
     "llmc_gptq_asym": ("llmcompressor", {"symmetric": False}),
+    # llm-compressor with our default dampening, to show where the gain comes from
+    "llmc_gptq_sym_damp0.1": ("llmcompressor", {"symmetric": True, "dampening": 0.1}),
+    "llmc_gptq_asym_damp0.1": ("llmcompressor", {"symmetric": False, "dampening": 0.1}),
     "awq_sym": ("awq", {"bits": 4, "group_size": 64, "symmetric": True}),
     "awq_asym": ("awq", {"bits": 4, "group_size": 64, "symmetric": False}),
     "rtn_w4g64_sym": ("rtn", {"bits": 4, "group_size": 64, "symmetric": True}),
@@ -83,7 +86,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _llmcompressor(model, tok, symmetric: bool, out: Path) -> None:
+def _llmcompressor(model, tok, symmetric: bool, out: Path, dampening: float = 0.01) -> None:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -99,7 +102,8 @@ def _llmcompressor(model, tok, symmetric: bool, out: Path) -> None:
         weights=QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group",
                                  group_size=64),
     )
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                          dampening_frac=dampening)  # 0.01 is llm-compressor's default
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=32,
             max_seq_length=512, shuffle_calibration_samples=False)
     model.save_pretrained(out, save_compressed=True)
@@ -139,7 +143,7 @@ def run_row(name: str, quick: bool, q, threads: int | None = None) -> None:
                 dense_tps = tokens_per_second(copy.deepcopy(model))
             t = time.perf_counter()
             if method_name == "llmcompressor":
-                _llmcompressor(model, tok, params["symmetric"], out)
+                _llmcompressor(model, tok, params["symmetric"], out, params.get("dampening", 0.01))
             else:
                 m = get_method(method_name)
                 cfg = parse_params(method_name, params)

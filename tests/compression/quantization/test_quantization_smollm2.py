@@ -52,7 +52,7 @@ def test_int8_smollm2_ppl_and_size(smol, tmp_path):
 
 def test_gptq_w4g64_smollm2_size_and_ppl(smol, tmp_path):
     d, tok, dense_ppl = smol
-    # with only 1k calibration tokens the default dampening (0.01) over-fits the Hessian
+    # with only 1k calibration tokens dampening 0.01 (llm-compressor's default) over-fits the Hessian
     # (measured 1.654 x dense); 0.1 with act-order measured 1.333 x dense; RTN 1.569 x
     params = {"bits": 4, "group_size": 64, "dampening": 0.1, "act_order": True, **CAL}
     _res, reloaded = _run(d, tok, "gptq", params, tmp_path)
