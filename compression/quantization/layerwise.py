@@ -42,8 +42,10 @@ class WeightCalibConfig(GroupFieldsMixin, CalibrationConfig):
     group_size: int | None = group_size_field(64)
     symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric grid.")
     mse_clip: bool = Field(
-        False, description="Search each group's clipping range for the smallest error instead of "
-        "plain min/max (on SmolLM2 min/max measured better at 4 bits).")
+        True, description="Search each group's clipping range (min/max shrunk in steps, lowest "
+        "rounding error) instead of plain min/max. SmolLM2 w4 g64 held-out ppl, min/max -> "
+        "search: gptq symmetric 35.81 -> 34.68 (33.81 at batch 8), asymmetric 33.97 -> 33.36; "
+        "awq symmetric 36.40 -> 35.90, asymmetric 35.33 -> 35.09.")
     refit_scales: bool = Field(
         True, description="After rounding, re-solve each row's group scales by least squares "
         "for the chosen integers against the calibration Hessian (lower output error, same "
