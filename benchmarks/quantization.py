@@ -124,6 +124,16 @@ def run_row(name: str, quick: bool, q, threads: int | None = None) -> None:
     from modelpress.compression.registry import get_method, parse_params
 
     chunks = 4 if quick else 16
+    # import everything a row may use before the baseline, so that "over base" is the model
+    # and the method's work, not libraries imported half-way (they moved it by ~50 MB)
+    import compressed_tensors  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    from modelpress.compression.registry import methods
+
+    methods()
+    if ROWS.get(name, ("",))[0] == "llmcompressor":
+        import llmcompressor  # noqa: F401
     rss_base = _rss_mb()
     lm = load_pretrained(smollm2_dir())
     model, tok = lm.model, lm.tokenizer
