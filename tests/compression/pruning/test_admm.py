@@ -10,25 +10,15 @@ from modelpress.compression.pruning.sparsegpt import sparsegpt_prune
 CAL = dict(num_samples=4, seq_len=64)
 
 
-def block_linears(model):
-    _, blocks = layerwise.find_blocks(model)
-    return {f"{i}.{k}": lin for i, b in enumerate(blocks) for k, lin in layerwise.block_linears(b).items()}
-
-
-def correlated_inputs(n=1024, d=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, d // 4, generator=g)
-    mix = torch.randn(d // 4, d, generator=g)
-    return base @ mix + 0.1 * torch.randn(n, d, generator=g)
 
 
 def out_err(W, Wn, X):
     return ((W - Wn) @ X.T).pow(2).sum().item()
 
 
-def test_admm_lower_error_than_sparsegpt_exact_sparsity_and_pure():
+def test_admm_lower_error_than_sparsegpt_exact_sparsity_and_pure(correlated_inputs):
     torch.manual_seed(0)
-    X = correlated_inputs()
+    X = correlated_inputs(n=1024, d=64)
     W = torch.randn(48, 64)
     H = 2 * X.T @ X / X.shape[0]
     W_keep, H_keep = W.clone(), H.clone()
@@ -42,9 +32,9 @@ def test_admm_lower_error_than_sparsegpt_exact_sparsity_and_pure():
     assert torch.equal(W, W_keep) and torch.equal(H, H_keep)
 
 
-def test_admm_row_scope_nm_and_dead_inputs():
+def test_admm_row_scope_nm_and_dead_inputs(correlated_inputs):
     torch.manual_seed(1)
-    X = correlated_inputs(d=32)
+    X = correlated_inputs(n=1024, d=32)
     X[:, 3] = 0  # an input feature never active: its weights go first, nothing breaks
     W = torch.randn(16, 32)
     H = 2 * X.T @ X / X.shape[0]
@@ -58,7 +48,7 @@ def test_admm_row_scope_nm_and_dead_inputs():
 
 
 @pytest.mark.parametrize("sequential", [True, False])
-def test_admm_llama_exact_and_updated(tiny_llama, tiny_tokenizer, sequential):
+def test_admm_llama_exact_and_updated(tiny_llama, tiny_tokenizer, sequential, block_linears):
     before = {k: lin.weight.detach().clone() for k, lin in block_linears(tiny_llama).items()}
     head = tiny_llama.lm_head.weight.detach().clone()
     res = compress(tiny_llama, ADMMConfig(sparsity=0.5, sequential=sequential, **CAL),
@@ -78,7 +68,7 @@ def test_admm_owl_keeps_mean_sparsity(tiny_llama, tiny_tokenizer):
     assert res.metrics["sparsity_linear"] == pytest.approx(0.5, abs=0.01)
 
 
-def test_admm_nm_reload_and_generate(tiny_llama, tiny_tokenizer, tmp_path):
+def test_admm_nm_reload_and_generate(tiny_llama, tiny_tokenizer, tmp_path, block_linears):
     from transformers import AutoModelForCausalLM
 
     compress(tiny_llama, ADMMConfig(pattern="2:4", **CAL), Context(tokenizer=tiny_tokenizer))

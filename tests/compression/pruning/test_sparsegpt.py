@@ -10,19 +10,9 @@ from modelpress.compression.pruning.wanda import WandaConfig, wanda_mask
 CAL = dict(num_samples=4, seq_len=64)
 
 
-def block_linears(model):
-    _, blocks = layerwise.find_blocks(model)
-    return {f"{i}.{k}": lin for i, b in enumerate(blocks) for k, lin in layerwise.block_linears(b).items()}
 
 
-def correlated_inputs(n=512, d=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, d // 4, generator=g)
-    mix = torch.randn(d // 4, d, generator=g)
-    return base @ mix + 0.1 * torch.randn(n, d, generator=g)
-
-
-def test_sparsegpt_reconstruction_beats_plain_masking():
+def test_sparsegpt_reconstruction_beats_plain_masking(correlated_inputs):
     torch.manual_seed(0)
     X = correlated_inputs()
     W = torch.randn(16, 32)
@@ -41,7 +31,7 @@ def test_sparsegpt_reconstruction_beats_plain_masking():
     assert torch.equal(H, 2 * X.T @ X / X.shape[0])
 
 
-def test_sparsegpt_fixed_mask_and_nm():
+def test_sparsegpt_fixed_mask_and_nm(correlated_inputs):
     torch.manual_seed(1)
     X = correlated_inputs()
     W = torch.randn(8, 32)
@@ -55,7 +45,7 @@ def test_sparsegpt_fixed_mask_and_nm():
 
 
 @pytest.mark.parametrize("sequential", [True, False])
-def test_sparsegpt_llama_exact_and_updated(tiny_llama, tiny_tokenizer, sequential):
+def test_sparsegpt_llama_exact_and_updated(tiny_llama, tiny_tokenizer, sequential, block_linears):
     before = {k: lin.weight.detach().clone() for k, lin in block_linears(tiny_llama).items()}
     head = tiny_llama.lm_head.weight.detach().clone()
     res = compress(tiny_llama, SparseGPTConfig(sparsity=0.5, sequential=sequential, **CAL),
@@ -70,7 +60,7 @@ def test_sparsegpt_llama_exact_and_updated(tiny_llama, tiny_tokenizer, sequentia
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
-def test_sparsegpt_nm_exact(tiny_llama, tiny_tokenizer, pattern):
+def test_sparsegpt_nm_exact(tiny_llama, tiny_tokenizer, pattern, block_linears):
     n, m = map(int, pattern.split(":"))
     compress(tiny_llama, SparseGPTConfig(pattern=pattern, **CAL), Context(tokenizer=tiny_tokenizer))
     for name, lin in block_linears(tiny_llama).items():
@@ -78,7 +68,7 @@ def test_sparsegpt_nm_exact(tiny_llama, tiny_tokenizer, pattern):
         assert (groups == n).all(), name
 
 
-def test_sparsegpt_wanda_mask_selection(tiny_llama, tiny_tokenizer):
+def test_sparsegpt_wanda_mask_selection(tiny_llama, tiny_tokenizer, block_linears):
     compress(tiny_llama, SparseGPTConfig(mask_selection="wanda", **CAL), Context(tokenizer=tiny_tokenizer))
     for name, lin in block_linears(tiny_llama).items():
         assert ((lin.weight == 0).sum(1) == lin.in_features // 2).all(), name

@@ -9,10 +9,6 @@ from modelpress.compression.pruning.wanda import WandaConfig, wanda_mask, wanda_
 CAL = dict(num_samples=4, seq_len=64)
 
 
-def block_linears(model):
-    _, blocks = layerwise.find_blocks(model)
-    return {f"{i}.{k}": lin for i, b in enumerate(blocks) for k, lin in layerwise.block_linears(b).items()}
-
 
 def test_wanda_mask_keeps_top_scores_per_row():
     torch.manual_seed(0)
@@ -34,7 +30,7 @@ def test_wanda_mask_prefers_high_activation_columns():
     assert torch.equal(mask24, mask)
 
 
-def test_wanda_exact_row_sparsity_llama(tiny_llama, tiny_tokenizer):
+def test_wanda_exact_row_sparsity_llama(tiny_llama, tiny_tokenizer, block_linears):
     head = tiny_llama.lm_head.weight.detach().clone()
     res = compress(tiny_llama, WandaConfig(sparsity=0.5, **CAL), Context(tokenizer=tiny_tokenizer))
     assert res.metrics["sparsity_linear"] == pytest.approx(0.5, abs=1e-6)
@@ -58,7 +54,7 @@ def test_wanda_differs_from_magnitude(tiny_llama, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
-def test_wanda_nm_exact(tiny_llama, tiny_tokenizer, pattern):
+def test_wanda_nm_exact(tiny_llama, tiny_tokenizer, pattern, block_linears):
     n, m = map(int, pattern.split(":"))
     compress(tiny_llama, WandaConfig(pattern=pattern, **CAL), Context(tokenizer=tiny_tokenizer))
     for name, lin in block_linears(tiny_llama).items():
@@ -67,7 +63,7 @@ def test_wanda_nm_exact(tiny_llama, tiny_tokenizer, pattern):
     assert linear_sparsity(tiny_llama) == pytest.approx(1 - n / m)
 
 
-def test_wanda_bert(tiny_bert, tiny_tokenizer):
+def test_wanda_bert(tiny_bert, tiny_tokenizer, block_linears):
     compress(tiny_bert, WandaConfig(sparsity=0.6, **CAL), Context(tokenizer=tiny_tokenizer))
     lins = block_linears(tiny_bert)
     assert len(lins) == 3 * 6
