@@ -271,6 +271,53 @@ def test_int8_dynamic_kernel_matches_float():
     assert (y - ref).abs().max() < 0.02 * ref.abs().max()
 
 
+def _cpu_kernels() -> list[str]:
+    return ["int_mm", "onednn"] if int8_dynamic._onednn_available() else ["int_mm"]
+
+
+@pytest.mark.parametrize("kernel", _cpu_kernels())
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_int8_dynamic_cpu_group_matches_reference(kernel, tokens):
+    """Three Linears reading one tensor, run as one CPU group (one input quantization, fused
+    matmul) give what the reference int8 function gives each of them, in any call order, and an
+    input changed in place is quantized again."""
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(64, n, bias=b) for n, b in ((96, True), (32, False), (32, True))]
+    mods = [int8_dynamic.Int8DynamicLinear.from_linear(lin) for lin in lins]
+    int8_dynamic.group_for_cpu(mods)
+    x = torch.randn(1, tokens, 64)
+    mods[0](x)  # first use chooses a kernel; force the one under test
+    group = mods[0]._cpu
+    if kernel == "onednn" and group.packed is None:
+        group.packed = torch.ops.onednn.qlinear_prepack(
+            torch.cat([m.qweight for m in mods]), [1, 64])
+    group.kernel = kernel
+    group._reset_cache()
+
+    def ref(m, inp):
+        return int8_dynamic.int8_linear(inp, m.qweight, m.w_scale, m.bias)
+
+    for order in ([0, 1, 2], [2, 0, 1]):
+        x = torch.randn(1, tokens, 64)
+        for i in order:
+            y = mods[i](x)
+            assert y.shape == (1, tokens, mods[i].out_features) and y.is_contiguous()
+            torch.testing.assert_close(y, ref(mods[i], x), rtol=1e-5, atol=1e-5)
+        x.mul_(3)  # same tensor object, new values: the cached outputs must not be reused
+        torch.testing.assert_close(mods[1](x), ref(mods[1], x), rtol=1e-5, atol=1e-5)
+    # a deep copy (the opaque oneDNN weight cannot be copied) repacks on first use
+    twin = copy.deepcopy(mods[2])
+    torch.testing.assert_close(twin(x), ref(mods[2], x), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_dynamic_one_token_quantization_is_per_token():
+    x = torch.randn(1, 64) * 5
+    q1, s1 = int8_dynamic.quantize_per_tensor_int8(x)
+    q2, s2 = int8_dynamic.quantize_per_token_int8(x)
+    assert isinstance(s1, float) and s1 == pytest.approx(s2.item(), rel=1e-6)
+    assert (q1.int() - q2.int()).abs().max() <= 1 and q1.abs().max() == 127
+
+
 # ------------------------------------------------------------------ methods on a tiny llama
 
 WEIGHT_ONLY = [
