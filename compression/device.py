@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
 import torch
 
@@ -48,3 +49,30 @@ def return_freed_memory() -> None:
             _libc = False
     if _libc:
         _libc.malloc_trim(0)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the resident pages wholly inside ``t``'s memory (``madvise(MADV_DONTNEED)``) just
+    before the last reference to ``t`` goes away.
+
+    Needed for weights of a checkpoint that was memory-mapped privately (safetensors): each
+    tensor is a window of one mapping of the whole file that lives as long as any tensor of it,
+    and the pages a method wrote into (copy-on-write) would otherwise stay resident after the
+    tensor is dropped. For heap memory it only returns the pages early (the allocator's chunk
+    headers lie outside the whole pages inside the tensor). CPU tensors on Linux only; elsewhere
+    a no-op. The caller must not read ``t`` afterwards."""
+    if t.device.type != "cpu" or sys.platform != "linux" or t.numel() == 0:
+        return
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo = (start + page - 1) // page * page
+    hi = end // page * page
+    if hi <= lo:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED

@@ -65,6 +65,76 @@ def codes_of(module: nn.Module) -> torch.Tensor:
     return q
 
 
+class QuantizedLinear(nn.Module):
+    """A quantized Linear kept in its integer form (codes, scales, zero points: about a quarter
+    of its float32 bytes) that dequantizes its weight on every forward; it computes exactly what
+    the nn.Linear it replaces computed after :func:`attach`. Layer-by-layer methods turn each
+    finished layer into these, so the float weights of done layers do not stay in memory."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = qw.q.shape
+        self.float_dtype = dtype
+        # non-persistent: the saver writes them in the compressed-tensors layout
+        self.register_buffer("codes", qw.q, persistent=False)
+        self.register_buffer("scale", qw.scale, persistent=False)
+        self.register_buffer("zero_point", qw.zero_point, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        setattr(self, QUANT_ATTR, qw)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (computed, not stored)."""
+        return dequantize_grouped(self.codes, self.scale, self.zero_point, self.float_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def _apply(self, fn, recurse=True):  # keep the QuantizedWeight on the buffers' device
+        super()._apply(fn, recurse)
+        qw = getattr(self, QUANT_ATTR)
+        qw.q, qw.scale, qw.zero_point = self.codes, self.scale, self.zero_point
+        return self
+
+    def extra_repr(self) -> str:
+        qw = getattr(self, QUANT_ATTR)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={qw.bits}, group_size={qw.group_size}, symmetric={qw.symmetric}")
+
+
+@torch.no_grad()
+def compact(root: nn.Module, model: nn.Module | None = None) -> int:
+    """Replace every :func:`attach`-ed ``nn.Linear`` under ``root`` by a :class:`QuantizedLinear`
+    and give its float weight's memory back (:func:`release_pages`). Weights shared with another
+    parameter of ``model`` (tied) are left as they are. Returns how many were replaced."""
+    from ..device import release_pages
+
+    model = model if model is not None else root
+    todo = [(n, m) for n, m in root.named_modules()
+            if isinstance(m, nn.Linear) and getattr(m, QUANT_ATTR, None) is not None]
+    if not todo:
+        return 0
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[p.data_ptr()] = counts.get(p.data_ptr(), 0) + 1
+    done = 0
+    for name, lin in todo:
+        w = lin.weight
+        if counts.get(w.data_ptr(), 0) > 1:
+            continue  # tied to another module
+        qw = dataclasses.replace(getattr(lin, QUANT_ATTR), q=codes_of(lin).contiguous())
+        new = QuantizedLinear(qw, lin.bias, w.dtype)
+        parent, _, leaf = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, leaf, new)
+        lin.weight = None  # drop the module's reference before the pages go
+        owns = w.is_contiguous() and w.untyped_storage().nbytes() == w.numel() * w.element_size()
+        if owns:
+            release_pages(w)
+        del w
+        done += 1
+    return done
+
+
 def float_dtype(module: nn.Module) -> torch.dtype:
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and w.is_floating_point():

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..base import CalibrationConfig, Context
 from ..device import return_freed_memory
-from .artifact import DenseDtype, attach
+from .artifact import DenseDtype, attach, compact
 from .awq_math import search_scale
 from .calib import (
     InputStats,
@@ -157,8 +157,9 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
                 for name in group:
                     n_lin += _quantize_one(lins[name], stats[name], cfg, algorithm, act_order,
                                            dampening, refit_rounds)
-            del stats
+            del stats, lins
             advance(layer, inputs)
+            compact(layer, model)  # the layer's float weights are not needed any more
             return_freed_memory()
             ctx.progress((li + 1) / len(layers), f"quantized layer {li + 1}/{len(layers)}")
     finally:

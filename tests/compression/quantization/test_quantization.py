@@ -14,7 +14,12 @@ from safetensors import safe_open
 from modelpress.compression.base import CompressionError, Context
 from modelpress.compression.evaluation import prunable_linears
 from modelpress.compression.quantization import awq, gptq, int8, int8_dynamic, rtn
-from modelpress.compression.quantization.artifact import QUANT_ATTR, codes_of
+from modelpress.compression.quantization.artifact import (
+    QUANT_ATTR,
+    QuantizedLinear,
+    codes_of,
+    quantized_modules,
+)
 from modelpress.compression.quantization.qtensor import (
     dequantize_grouped,
     qrange,
@@ -342,12 +347,17 @@ def test_weight_only_methods_pack_and_reload(name, params, bits, llama, tiny_tok
     dense = _logits(copy.deepcopy(llama), IDS)
     res = method.apply(llama, cfg, _ctx(tiny_tokenizer))
     assert res.packed and res.format == "compressed-tensors" and res.saver is not None
-    lins = prunable_linears(res.model)
+    lins = {n: m for n, m in quantized_modules(res.model).items() if not n.endswith("lm_head")}
     assert len(lins) == N_LAYERS * 7
+    layerwise = name in ("gptq", "awq")
     for lin in lins.values():
         qw = getattr(lin, QUANT_ATTR)
-        q = codes_of(lin)  # float32 weights: derived from the weight, not kept
-        assert qw.q is None and lin.weight.dtype == torch.float32
+        q = codes_of(lin)
+        if layerwise:  # done layers keep only their integer form (memory), float on demand
+            assert isinstance(lin, QuantizedLinear) and qw.q is q
+        else:  # float32 weights: the codes are derived from the weight, not kept
+            assert isinstance(lin, torch.nn.Linear) and qw.q is None
+        assert lin.weight.dtype == torch.float32
         lo, hi = qrange(bits)
         assert q.shape == lin.weight.shape and q.dtype == torch.int8
         assert lo <= int(q.min()) and int(q.max()) <= hi
@@ -456,6 +466,7 @@ def test_true_sequential_stats_see_quantized_earlier_groups(llama, tiny_tokenize
 
 def test_gptq_progress_and_cancel(llama, tiny_tokenizer):
     seen = []
+    fresh = copy.deepcopy(llama)
     ctx = Context(tokenizer=tiny_tokenizer, progress=lambda f, m: seen.append(f))
     gptq.apply(llama, gptq.GPTQConfig(num_samples=2, seq_len=32, group_size=32), ctx)
     assert seen[-1] == 1.0 and len(seen) >= N_LAYERS + 1
@@ -463,7 +474,7 @@ def test_gptq_progress_and_cancel(llama, tiny_tokenizer):
 
     ctx = Context(tokenizer=tiny_tokenizer, should_stop=lambda: True)
     with pytest.raises(Cancelled):
-        gptq.apply(copy.deepcopy(llama), gptq.GPTQConfig(num_samples=2, seq_len=32), ctx)
+        gptq.apply(fresh, gptq.GPTQConfig(num_samples=2, seq_len=32), ctx)
 
 
 def test_gptq_self_calibration(llama, tiny_tokenizer):
