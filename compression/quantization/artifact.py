@@ -150,7 +150,26 @@ def _scheme_key(qw: QuantizedWeight) -> tuple:
     return (qw.bits, qw.group_size, qw.symmetric)
 
 
-def build_quantization_config(model: nn.Module, fmt: str, activations: bool) -> dict:
+def _float_head(model: nn.Module, float_head: bool) -> tuple[str, nn.Module] | None:
+    """(name, module) of a quantized output head that is to be written in float, else None."""
+    if not float_head or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, QUANT_ATTR, None) is None:
+        return None
+    return next(n for n, m in model.named_modules() if m is head), head
+
+
+def _saved_quantized(model: nn.Module, float_head: bool) -> dict[str, nn.Module]:
+    qmods = quantized_modules(model)
+    head = _float_head(model, float_head)
+    if head is not None:
+        qmods.pop(head[0], None)
+    return qmods
+
+
+def build_quantization_config(model: nn.Module, fmt: str, activations: bool,
+                              float_head: bool = False) -> dict:
     """The ``quantization_config`` dict (one config group per distinct weight scheme)."""
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -159,7 +178,7 @@ def build_quantization_config(model: nn.Module, fmt: str, activations: bool) -> 
     )
 
     groups: dict[tuple, list[str]] = {}
-    qmods = quantized_modules(model)
+    qmods = _saved_quantized(model, float_head)
     for name, m in qmods.items():
         groups.setdefault(_scheme_key(getattr(m, QUANT_ATTR)), []).append(name)
     config_groups = {}
@@ -180,7 +199,9 @@ def build_quantization_config(model: nn.Module, fmt: str, activations: bool) -> 
             weights=wargs, input_activations=iargs,
         )
     ignore = sorted(
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qmods
+        n for n, m in model.named_modules()
+        if (isinstance(m, nn.Linear) or getattr(m, QUANT_ATTR, None) is not None)
+        and n not in qmods
     )
     qc = QuantizationConfig(config_groups=config_groups, format=fmt,
                             quantization_status="compressed", ignore=ignore)
@@ -189,12 +210,16 @@ def build_quantization_config(model: nn.Module, fmt: str, activations: bool) -> 
     return json.loads(json.dumps(d, default=str))
 
 
-def compressed_state_dict(model: nn.Module, fmt: str, dense_dtype: DenseDtype = "float16"
-                          ) -> dict[str, torch.Tensor]:
+def compressed_state_dict(model: nn.Module, fmt: str, dense_dtype: DenseDtype = "float16",
+                          float_head: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of the artifact. ``float_head``: a quantized output head is written as a
+    float weight (and listed in ``ignore``), or not at all where it was tied to the input
+    embeddings (``tied_input_embeddings`` on the module): vLLM quantizes only Linear layers, its
+    output head takes no quantized weights."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     ddt = DTYPES[dense_dtype]
-    qmods = quantized_modules(model)
+    qmods = _saved_quantized(model, float_head)
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -206,6 +231,11 @@ def compressed_state_dict(model: nn.Module, fmt: str, dense_dtype: DenseDtype = 
             continue  # tied weights are stored once (transformers re-ties on load)
         seen[id(t)] = name
         out[name] = t.detach().to("cpu", ddt if t.is_floating_point() else t.dtype).contiguous()
+    head = _float_head(model, float_head)
+    if head is not None and not getattr(head[1], "tied_input_embeddings", False):
+        qw = getattr(head[1], QUANT_ATTR)
+        out[f"{head[0]}.weight"] = dequantize_grouped(
+            codes_of(head[1]), qw.scale, qw.zero_point, torch.float32).to("cpu", ddt).contiguous()
     for name, m in qmods.items():
         qw: QuantizedWeight = getattr(m, QUANT_ATTR)
         sdt = float_dtype(m)  # scales in the model's float dtype: bit-exact reload
@@ -226,20 +256,24 @@ def compressed_state_dict(model: nn.Module, fmt: str, dense_dtype: DenseDtype = 
 
 
 def save_compressed(model: nn.Module, out_dir: str | Path, fmt: str, activations: bool = False,
-                    dense_dtype: DenseDtype = "float16") -> Path:
+                    dense_dtype: DenseDtype = "float16", float_head: bool = False) -> Path:
     """Write ``out_dir`` (config.json with quantization_config, model.safetensors)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not quantized_modules(model):
         raise ValueError("model has no quantized modules to save")
-    sd = compressed_state_dict(model, fmt, dense_dtype)
+    sd = compressed_state_dict(model, fmt, dense_dtype, float_head)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del sd
     cfg = copy.deepcopy(model.config)
-    cfg.quantization_config = build_quantization_config(model, fmt, activations)
+    cfg.quantization_config = build_quantization_config(model, fmt, activations, float_head)
     # reload in the model's own float dtype, whatever dtype the dense tensors are stored in
     cfg.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out_emb is not None and getattr(out_emb, QUANT_ATTR, None) is not None:
+    head = _float_head(model, float_head)
+    if head is not None:  # written in float: tied again if it was tied before quantization
+        cfg.tie_word_embeddings = bool(getattr(head[1], "tied_input_embeddings", False))
+    elif out_emb is not None and getattr(out_emb, QUANT_ATTR, None) is not None:
         cfg.tie_word_embeddings = False  # the head is stored (quantized) on its own
     cfg.save_pretrained(out)
     gen = getattr(model, "generation_config", None)
@@ -251,9 +285,10 @@ def save_compressed(model: nn.Module, out_dir: str | Path, fmt: str, activations
     return out
 
 
-def make_saver(fmt: str, activations: bool = False, dense_dtype: DenseDtype = "float16"):
+def make_saver(fmt: str, activations: bool = False, dense_dtype: DenseDtype = "float16",
+               float_head: bool = False):
     def saver(model: nn.Module, out_dir: Path) -> None:
-        save_compressed(model, out_dir, fmt, activations, dense_dtype)
+        save_compressed(model, out_dir, fmt, activations, dense_dtype, float_head)
 
     return saver
 

@@ -276,8 +276,10 @@ class Int8DynamicConfig(CalibrationConfig):
         0.5, ge=0, le=1, description="SmoothQuant migration strength (null: no smoothing, no "
         "calibration needed).")
     quantize_lm_head: bool = Field(
-        True, description="Also run the output head in int8 (untied from the float input "
-        "embedding); it is about a fifth of SmolLM2's weights, so it matters for speed.")
+        True, description="Also run the output head in int8 in the CPU runtime (untied from "
+        "the float input embedding); it is about a fifth of SmolLM2's weights, so it matters for "
+        "speed. The artifact keeps the head in float (tied again where it was, and in the "
+        "config's ignore list): vLLM's output head takes no quantized weights.")
     keep_float: list[str] = Field(
         default_factory=list, description="Regular expressions of Linear names kept in float "
         "(sensitive layers), e.g. ['layers\\\\.0\\\\.', 'down_proj'].")
@@ -364,7 +366,9 @@ def to_runtime(model: nn.Module, quantize_lm_head: bool = True,
         new = Int8DynamicLinear.from_linear(lin, scale if isinstance(scale, torch.Tensor) else None)
         _set_module(model, name, new)
         if lin is out_emb and hasattr(model.config, "tie_word_embeddings"):
-            model.config.tie_word_embeddings = False  # the head now has its own int8 weights
+            # the head now has its own int8 weights; the artifact ties it again (float_head)
+            new.tied_input_embeddings = bool(model.config.tie_word_embeddings)
+            model.config.tie_word_embeddings = False
     mods = dict(model.named_modules())
     for name, m in mods.items():  # llama-style Linears that read one tensor share a runtime
         for names, _ in SMOOTH_GROUPS[:2]:
@@ -389,7 +393,8 @@ def apply(model: nn.Module, cfg: Int8DynamicConfig, ctx: Context) -> Compression
     ctx.progress(1.0, f"{n} Linears run in int8")
     return CompressionResult(
         model=model, packed=True, format="compressed-tensors",
-        saver=make_saver("int-quantized", activations=True, dense_dtype=cfg.dense_dtype),
+        saver=make_saver("int-quantized", activations=True, dense_dtype=cfg.dense_dtype,
+                         float_head=True),
         metrics={"quantized_linears": float(n), "smoothed_groups": float(smoothed),
                  "compress_seconds": time.perf_counter() - t0},
     )

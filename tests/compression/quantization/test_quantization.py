@@ -408,12 +408,15 @@ def test_int8_dynamic_runs_packs_and_reloads(llama, tiny_tokenizer, tmp_path):
     res.saver(res.model, tmp_path)
     conf = json.loads((tmp_path / "config.json").read_text())
     qc = conf["quantization_config"]
-    assert qc["format"] == "int-quantized" and conf["tie_word_embeddings"] is False
+    assert qc["format"] == "int-quantized"
     (grp,) = qc["config_groups"].values()
     assert grp["input_activations"]["dynamic"] is True
     assert grp["input_activations"]["strategy"] == "token"
     t = _tensors(tmp_path)
-    assert t["lm_head.weight"].dtype == torch.int8
+    # the head ran in int8 in memory but is not written quantized (vLLM's output head takes no
+    # quantized weights): ignored, and tied to the embeddings again as it was
+    assert qc["ignore"] == ["lm_head"] and not any(k.startswith("lm_head") for k in t)
+    assert conf["tie_word_embeddings"] is True
     assert t["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
     reloaded = _reload(tmp_path)
     out = _logits(reloaded, IDS)
@@ -425,6 +428,25 @@ def test_int8_dynamic_runs_packs_and_reloads(llama, tiny_tokenizer, tmp_path):
     assert torch.equal(q0.qweight, res.model.model.layers[0].mlp.down_proj.qweight)
     out2 = _logits(reloaded, IDS)
     assert (out2 - mem).abs().max() < 2e-2 * mem.abs().max()
+
+
+def test_int8_dynamic_untied_head_is_written_in_float(llama, tiny_tokenizer, tmp_path):
+    llama.config.tie_word_embeddings = False
+    llama.lm_head.weight = torch.nn.Parameter(llama.lm_head.weight.detach().clone() * 0.5)
+    cfg = parse_params("int8_dynamic", {"smoothing_alpha": None})
+    res = int8_dynamic.apply(llama, cfg, _ctx(tiny_tokenizer))
+    head = res.model.lm_head
+    assert isinstance(head, int8_dynamic.Int8DynamicLinear)  # int8 in memory
+    res.saver(res.model, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["tie_word_embeddings"] is False
+    assert conf["quantization_config"]["ignore"] == ["lm_head"]
+    t = _tensors(tmp_path)
+    assert "lm_head.weight_scale" not in t and t["lm_head.weight"].dtype == torch.float16
+    torch.testing.assert_close(t["lm_head.weight"].float(),
+                               (head.qweight.float() * head.w_scale[:, None]).half().float())
+    reloaded = _reload(tmp_path)
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.model.embed_tokens.weight.data_ptr()
 
 
 def test_int8_dynamic_keep_float(llama, tiny_tokenizer):
