@@ -125,6 +125,11 @@ class _CpuGroup:
         self.packed: torch.Tensor | None = None
         self._reset_cache()
 
+    def __getstate__(self) -> dict[str, Any]:  # oneDNN's opaque tensor cannot be copied:
+        state = self.__dict__.copy()  # a copy chooses and packs again on first use
+        state.update(kernel=None, packed=None, cache=(None, -1, {}))
+        return state
+
     def _reset_cache(self) -> None:
         # (input, its version, the other members' outputs): replaced in one assignment, so a
         # model shared by threads never pairs one input with another input's outputs
@@ -175,8 +180,8 @@ class _CpuGroup:
         y = acc.float() * xs * self.w_scale
         return y if self.bias is None else y + self.bias
 
-    def forward(self, member: Int8DynamicLinear, x: torch.Tensor) -> torch.Tensor:
-        i = self.members.index(member) if len(self.members) > 1 else 0
+    def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Member ``i``'s output for input ``x``."""
         cx, cver, couts = self.cache
         if x is cx and x._version == cver:
             out = couts.pop(i, None)
@@ -221,6 +226,8 @@ class Int8DynamicLinear(nn.Module):
         setattr(self, QUANT_ATTR, QuantizedWeight(self.qweight, self.w_scale[:, None], zp, 8,
                                                   None, True))
         self._cpu: _CpuGroup | None = None  # the CPU runtime (see :func:`group_for_cpu`)
+        self._cpu_index = 0  # this Linear's place in it
+        self._cpu_weights = q.device.type == "cpu"
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, scale: torch.Tensor | None = None) -> Int8DynamicLinear:
@@ -233,22 +240,18 @@ class Int8DynamicLinear(nn.Module):
         return cls(q, scale, lin.bias, lin.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.qweight.device.type == "cpu":
+        if x.is_cpu and self._cpu_weights:
             if self._cpu is None:
-                self._cpu = _CpuGroup([self])
-            return self._cpu.forward(self, x)
+                group_for_cpu([self])
+            return self._cpu.forward(self._cpu_index, x)
         return int8_linear(x, self.qweight, self.w_scale, self.bias)
-
-    def __getstate__(self) -> dict[str, Any]:  # oneDNN's opaque tensor cannot be copied
-        state = self.__dict__.copy()
-        state["_cpu"] = None
-        return state
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8"
 
     def _apply(self, fn, recurse=True):  # keep the QuantizedWeight on the buffers' device
         super()._apply(fn, recurse)
+        self._cpu_weights = self.qweight.device.type == "cpu"
         if self._cpu is not None:  # weights moved or changed: repack on next use
             self._cpu.kernel, self._cpu.packed = None, None
             self._cpu._reset_cache()
@@ -262,8 +265,8 @@ def group_for_cpu(members: list[Int8DynamicLinear]) -> None:
     """Let Linears that read the same tensor share one CPU runtime (one quantization of the
     input, one fused matmul where that is faster)."""
     g = _CpuGroup(members)
-    for m in members:
-        m._cpu = g
+    for i, m in enumerate(members):
+        m._cpu, m._cpu_index = g, i
 
 
 # ---------------------------------------------------------------- method

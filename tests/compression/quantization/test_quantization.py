@@ -310,9 +310,11 @@ def test_int8_dynamic_cpu_group_matches_reference(kernel, tokens):
             torch.testing.assert_close(y, ref(mods[i], x), rtol=1e-5, atol=1e-5)
         x.mul_(3)  # same tensor object, new values: the cached outputs must not be reused
         torch.testing.assert_close(mods[1](x), ref(mods[1], x), rtol=1e-5, atol=1e-5)
-    # a deep copy (the opaque oneDNN weight cannot be copied) repacks on first use
-    twin = copy.deepcopy(mods[2])
-    torch.testing.assert_close(twin(x), ref(mods[2], x), rtol=1e-5, atol=1e-5)
+    # a deep copy (the opaque oneDNN weight cannot be copied) keeps the group, repacks on use
+    twins = copy.deepcopy(torch.nn.ModuleList(mods))
+    assert twins[0]._cpu is twins[2]._cpu is not group and twins[2]._cpu.members[2] is twins[2]
+    torch.testing.assert_close(twins[2](x), ref(mods[2], x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(twins[0](x), ref(mods[0], x), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_dynamic_one_token_quantization_is_per_token():
