@@ -76,10 +76,27 @@ def search_scale(W: torch.Tensor, G: torch.Tensor, x_mean: torch.Tensor, fake_qu
     factor = gram_factor(G, rank)
     base = output_error_lr(W, fake_quant(W), factor).item()
     best_s, best_a, best = torch.ones_like(x_mean), 0.0, base
-    for i in range(1, grid):
-        a = i / grid
-        s = candidate_scales(x_mean, w_mean, a)
-        err = output_error_lr(W, fake_quant(W * s) / s, factor).item()
+    tried: dict[int, float] = {}
+
+    def trial(i: int) -> None:
+        nonlocal best, best_s, best_a
+        if not 0 < i < grid or i in tried:
+            return
+        s = candidate_scales(x_mean, w_mean, i / grid)
+        tried[i] = err = output_error_lr(W, fake_quant(W * s) / s, factor).item()
         if err < best:
-            best, best_s, best_a = err, s, a
+            best, best_s, best_a = err, s, i / grid
+
+    # coarse to fine: every other grid point, then the neighbours of the best one (the same
+    # grid, ~40% fewer fake-quantizations; the error is smooth in alpha)
+    for i in range(2, grid, 2):
+        trial(i)
+    if best_a > 0:
+        centre = round(best_a * grid)
+    else:  # no coarse point beat plain rounding: look next to the smallest coarse error
+        centre = min(tried, key=tried.get) if tried else 1
+    trial(centre - 1)
+    trial(centre + 1)
+    if grid <= 3:
+        trial(1)
     return best_s, best_a, best, base
