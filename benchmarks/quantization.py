@@ -161,6 +161,7 @@ def run_row(name: str, quick: bool, q, threads: int | None = None) -> None:
                               device=torch.device("cpu"))
                 res = m.apply(model, cfg, ctx)
                 row["compress_s"] = time.perf_counter() - t
+                row["peak_rss_compress_mb"] = _rss_mb()  # before the save
                 save_model(res.model, tok, out, saver=res.saver)
             row.setdefault("compress_s", time.perf_counter() - t)
             row["peak_rss_mb"] = _rss_mb()

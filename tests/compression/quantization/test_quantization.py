@@ -351,14 +351,11 @@ def test_weight_only_methods_pack_and_reload(name, params, bits, llama, tiny_tok
     assert res.packed and res.format == "compressed-tensors" and res.saver is not None
     lins = {n: m for n, m in quantized_modules(res.model).items() if not n.endswith("lm_head")}
     assert len(lins) == N_LAYERS * 7
-    layerwise = name in ("gptq", "awq")
     for lin in lins.values():
         qw = getattr(lin, QUANT_ATTR)
         q = codes_of(lin)
-        if layerwise:  # done layers keep only their integer form (memory), float on demand
-            assert isinstance(lin, QuantizedLinear) and qw.q is q
-        else:  # float32 weights: the codes are derived from the weight, not kept
-            assert isinstance(lin, torch.nn.Linear) and qw.q is None
+        # done Linears keep only their integer form (memory), the float weight on demand
+        assert isinstance(lin, QuantizedLinear) and qw.q is q
         assert lin.weight.dtype == torch.float32
         lo, hi = qrange(bits)
         assert q.shape == lin.weight.shape and q.dtype == torch.int8
