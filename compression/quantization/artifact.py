@@ -19,11 +19,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .qtensor import QuantizedWeight, dequantize_grouped, quantize_grouped
@@ -210,49 +211,91 @@ def build_quantization_config(model: nn.Module, fmt: str, activations: bool,
     return json.loads(json.dumps(d, default=str))
 
 
-def compressed_state_dict(model: nn.Module, fmt: str, dense_dtype: DenseDtype = "float16",
-                          float_head: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of the artifact. ``float_head``: a quantized output head is written as a
-    float weight (and listed in ``ignore``), or not at all where it was tied to the input
-    embeddings (``tied_input_embeddings`` on the module): vLLM quantizes only Linear layers, its
-    output head takes no quantized weights."""
+def iter_compressed_tensors(model: nn.Module, fmt: str, dense_dtype: DenseDtype = "float16",
+                            float_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of the artifact, one at a time (in a fixed order). ``float_head``: a quantized
+    output head is written as a float weight (and listed in ``ignore``), or not at all where it
+    was tied to the input embeddings (``tied_input_embeddings`` on the module): vLLM quantizes
+    only Linear layers, its output head takes no quantized weights."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     ddt = DTYPES[dense_dtype]
     qmods = _saved_quantized(model, float_head)
-    out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for name, t in model.state_dict(keep_vars=False).items():
+    sd = model.state_dict(keep_vars=False)  # references, not copies
+    for name, t in sd.items():
         mod_name, _, leaf = name.rpartition(".")
         if mod_name in qmods and leaf == "weight":
             continue
         if id(t) in seen or (tied and name.endswith("lm_head.weight")):
             continue  # tied weights are stored once (transformers re-ties on load)
         seen[id(t)] = name
-        out[name] = t.detach().to("cpu", ddt if t.is_floating_point() else t.dtype).contiguous()
+        yield name, t.detach().to("cpu", ddt if t.is_floating_point() else t.dtype).contiguous()
     head = _float_head(model, float_head)
     if head is not None and not getattr(head[1], "tied_input_embeddings", False):
         qw = getattr(head[1], QUANT_ATTR)
-        out[f"{head[0]}.weight"] = dequantize_grouped(
+        yield f"{head[0]}.weight", dequantize_grouped(
             codes_of(head[1]), qw.scale, qw.zero_point, torch.float32).to("cpu", ddt).contiguous()
     for name, m in qmods.items():
         qw: QuantizedWeight = getattr(m, QUANT_ATTR)
         sdt = float_dtype(m)  # scales in the model's float dtype: bit-exact reload
-        out[f"{name}.weight_scale"] = qw.scale.to("cpu", sdt).contiguous()
+        yield f"{name}.weight_scale", qw.scale.to("cpu", sdt).contiguous()
         if fmt == "pack-quantized":
             q = codes_of(m)
-            out[f"{name}.weight_packed"] = pack_to_int32(q.cpu(), qw.bits).contiguous()
-            out[f"{name}.weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
-            del q
+            yield f"{name}.weight_packed", pack_to_int32(q.cpu(), qw.bits).contiguous()
+            yield f"{name}.weight_shape", torch.tensor(list(q.shape), dtype=torch.int64)
             if not qw.symmetric:
-                out[f"{name}.weight_zero_point"] = pack_to_int32(
+                yield f"{name}.weight_zero_point", pack_to_int32(
                     qw.zero_point.to(torch.int8).cpu(), qw.bits, packed_dim=0).contiguous()
         else:
-            out[f"{name}.weight"] = codes_of(m).cpu().contiguous()
+            yield f"{name}.weight", codes_of(m).cpu().contiguous()
             if not qw.symmetric:
-                out[f"{name}.weight_zero_point"] = qw.zero_point.to("cpu", torch.int8).contiguous()
-    return out
+                yield f"{name}.weight_zero_point", qw.zero_point.to("cpu", torch.int8).contiguous()
+
+
+def compressed_state_dict(model: nn.Module, fmt: str, dense_dtype: DenseDtype = "float16",
+                          float_head: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`iter_compressed_tensors` as a dict (every tensor in memory at once)."""
+    return dict(iter_compressed_tensors(model, fmt, dense_dtype, float_head))
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | Path,
+                      tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file holding one tensor in memory at a time: ``tensors()`` is called
+    twice (the header needs every name, dtype and shape before the data), each time yielding
+    the same tensors in the same order (``safetensors.torch.save_file`` keeps the whole dict
+    plus a byte copy of it: ~2x the artifact in memory)."""
+    header: dict[str, Any] = {}
+    order: list[str] = []
+    offset = 0
+    for name, t in tensors():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        order.append(name)
+        offset += n
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for i, (name, t) in enumerate(tensors()):
+            if i >= len(order) or name != order[i] or header[name]["shape"] != list(t.shape):
+                raise RuntimeError(f"tensors changed between the two passes at {name!r}")
+            t = t.detach().cpu().contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        if f.tell() != 8 + len(head) + offset:
+            raise RuntimeError("safetensors data size mismatch")
 
 
 def save_compressed(model: nn.Module, out_dir: str | Path, fmt: str, activations: bool = False,
@@ -262,9 +305,9 @@ def save_compressed(model: nn.Module, out_dir: str | Path, fmt: str, activations
     out.mkdir(parents=True, exist_ok=True)
     if not quantized_modules(model):
         raise ValueError("model has no quantized modules to save")
-    sd = compressed_state_dict(model, fmt, dense_dtype, float_head)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    del sd
+    write_safetensors(out / "model.safetensors",
+                      lambda: iter_compressed_tensors(model, fmt, dense_dtype, float_head),
+                      metadata={"format": "pt"})
     cfg = copy.deepcopy(model.config)
     cfg.quantization_config = build_quantization_config(model, fmt, activations, float_head)
     # reload in the model's own float dtype, whatever dtype the dense tensors are stored in

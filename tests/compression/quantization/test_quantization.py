@@ -556,3 +556,27 @@ def test_configs_have_descriptions():
         schema = get_method(name).config.model_json_schema()
         for field, spec in schema["properties"].items():
             assert spec.get("description"), f"{name}.{field} has no description"
+
+
+def test_write_safetensors_streams_what_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file
+
+    from modelpress.compression.quantization.artifact import write_safetensors
+
+    ts = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64),
+          "c": torch.randn(2, 2).half(), "d": torch.randn(4).bfloat16(),
+          "e": torch.tensor(3, dtype=torch.int32), "f": torch.zeros(0, dtype=torch.int8),
+          "g": torch.randint(-5, 5, (9,), dtype=torch.int8)}
+    write_safetensors(tmp_path / "x.safetensors", lambda: iter(ts.items()), {"format": "pt"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == ts.keys()
+    for k, v in ts.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    calls = []
+
+    def changing():  # a producer that is not deterministic is refused, not written wrongly
+        calls.append(1)
+        yield "a", torch.zeros(len(calls))
+
+    with pytest.raises(RuntimeError, match="changed between the two passes"):
+        write_safetensors(tmp_path / "y.safetensors", changing)
