@@ -122,6 +122,10 @@ class Method:
     needs_float_input: bool = True
     #: extra submission-time validation against the model's config (raise CompressionError)
     validate: Callable[[Any, Any], None] | None = None
+    #: how the artifact is served once loaded: ``runtime(model, config) -> model`` turns the model
+    #: that plain ``from_pretrained`` returns into the method's serving form (e.g. int8 kernels);
+    #: the job's ``after`` metrics are measured on it. None: ``from_pretrained`` is the runtime.
+    runtime: Callable[[nn.Module, Any], nn.Module] | None = None
 
     def check_model(self, config: Any, model_config: Any) -> None:
         """Raise CompressionError if this method cannot run with ``config`` on a model whose HF

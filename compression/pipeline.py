@@ -5,7 +5,8 @@ This is exactly what a worker runs for a job and what ``modelpress compress`` ru
 knows nothing about HTTP, databases or queues: the caller passes :class:`JobHooks` callbacks.
 
 Numbers in the report are *measured*, never claimed: ``before`` on the loaded source model,
-``after`` on the saved artifact reloaded with plain ``from_pretrained``.
+``after`` on the saved artifact reloaded with plain ``from_pretrained`` (then put in the method's
+serving form where it declares one, e.g. int8_dynamic's int8 kernels: ``Method.runtime``).
 """
 
 from __future__ import annotations
@@ -549,6 +550,8 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
         del model, result
         check()
         reloaded = load_pretrained(output_dir).model
+        if methods[-1].runtime is not None:  # measure what serving the artifact runs
+            reloaded = methods[-1].runtime(reloaded, configs[-1])
         after = _measure(reloaded, tok, kind, ev_text, reference=original, gpu=gpu,
                          weight_bytes=_top_weight_bytes(output_dir),
                          progress=prog.span(_AFTER[0] + 1, 99.0, "measuring after"), check=check)
@@ -608,7 +611,8 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
                 "eval_text": "custom" if eval_text else "default (wikitext-2 valid, held-out part)",
                 "calibration_text": "custom" if calibration_text else
                 "default (wikitext-2 valid, first 55%)",
-                "after_measured_on": "the saved artifact reloaded with from_pretrained",
+                "after_measured_on": "the saved artifact reloaded with from_pretrained"
+                + (f", then {methods[-1].name}'s runtime" if methods[-1].runtime else ""),
                 "tokens_per_s": "greedy decode, batch 1, KV cache, CPU"
                 if kind == CAUSAL else "encoder forward tokens/s, CPU",
             },

@@ -403,6 +403,10 @@ def apply(model: nn.Module, cfg: Int8DynamicConfig, ctx: Context) -> Compression
     )
 
 
+def _runtime(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:
+    return to_runtime(model, cfg.quantize_lm_head, cfg.keep_float)
+
+
 def _validate(cfg: Int8DynamicConfig, model_config: Any) -> None:
     from .gptq import LLAMA_LIKE
 
@@ -424,4 +428,5 @@ METHOD = Method(
     family="quantization",
     terminal=True,
     validate=_validate,
+    runtime=_runtime,
 )

@@ -353,3 +353,30 @@ def test_quantized_job_reports_true_numbers(tiny_llama_dir, tmp_path, method, pa
     assert param_count(reloaded.model) == after["params"]
     ppl = perplexity(reloaded.model, reloaded.tokenizer, EVAL)
     assert ppl == pytest.approx(after["perplexity"], rel=0.01)
+
+
+def test_int8_dynamic_job_measures_its_int8_runtime(tiny_llama_dir, tmp_path, monkeypatch):
+    """int8_dynamic's artifact loads in float (weights dequantized); the job's ``after`` speed and
+    quality are of the int8 runtime that serving it on CPU uses (``Method.runtime``)."""
+    from modelpress.compression.models import load_pretrained
+    from modelpress.compression.quantization import int8_dynamic
+
+    seen = []
+    real = int8_dynamic.to_runtime
+
+    def spy(model, *a, **kw):
+        out = real(model, *a, **kw)
+        seen.append(sum(isinstance(m, int8_dynamic.Int8DynamicLinear) for m in out.modules()))
+        return out
+
+    monkeypatch.setattr(int8_dynamic, "to_runtime", spy)
+    outcome = _run(tiny_llama_dir, [{"method": "int8_dynamic", "params": {"smoothing_alpha": None}}],
+                   tmp_path / "out")
+    r = outcome.report
+    # once in the stage, once on the reloaded artifact; every Linear (and the head) in int8
+    assert len(seen) == 2 and seen[1] == seen[0] > 0
+    assert "int8_dynamic's runtime" in r["evaluation"]["after_measured_on"]
+    served = real(load_pretrained(outcome.output_dir).model)
+    tok = AutoTokenizer.from_pretrained(outcome.output_dir)
+    assert r["after"]["perplexity"] == pytest.approx(E.perplexity(served, tok, EVAL), rel=1e-3)
+    assert r["after"]["tokens_per_s"] > 0
