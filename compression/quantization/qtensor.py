@@ -72,25 +72,40 @@ def dequantize_grouped(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
 
 
 def _fq_error(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, norm: float,
-              col_weight: torch.Tensor | None) -> torch.Tensor:
+              col_weight: torch.Tensor | None, blocks: bool = False) -> torch.Tensor:
     qmin, qmax = qrange(bits)
     s, z = scale.unsqueeze(-1), zp.unsqueeze(-1)
     d = torch.div(wg, s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(wg)
+    if blocks:  # col_weight: per-group blocks [n_groups, g, g] of H; error d^T H_gg d
+        return (torch.einsum("ong,ngh->onh", d, col_weight) * d).sum(-1)
     err = d.square_() if norm == 2 else d.abs_().pow_(norm)
     if col_weight is not None:
         err.mul_(col_weight)
     return err.sum(-1)
 
 
+def clipped_qparams(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                    clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero point for min/max shrunk by the factor ``clip`` (no search)."""
+    wg = _grouped(w.float(), effective_group(group_size, w.shape[1]))
+    return minmax_qparams(wg.amin(-1) * clip, wg.amax(-1) * clip, bits, symmetric)
+
+
 def search_qparams(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
                    mse: bool = True, grid: int = 20, max_shrink: float = 0.4, norm: float = 2.0,
-                   col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   col_weight: torch.Tensor | None = None, asym_refine: int = 0,
+                   coarse_to_fine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero point for ``w`` (``[out, in]``).
 
     With ``mse`` the clipping range of every group is shrunk over ``grid`` steps down to
     ``1 - max_shrink`` of min/max and the one minimising ``sum(col_weight * |w - dq(w)|**norm)``
-    is kept (``col_weight``: optional per-input-column importance, e.g. the Hessian diagonal).
-    Without ``mse`` plain min/max.
+    is kept. ``col_weight``: optional per-input-column importance ``[in]`` (e.g. the Hessian
+    diagonal), or a full ``[in, in]`` matrix ``H`` whose diagonal ``g x g`` blocks then weigh each
+    group's error as ``d^T H_gg d`` (the group's own share of the layer's output error, cross-
+    channel terms included; norm 2 only). ``coarse_to_fine``: every other step, then each group's
+    two neighbours (about 60% of the trials, the same grid). ``asym_refine`` (asymmetric only):
+    then move each end of the chosen range on its own by up to that many steps (the best range
+    is rarely centred on the weights' own). Without ``mse`` plain min/max.
     """
     g = effective_group(group_size, w.shape[1])
     wg = _grouped(w.float(), g)
@@ -98,16 +113,64 @@ def search_qparams(w: torch.Tensor, bits: int, group_size: int | None, symmetric
     best_s, best_z = minmax_qparams(wmin, wmax, bits, symmetric)
     if not mse:
         return best_s, best_z
-    cw = None if col_weight is None else _grouped(col_weight.float().reshape(1, -1), g)
-    best_err = _fq_error(wg, best_s, best_z, bits, norm, cw)
-    for i in range(1, grid + 1):
+    blocks = col_weight is not None and col_weight.dim() == 2
+    if col_weight is None:
+        cw = None
+    elif col_weight.dim() == 2:  # a full [in, in] matrix: keep its diagonal g x g blocks
+        ng = w.shape[1] // g
+        idx = torch.arange(ng, device=w.device)
+        cw = col_weight.float().reshape(ng, g, ng, g)[idx, :, idx, :]
+    else:
+        cw = _grouped(col_weight.float().reshape(1, -1), g)
+    best_err = _fq_error(wg, best_s, best_z, bits, norm, cw, blocks)
+    best_i = torch.zeros_like(best_err)
+
+    def trial(i: float | torch.Tensor) -> None:
+        nonlocal best_err, best_s, best_z, best_i
         p = 1 - max_shrink * i / grid
         s, z = minmax_qparams(wmin * p, wmax * p, bits, symmetric)
-        err = _fq_error(wg, s, z, bits, norm, cw)
+        err = _fq_error(wg, s, z, bits, norm, cw, blocks)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
         best_z = torch.where(better, z, best_z)
+        best_i = torch.where(better, i, best_i)
+
+    if coarse_to_fine and grid >= 4:
+        # every other step, then each group's own neighbours (the error is smooth in the shrink)
+        for i in range(2, grid + 1, 2):
+            trial(i)
+        centre = best_i.clone()
+        for d in (-1, 1):
+            trial((centre + d).clamp(1, grid))
+    else:
+        for i in range(1, grid + 1):
+            trial(i)
+    if not symmetric and asym_refine > 0:
+        best_s, best_z = _refine_asym(wg, wmin, wmax, best_s, best_z, best_err, bits, norm, cw,
+                                      blocks, max_shrink / grid, asym_refine)
+    return best_s, best_z
+
+
+def _refine_asym(wg, wmin, wmax, best_s, best_z, best_err, bits, norm, cw, blocks, step, k):
+    """Asymmetric grids: from each group's best common shrink of ``[min, max]``, shrink or widen
+    the two ends independently by up to ``k`` steps each."""
+    # the common shrink each group chose, recovered from its scale (range = scale * levels)
+    qmin, qmax = qrange(bits)
+    span = (torch.maximum(wmax, torch.zeros_like(wmax)) - torch.minimum(wmin, torch.zeros_like(wmin)))
+    p0 = (best_s * (qmax - qmin) / span.clamp_min(1e-12)).clamp(0, 1)
+    for a in range(-k, k + 1):
+        for b in range(-k, k + 1):
+            if a == 0 and b == 0:
+                continue
+            pa = (p0 - a * step).clamp(0.05, 1.0)
+            pb = (p0 - b * step).clamp(0.05, 1.0)
+            s, z = minmax_qparams(wmin * pa, wmax * pb, bits, False)
+            err = _fq_error(wg, s, z, bits, norm, cw, blocks)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
     return best_s, best_z
 
 
@@ -130,11 +193,13 @@ class QuantizedWeight:
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
                     mse: bool = True, col_weight: torch.Tensor | None = None,
-                    grid: int = 20, max_shrink: float = 0.4) -> QuantizedWeight:
+                    grid: int = 20, max_shrink: float = 0.4, asym_refine: int = 0,
+                    coarse_to_fine: bool = False) -> QuantizedWeight:
     """Round-to-nearest with (optionally) a per-group clipping search."""
     check_group(group_size, w.shape[1])
     scale, zp = search_qparams(w, bits, group_size, symmetric, mse=mse, col_weight=col_weight,
-                               grid=grid, max_shrink=max_shrink)
+                               grid=grid, max_shrink=max_shrink, asym_refine=asym_refine,
+                               coarse_to_fine=coarse_to_fine)
     q = quantize_grouped(w, scale, zp, bits)
     return QuantizedWeight(q, scale, zp, bits, group_size, symmetric)
 

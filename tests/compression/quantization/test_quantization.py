@@ -117,6 +117,63 @@ def test_mse_clip_search_beats_minmax():
     assert e1 < 0.95 * e0
 
 
+def _group_errors(w, s, z, H, g):
+    """Each group's own output error ``d^T H_gg d`` ([out, n_groups])."""
+    from modelpress.compression.quantization.qtensor import quantize_grouped
+
+    d = (dequantize_grouped(quantize_grouped(w, s, z, 4), s, z) - w).reshape(w.shape[0], -1, g)
+    ng = d.shape[1]
+    Hb = torch.stack([H[i * g:(i + 1) * g, i * g:(i + 1) * g] for i in range(ng)])
+    return (torch.einsum("ong,ngh->onh", d, Hb) * d).sum(-1)
+
+
+def _correlated_gram(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(2048, n, generator=gen) + torch.randn(2048, 4, generator=gen) @ torch.randn(
+        4, n, generator=gen) * 2
+    X[:, :3] *= 8  # salient channels
+    return X.t() @ X
+
+
+def test_clip_search_with_gram_blocks_minimises_each_groups_output_error():
+    """col_weight as a full Gram matrix: every group's range is chosen on d^T H_gg d, so no group
+    ends with a larger own output error than the diagonal-weighted choice (same candidates), and
+    the identity matrix gives the unweighted search."""
+    torch.manual_seed(0)
+    w, H = torch.randn(48, 128), _correlated_gram(128)
+    sd, zd = search_qparams(w, 4, 32, False, col_weight=torch.diag(H))
+    sb, zb = search_qparams(w, 4, 32, False, col_weight=H)
+    eb, ed = _group_errors(w, sb, zb, H, 32), _group_errors(w, sd, zd, H, 32)
+    assert torch.all(eb <= ed * (1 + 1e-5) + 1e-6)
+    assert eb.sum() < 0.99 * ed.sum()
+    s1, z1 = search_qparams(w, 4, 32, True, col_weight=torch.eye(128))
+    s2, z2 = search_qparams(w, 4, 32, True)
+    assert torch.equal(s1, s2) and torch.equal(z1, z2)
+
+
+def test_asymmetric_end_refinement_and_coarse_to_fine():
+    """asym_refine moves the two ends of a range apart and never raises a group's error;
+    coarse_to_fine tries a subset of the same grid: never better, and close to it."""
+    from modelpress.compression.quantization.qtensor import clipped_qparams, minmax_qparams
+
+    torch.manual_seed(1)
+    w, H = torch.randn(64, 128), _correlated_gram(128, seed=1)
+    w[:, 5] += 2.5  # skewed groups: the best range is not a centred shrink of min/max
+    base = search_qparams(w, 4, 32, False, col_weight=H)
+    ref = search_qparams(w, 4, 32, False, col_weight=H, asym_refine=2)
+    e0, e1 = _group_errors(w, *base, H, 32), _group_errors(w, *ref, H, 32)
+    assert torch.all(e1 <= e0 * (1 + 1e-5) + 1e-6) and e1.sum() < 0.98 * e0.sum()
+    assert (ref[0] != base[0]).any()
+    c2f = search_qparams(w, 4, 32, False, col_weight=H, coarse_to_fine=True)
+    ec = _group_errors(w, *c2f, H, 32)
+    assert e0.sum() <= ec.sum() * (1 + 1e-6) and ec.sum() < 1.02 * e0.sum()
+    # the no-search quantizer AWQ scores its candidates with
+    wg = w.reshape(64, 4, 32)
+    assert all(torch.equal(a, b) for a, b in zip(
+        clipped_qparams(w, 4, 32, False, 0.9),
+        minmax_qparams(wg.amin(-1) * 0.9, wg.amax(-1) * 0.9, 4, False)))
+
+
 def test_gptq_math_beats_rtn_on_output_error():
     from modelpress.compression.quantization.gptq_math import gptq_quantize
 
@@ -510,7 +567,8 @@ def test_gptq_self_calibration(llama, tiny_tokenizer):
 @pytest.mark.parametrize("name,params", [
     ("rtn", {"bits": 1}), ("rtn", {"bits": 9}), ("rtn", {"group_size": 4}),
     ("rtn", {"nonsense": 1}), ("gptq", {"dampening": 0}), ("gptq", {"num_samples": 0}),
-    ("awq", {"grid": 1}), ("int8", {"bits": 4}), ("int8_dynamic", {"smoothing_alpha": 2}),
+    ("awq", {"grid": 1}), ("awq", {"clip_error": "full"}), ("awq", {"search_clip": 0.2}),
+    ("awq", {"clip_refine": -1}), ("int8", {"bits": 4}), ("int8_dynamic", {"smoothing_alpha": 2}),
 ])
 def test_bad_params_rejected(name, params):
     with pytest.raises(ValidationError):
