@@ -124,7 +124,8 @@ class Method:
     validate: Callable[[Any, Any], None] | None = None
     #: how the artifact is served once loaded: ``runtime(model, config) -> model`` turns the model
     #: that plain ``from_pretrained`` returns into the method's serving form (e.g. int8 kernels);
-    #: the job's ``after`` metrics are measured on it. None: ``from_pretrained`` is the runtime.
+    #: the job's ``after`` quality and speed are measured on it (counts on the loaded model).
+    #: None: ``from_pretrained`` is the runtime.
     runtime: Callable[[nn.Module, Any], nn.Module] | None = None
 
     def check_model(self, config: Any, model_config: Any) -> None:

@@ -5,8 +5,9 @@ This is exactly what a worker runs for a job and what ``modelpress compress`` ru
 knows nothing about HTTP, databases or queues: the caller passes :class:`JobHooks` callbacks.
 
 Numbers in the report are *measured*, never claimed: ``before`` on the loaded source model,
-``after`` on the saved artifact reloaded with plain ``from_pretrained`` (then put in the method's
-serving form where it declares one, e.g. int8_dynamic's int8 kernels: ``Method.runtime``).
+``after`` on the saved artifact reloaded with plain ``from_pretrained`` (its quality and speed
+in the method's serving form where it declares one, e.g. int8_dynamic's int8 kernels:
+``Method.runtime``).
 """
 
 from __future__ import annotations
@@ -306,8 +307,11 @@ def _speed(model: nn.Module, kind: str) -> float:
 def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
              reference: nn.Module | None, gpu: torch.device | None, weight_bytes: int,
              progress: Callable[[float, str | None], None],
-             check: Callable[[], None]) -> dict[str, float]:
-    """The standard metrics of ``model`` (on CPU; GPU speed too when ``gpu``)."""
+             check: Callable[[], None],
+             runtime: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, float]:
+    """The standard metrics of ``model`` (on CPU; GPU speed too when ``gpu``). With ``runtime``
+    the counts are taken on ``model`` as loaded (weights by their logical size) and quality and
+    speed on ``runtime(model)`` (the form that serves it)."""
     from .models import CAUSAL
 
     m: dict[str, float] = {}
@@ -315,6 +319,8 @@ def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
     m["nonzero_params"] = float(E.nonzero_count(model))
     m["bytes"] = float(weight_bytes)
     m["sparsity"] = float(E.linear_sparsity(model))
+    if runtime is not None:
+        model = runtime(model)
     progress(0.1, "evaluating quality" if tokenizer is not None else "counted")
     check()
     if tokenizer is not None:
@@ -550,11 +556,12 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
         del model, result
         check()
         reloaded = load_pretrained(output_dir).model
-        if methods[-1].runtime is not None:  # measure what serving the artifact runs
-            reloaded = methods[-1].runtime(reloaded, configs[-1])
+        last, last_cfg = methods[-1], configs[-1]
         after = _measure(reloaded, tok, kind, ev_text, reference=original, gpu=gpu,
                          weight_bytes=_top_weight_bytes(output_dir),
-                         progress=prog.span(_AFTER[0] + 1, 99.0, "measuring after"), check=check)
+                         progress=prog.span(_AFTER[0] + 1, 99.0, "measuring after"), check=check,
+                         # quality and speed of what serves the artifact (e.g. int8 kernels)
+                         runtime=(lambda m: last.runtime(m, last_cfg)) if last.runtime else None)
         del reloaded, original
         peak.stop()
         wall = time.monotonic() - t_start
@@ -612,7 +619,8 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
                 "calibration_text": "custom" if calibration_text else
                 "default (wikitext-2 valid, first 55%)",
                 "after_measured_on": "the saved artifact reloaded with from_pretrained"
-                + (f", then {methods[-1].name}'s runtime" if methods[-1].runtime else ""),
+                + (f"; quality and speed on it put in {last.name}'s runtime (what serves it)"
+                   if last.runtime else ""),
                 "tokens_per_s": "greedy decode, batch 1, KV cache, CPU"
                 if kind == CAUSAL else "encoder forward tokens/s, CPU",
             },
