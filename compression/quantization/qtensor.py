@@ -123,18 +123,21 @@ def search_qparams(w: torch.Tensor, bits: int, group_size: int | None, symmetric
     else:
         cw = _grouped(col_weight.float().reshape(1, -1), g)
     best_err = _fq_error(wg, best_s, best_z, bits, norm, cw, blocks)
-    best_i = torch.zeros_like(best_err)
+    best_i = torch.zeros_like(best_err)  # each group's chosen shrink step
 
-    def trial(i: float | torch.Tensor) -> None:
+    def trial(i: float | torch.Tensor, j: float | torch.Tensor | None = None) -> None:
+        """Shrink min by ``i`` steps and max by ``j`` (default ``i``); keep where better."""
         nonlocal best_err, best_s, best_z, best_i
-        p = 1 - max_shrink * i / grid
-        s, z = minmax_qparams(wmin * p, wmax * p, bits, symmetric)
+        p_lo = 1 - max_shrink * i / grid
+        p_hi = p_lo if j is None else 1 - max_shrink * j / grid
+        s, z = minmax_qparams(wmin * p_lo, wmax * p_hi, bits, symmetric)
         err = _fq_error(wg, s, z, bits, norm, cw, blocks)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
         best_z = torch.where(better, z, best_z)
-        best_i = torch.where(better, i, best_i)
+        if j is None:
+            best_i = torch.where(better, i, best_i)
 
     if coarse_to_fine and grid >= 4:
         # every other step, then each group's own neighbours (the error is smooth in the shrink)
@@ -147,30 +150,13 @@ def search_qparams(w: torch.Tensor, bits: int, group_size: int | None, symmetric
         for i in range(1, grid + 1):
             trial(i)
     if not symmetric and asym_refine > 0:
-        best_s, best_z = _refine_asym(wg, wmin, wmax, best_s, best_z, best_err, bits, norm, cw,
-                                      blocks, max_shrink / grid, asym_refine)
-    return best_s, best_z
-
-
-def _refine_asym(wg, wmin, wmax, best_s, best_z, best_err, bits, norm, cw, blocks, step, k):
-    """Asymmetric grids: from each group's best common shrink of ``[min, max]``, shrink or widen
-    the two ends independently by up to ``k`` steps each."""
-    # the common shrink each group chose, recovered from its scale (range = scale * levels)
-    qmin, qmax = qrange(bits)
-    span = (torch.maximum(wmax, torch.zeros_like(wmax)) - torch.minimum(wmin, torch.zeros_like(wmin)))
-    p0 = (best_s * (qmax - qmin) / span.clamp_min(1e-12)).clamp(0, 1)
-    for a in range(-k, k + 1):
-        for b in range(-k, k + 1):
-            if a == 0 and b == 0:
-                continue
-            pa = (p0 - a * step).clamp(0.05, 1.0)
-            pb = (p0 - b * step).clamp(0.05, 1.0)
-            s, z = minmax_qparams(wmin * pa, wmax * pb, bits, False)
-            err = _fq_error(wg, s, z, bits, norm, cw, blocks)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
+        # each end on its own around each group's common shrink (widening included), the
+        # shrink kept under 95% of the range
+        centre, top = best_i.clone(), 0.95 * grid / max_shrink
+        for a in range(-asym_refine, asym_refine + 1):
+            for b in range(-asym_refine, asym_refine + 1):
+                if a or b:
+                    trial((centre + a).clamp(0, top), (centre + b).clamp(0, top))
     return best_s, best_z
 
 
