@@ -103,37 +103,57 @@ class QuantizedLinear(nn.Module):
                 f"bits={qw.bits}, group_size={qw.group_size}, symmetric={qw.symmetric}")
 
 
+def _tied(model: nn.Module, w: torch.Tensor) -> bool:
+    """Whether ``w`` is shared by more than one parameter of ``model`` (tied weights)."""
+    ptr = w.data_ptr()
+    return sum(p.data_ptr() == ptr for _, p in model.named_parameters(remove_duplicate=False)) > 1
+
+
+def _swap(root: nn.Module, name: str, lin: nn.Linear, qw: QuantizedWeight) -> None:
+    """Put a :class:`QuantizedLinear` of ``qw`` (codes included) where ``lin`` is and give the
+    float weight's memory back (:func:`release_pages`)."""
+    from ..device import release_pages
+
+    w = lin.weight
+    new = QuantizedLinear(qw, lin.bias, w.dtype)
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+    lin.weight = None  # drop the module's reference before the pages go
+    if w.is_contiguous() and w.untyped_storage().nbytes() == w.numel() * w.element_size():
+        release_pages(w)
+
+
 @torch.no_grad()
 def compact(root: nn.Module, model: nn.Module | None = None) -> int:
     """Replace every :func:`attach`-ed ``nn.Linear`` under ``root`` by a :class:`QuantizedLinear`
-    and give its float weight's memory back (:func:`release_pages`). Weights shared with another
-    parameter of ``model`` (tied) are left as they are. Returns how many were replaced."""
-    from ..device import release_pages
-
+    and give its float weight's memory back. Weights shared with another parameter of ``model``
+    (tied) are left as they are. Returns how many were replaced."""
     model = model if model is not None else root
     todo = [(n, m) for n, m in root.named_modules()
             if isinstance(m, nn.Linear) and getattr(m, QUANT_ATTR, None) is not None]
-    if not todo:
-        return 0
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[p.data_ptr()] = counts.get(p.data_ptr(), 0) + 1
     done = 0
     for name, lin in todo:
-        w = lin.weight
-        if counts.get(w.data_ptr(), 0) > 1:
-            continue  # tied to another module
-        qw = dataclasses.replace(getattr(lin, QUANT_ATTR), q=codes_of(lin).contiguous())
-        new = QuantizedLinear(qw, lin.bias, w.dtype)
-        parent, _, leaf = name.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, leaf, new)
-        lin.weight = None  # drop the module's reference before the pages go
-        owns = w.is_contiguous() and w.untyped_storage().nbytes() == w.numel() * w.element_size()
-        if owns:
-            release_pages(w)
-        del w
+        if _tied(model, lin.weight):
+            continue
+        _swap(root, name, lin, dataclasses.replace(getattr(lin, QUANT_ATTR),
+                                                   q=codes_of(lin).contiguous()))
         done += 1
     return done
+
+
+@torch.no_grad()
+def replace_quantized(model: nn.Module, name: str, qw: QuantizedWeight) -> None:
+    """:func:`attach` then :func:`compact` for the Linear ``name`` in one step, for methods whose
+    integers are final at once (int8, rtn): ``qw`` becomes a :class:`QuantizedLinear` directly,
+    without writing the dequantized float weight and deriving the codes back from it. A tied
+    weight is attached instead (it stays an ``nn.Linear``)."""
+    lin = model.get_submodule(name)
+    if _tied(model, lin.weight):
+        attach(lin, qw)
+        return
+    dev = lin.weight.device
+    _swap(model, name, lin, dataclasses.replace(
+        qw, q=qw.q.to(dev).contiguous(), scale=qw.scale.to(dev), zero_point=qw.zero_point.to(dev)))
 
 
 def float_dtype(module: nn.Module) -> torch.dtype:

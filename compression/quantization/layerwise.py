@@ -136,7 +136,8 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
     ``true_sequential`` the Linears of a layer are quantized group by group (q/k/v, o, gate/up,
     down) and each group's Hessian is taken from inputs computed with the earlier groups already
     quantized (a cut-short forward of the layer per group). ``clip_error`` ("diagonal" or
-    "block") and ``clip_refine`` shape the rtn clipping search (:func:`search_qparams`)."""
+    "block") and ``clip_refine`` shape the rtn clipping search (:func:`search_qparams`, coarse
+    to fine)."""
     t0 = time.perf_counter()
     layers = decoder_layers(model)
     orig_device = next(model.parameters()).device
@@ -198,10 +199,10 @@ def _quantize_one(lin: nn.Linear, st: InputStats, cfg: WeightCalibConfig, algori
     if algorithm == "gptq":
         qw = _gptq(lin.weight, st.H, cfg, act_order, dampening)
     else:
-        block = clip_error == "block"
         qw = quantize_weight(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric,
-                             mse=cfg.mse_clip, col_weight=st.H if block else torch.diag(st.H),
-                             asym_refine=clip_refine, coarse_to_fine=block)
+                             mse=cfg.mse_clip,
+                             col_weight=st.H if clip_error == "block" else torch.diag(st.H),
+                             asym_refine=clip_refine, coarse_to_fine=True)
         if cfg.refit_scales:
             qw = alternate_refit(lin.weight, qw, st.H, rounds=refit_rounds)
     attach(lin, qw)

@@ -113,14 +113,12 @@ def search_qparams(w: torch.Tensor, bits: int, group_size: int | None, symmetric
     best_s, best_z = minmax_qparams(wmin, wmax, bits, symmetric)
     if not mse:
         return best_s, best_z
-    blocks = col_weight is not None and col_weight.dim() == 2
-    if col_weight is None:
-        cw = None
-    elif col_weight.dim() == 2:  # a full [in, in] matrix: keep its diagonal g x g blocks
+    cw, blocks = None, False
+    if col_weight is not None and col_weight.dim() == 2:  # [in, in]: its diagonal g x g blocks
         ng = w.shape[1] // g
         idx = torch.arange(ng, device=w.device)
-        cw = col_weight.float().reshape(ng, g, ng, g)[idx, :, idx, :]
-    else:
+        cw, blocks = col_weight.float().reshape(ng, g, ng, g)[idx, :, idx, :], True
+    elif col_weight is not None:
         cw = _grouped(col_weight.float().reshape(1, -1), g)
     best_err = _fq_error(wg, best_s, best_z, bits, norm, cw, blocks)
     best_i = torch.zeros_like(best_err)  # each group's chosen shrink step

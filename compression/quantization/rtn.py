@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from ..base import CompressionResult, Context, Method, MethodConfig
-from .artifact import DenseDtype, attach, compact, make_saver
+from .artifact import DenseDtype, make_saver, replace_quantized
 from .common import GroupFieldsMixin, dense_dtype_field, group_size_field, target_linears
 from .common import validate_group_size
 from .qtensor import quantize_weight
@@ -31,9 +31,9 @@ def apply(model: nn.Module, cfg: RTNConfig, ctx: Context) -> CompressionResult:
     lins = target_linears(model, cfg.group_size)
     for i, (name, lin) in enumerate(lins.items()):
         w = lin.weight.detach().to(ctx.device)
-        attach(lin, quantize_weight(w, cfg.bits, cfg.group_size, cfg.symmetric, mse=cfg.mse_clip))
-        # its float weight is not needed any more (only one float copy at a time)
-        compact(model.get_submodule(name.rpartition(".")[0]), model)
+        # straight to its integer form: only one float copy at a time
+        replace_quantized(model, name, quantize_weight(w, cfg.bits, cfg.group_size,
+                                                       cfg.symmetric, mse=cfg.mse_clip))
         ctx.progress((i + 1) / len(lins), f"quantized {name}")
         ctx.check_cancelled()
     return CompressionResult(
