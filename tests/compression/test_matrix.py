@@ -34,6 +34,9 @@ TINY = {
     "distill": {"steps": 2, "batch_size": 2, "seq_len": 32, "max_minutes": 1},
 }
 FAMILIES = {"llama": "tiny_llama_dir", "bert": "tiny_bert_dir"}
+#: every device this machine has: CPU always; CUDA too where a GPU is present (the same matrix
+#: then checks that each method keeps its tensors on the chosen device)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 EVAL = default_eval_text()[:6000]
 
 
@@ -41,9 +44,10 @@ def test_every_registered_method_is_in_the_matrix():
     assert set(TINY) == set(methods())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_method_on_tiny_model(name, family, request, tmp_path):
+def test_method_on_tiny_model(name, family, device, request, tmp_path):
     src = request.getfixturevalue(FAMILIES[family])
     method = methods()[name]
     out = tmp_path / "out"
@@ -56,11 +60,12 @@ def test_method_on_tiny_model(name, family, request, tmp_path):
     if refused is not None:
         assert family in str(refused)
         with pytest.raises(type(refused), match=family):
-            run_pipeline(src, stage, out, eval_text=EVAL, device="cpu")
+            run_pipeline(src, stage, out, eval_text=EVAL, device=device)
         assert not out.exists() or not any(out.iterdir())
         return
-    outcome = run_pipeline(src, stage, out, eval_text=EVAL, device="cpu")
+    outcome = run_pipeline(src, stage, out, eval_text=EVAL, device=device)
     before, after = outcome.report["before"], outcome.report["after"]
+    assert outcome.report["device"]["device"] == device
     # the artifact loads with plain from_pretrained and runs
     cfg = AutoConfig.from_pretrained(out)
     model = (AutoModelForCausalLM if family == "llama" else AutoModel).from_pretrained(out).eval()
