@@ -72,28 +72,39 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     Hinv = torch.linalg.cholesky(Hinv, upper=True)
 
     Q = torch.zeros(out, n, dtype=torch.int8, device=W.device)
+    # each column's group, on the host (no device read per column)
+    col_group = (perm // g).tolist() if perm is not None else [c // g for c in range(n)]
     bs = block_size if static else g * max(1, math.ceil(block_size / g))
+    # The column loop is sequential (each column's rounding error updates the ones after it),
+    # so on a GPU its cost is the number of tensor ops per column: ~17 here, in place where the
+    # values are the same.
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
-        cnt = i2 - i1
         W1 = W[:, i1:i2].clone()
+        Q1 = torch.empty_like(W1)  # the block's integers, as floats until the block is done
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(cnt):
+        hdiag = Hinv1.diagonal()
+        gi = -1
+        for i in range(i2 - i1):
             col = i1 + i
             if not static and col % g == 0:
                 s, z = search_qparams(W1[:, i : i + g], bits, None, symmetric, mse=mse, norm=2.4,
                                       grid=25, max_shrink=0.5)
                 scale[:, col // g] = s[:, 0]
                 zp[:, col // g] = z[:, 0]
-            gi = (int(perm[col]) if perm is not None else col) // g
-            s, z = scale[:, gi], zp[:, gi]
+                gi = -1
+            if col_group[col] != gi:
+                gi = col_group[col]
+                s, z = scale[:, gi], zp[:, gi]
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
-            Q[:, col] = q.to(torch.int8)
-            err = (w - (q - z) * s) / Hinv1[i, i]
+            q = torch.div(w, s).round_().add_(z).clamp_(qmin, qmax)
+            Q1[:, i] = q
+            err = Err1[:, i]
+            torch.sub(w, q.sub_(z).mul_(s), out=err)  # w - dequantized
+            err.div_(hdiag[i])
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
+        Q[:, i1:i2] = Q1.to(torch.int8)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     if perm is not None:

@@ -77,11 +77,33 @@ def _fq_error(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int
     s, z = scale.unsqueeze(-1), zp.unsqueeze(-1)
     d = torch.div(wg, s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(wg)
     if blocks:  # col_weight: per-group blocks [n_groups, g, g] of H; error d^T H_gg d
-        return (torch.einsum("ong,ngh->onh", d, col_weight) * d).sum(-1)
+        return (torch.einsum("...ng,ngh->...nh", d, col_weight) * d).sum(-1)
     err = d.square_() if norm == 2 else d.abs_().pow_(norm)
     if col_weight is not None:
         err.mul_(col_weight)
     return err.sum(-1)
+
+
+#: elements of one batch of clipping trials' work tensor in :func:`search_qparams`. On a GPU the
+#: search is bound by kernel launches: many trials per op (64 MB). On the CPU by memory traffic:
+#: batching pays only while a batch stays in cache (1 MB); a whole SmolLM2 weight's trials ran
+#: ~10% slower batched (one trial per op then, as before)
+_TRIAL_ELEMS_GPU = 1 << 24
+_TRIAL_ELEMS_CPU = 1 << 18
+
+
+def _trial_steps(steps: list[float] | list[torch.Tensor], max_shrink: float, grid: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink steps stacked on a new first dim (``[k, 1, 1]`` for numbers, ``[k, out, groups]``
+    for per-group tensors) and the fraction of min/max each keeps (for numbers worked out in
+    double precision, as a Python scalar would be)."""
+    if isinstance(steps[0], torch.Tensor):
+        st = torch.stack(steps)
+        return st, 1 - max_shrink * st / grid
+    st = torch.tensor(steps, dtype=torch.float32, device=device).reshape(-1, 1, 1)
+    keep = torch.tensor([1 - max_shrink * i / grid for i in steps], dtype=torch.float32,
+                        device=device).reshape(-1, 1, 1)
+    return st, keep
 
 
 def clipped_qparams(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
@@ -122,39 +144,46 @@ def search_qparams(w: torch.Tensor, bits: int, group_size: int | None, symmetric
         cw = _grouped(col_weight.float().reshape(1, -1), g)
     best_err = _fq_error(wg, best_s, best_z, bits, norm, cw, blocks)
     best_i = torch.zeros_like(best_err)  # each group's chosen shrink step
+    chunk = max(1, (_TRIAL_ELEMS_GPU if w.is_cuda else _TRIAL_ELEMS_CPU) // wg.numel())
 
-    def trial(i: float | torch.Tensor, j: float | torch.Tensor | None = None) -> None:
-        """Shrink min by ``i`` steps and max by ``j`` (default ``i``); keep where better."""
+    def trials(lo: list[float] | list[torch.Tensor], hi: list[torch.Tensor] | None = None) -> None:
+        """Shrink min by ``lo[k]`` steps and max by ``hi[k]`` (default ``lo[k]``), each a number
+        or a per-group tensor, ``chunk`` trials per tensor op (a few kernel launches instead of
+        ~25 per trial: what bounds this search on a GPU); every group keeps its best trial, the
+        earliest on ties (as one trial at a time would)."""
         nonlocal best_err, best_s, best_z, best_i
-        p_lo = 1 - max_shrink * i / grid
-        p_hi = p_lo if j is None else 1 - max_shrink * j / grid
-        s, z = minmax_qparams(wmin * p_lo, wmax * p_hi, bits, symmetric)
-        err = _fq_error(wg, s, z, bits, norm, cw, blocks)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
-        if j is None:
-            best_i = torch.where(better, i, best_i)
+        for c in range(0, len(lo), chunk):
+            steps_lo, keep_lo = _trial_steps(lo[c : c + chunk], max_shrink, grid, wmin.device)
+            keep_hi = keep_lo if hi is None else \
+                _trial_steps(hi[c : c + chunk], max_shrink, grid, wmin.device)[1]
+            s, z = minmax_qparams(wmin * keep_lo, wmax * keep_hi, bits, symmetric)
+            err = _fq_error(wg, s, z, bits, norm, cw, blocks)
+            st = steps_lo.expand_as(s)
+            if len(err) > 1:  # each group's best trial of the chunk
+                err, k = err.min(0, keepdim=True)
+                s, z, st = s.gather(0, k), z.gather(0, k), st.gather(0, k)
+            better = err[0] < best_err
+            best_err = torch.where(better, err[0], best_err)
+            best_s = torch.where(better, s[0], best_s)
+            best_z = torch.where(better, z[0], best_z)
+            if hi is None:
+                best_i = torch.where(better, st[0], best_i)
 
     if coarse_to_fine and grid >= 4:
         # every other step, then each group's own neighbours (the error is smooth in the shrink)
-        for i in range(2, grid + 1, 2):
-            trial(i)
+        trials([float(i) for i in range(2, grid + 1, 2)])
         centre = best_i.clone()
-        for d in (-1, 1):
-            trial((centre + d).clamp(1, grid))
+        trials([(centre + d).clamp(1, grid) for d in (-1, 1)])
     else:
-        for i in range(1, grid + 1):
-            trial(i)
+        trials([float(i) for i in range(1, grid + 1)])
     if not symmetric and asym_refine > 0:
         # each end on its own around each group's common shrink (widening included), the
         # shrink kept under 95% of the range
         centre, top = best_i.clone(), 0.95 * grid / max_shrink
-        for a in range(-asym_refine, asym_refine + 1):
-            for b in range(-asym_refine, asym_refine + 1):
-                if a or b:
-                    trial((centre + a).clamp(0, top), (centre + b).clamp(0, top))
+        pairs = [((centre + a).clamp(0, top), (centre + b).clamp(0, top))
+                 for a in range(-asym_refine, asym_refine + 1)
+                 for b in range(-asym_refine, asym_refine + 1) if a or b]
+        trials([p[0] for p in pairs], [p[1] for p in pairs])
     return best_s, best_z
 
 

@@ -174,6 +174,32 @@ def test_asymmetric_end_refinement_and_coarse_to_fine():
         minmax_qparams(wg.amin(-1) * 0.9, wg.amax(-1) * 0.9, 4, False)))
 
 
+@pytest.mark.parametrize("sym,refine,ctf,weighting", [
+    (True, 0, False, None), (True, 0, True, "diag"), (False, 0, False, "block"),
+    (False, 2, True, "block"), (False, 2, False, None), (True, 0, False, "diag"),
+])
+def test_clip_search_batched_trials_match_one_at_a_time(monkeypatch, sym, refine, ctf, weighting):
+    """A GPU evaluates many clipping trials per tensor op, the CPU one at a time on large
+    weights: both must choose exactly the same ranges (ties to the earliest trial)."""
+    from modelpress.compression.quantization import qtensor
+
+    torch.manual_seed(2)
+    w, H = torch.randn(48, 128), _correlated_gram(128, seed=2)
+    w[:, 7] += 3.0
+    w[3, 32:64] = 0.0  # an all-zero group: every trial ties
+    cw = {None: None, "diag": H.diagonal(), "block": H}[weighting]
+    kw = dict(col_weight=cw, asym_refine=refine, coarse_to_fine=ctf)
+    monkeypatch.setattr(qtensor, "_TRIAL_ELEMS_CPU", 1)  # one trial per op
+    one = search_qparams(w, 4, 32, sym, **kw)
+    monkeypatch.setattr(qtensor, "_TRIAL_ELEMS_CPU", 1 << 30)  # every trial in one op
+    batched = search_qparams(w, 4, 32, sym, **kw)
+    monkeypatch.setattr(qtensor, "_TRIAL_ELEMS_CPU", 3 * w.numel())  # chunks of 3
+    chunked = search_qparams(w, 4, 32, sym, **kw)
+    for got in (batched, chunked):
+        assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
+    assert not torch.equal(one[0], search_qparams(w, 4, 32, sym, mse=False)[0])  # it searched
+
+
 def test_gptq_math_beats_rtn_on_output_error():
     from modelpress.compression.quantization.gptq_math import gptq_quantize
 
