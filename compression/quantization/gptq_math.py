@@ -75,16 +75,19 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     # each column's group, on the host (no device read per column)
     col_group = (perm // g).tolist() if perm is not None else [c // g for c in range(n)]
     bs = block_size if static else g * max(1, math.ceil(block_size / g))
-    # The column loop is sequential (each column's rounding error updates the ones after it),
-    # so on a GPU its cost is the number of tensor ops per column: ~17 here, in place where the
-    # values are the same.
+    # The column loop is sequential (each column's rounding error updates the ones after it), so
+    # on a GPU its cost is the number of tensor ops per column: 9 (symmetric) or 11 here, in
+    # place where the values are the same. The integers are not stored per column: the update
+    # leaves each finished column of W1 at its dequantized value (w - err * d with err * d =
+    # w - dq), from which the block's integers are read back exactly at its end.
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.empty_like(W1)  # the block's integers, as floats until the block is done
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        hdiag = Hinv1.diagonal()
+        # every column's and row's view made once per block (one op each, not one per column)
+        w_cols, err_cols, h_rows = W1.unbind(1), Err1.unbind(1), Hinv1.unbind(0)
+        h_diag = Hinv1.diagonal().unbind()
         gi = -1
         for i in range(i2 - i1):
             col = i1 + i
@@ -97,14 +100,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
             if col_group[col] != gi:
                 gi = col_group[col]
                 s, z = scale[:, gi], zp[:, gi]
-            w = W1[:, i]
-            q = torch.div(w, s).round_().add_(z).clamp_(qmin, qmax)
-            Q1[:, i] = q
-            err = Err1[:, i]
-            torch.sub(w, q.sub_(z).mul_(s), out=err)  # w - dequantized
-            err.div_(hdiag[i])
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-        Q[:, i1:i2] = Q1.to(torch.int8)
+            w = w_cols[i]
+            q = torch.div(w, s).round_()
+            if not symmetric:
+                q.add_(z)
+            q.clamp_(qmin, qmax)
+            if not symmetric:
+                q.sub_(z)
+            err = err_cols[i]
+            torch.sub(w, q.mul_(s), out=err)  # w - dequantized
+            err.div_(h_diag[i])
+            W1[:, i:].addr_(err, h_rows[i][i:], alpha=-1)
+        cols = torch.tensor(col_group[i1:i2], device=W.device)
+        Q[:, i1:i2] = torch.clamp(torch.round(W1 / scale[:, cols]) + zp[:, cols], qmin, qmax
+                                  ).to(torch.int8)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     if perm is not None:
