@@ -86,6 +86,34 @@ def quantize_per_tensor_int8(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     return x.mul(1.0 / s).round_().to(torch.int8), s
 
 
+def onednn_qlinear(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor,
+                   w_scale: torch.Tensor, w_zeros: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``xq`` (int8 [rows, in], per-token scales ``xs`` [rows, 1]) times the prepacked weight
+    (per-channel ``w_scale``), float out (the eager runtime's multi-token oneDNN path, as one function)."""
+    y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, w_scale, w_zeros, None, 1.0, 0,
+                                           torch.float32, "none", [], "")
+    y = y * xs
+    return y if bias is None else y + bias
+
+
+# ``modelpress::onednn_qlinear``: :func:`onednn_qlinear` as one opaque op for ``torch.compile``.
+# Inductor's own lowering of ``qlinear_pointwise`` wants the packed weight frozen into the graph
+# (``torch._inductor.config.freezing``, which freezes every buffer, the static KV cache included,
+# and breaks generation); the quantization of the input stays in the graph and fuses with what
+# precedes it. A plain ``torch.library`` registration: ``torch.library.custom_op``'s Python
+# wrapper costs ~15 us more per call (120 calls per SmolLM2 token).
+_LIB = torch.library.Library("modelpress", "FRAGMENT")
+_LIB.define("onednn_qlinear(Tensor xq, Tensor xs, Tensor packed, Tensor w_scale, "
+            "Tensor w_zeros, Tensor? bias) -> Tensor")
+_LIB.impl("onednn_qlinear", onednn_qlinear, "CompositeExplicitAutograd")  # packed: MkldnnCPU
+
+
+@torch.library.register_fake("modelpress::onednn_qlinear", lib=_LIB)
+def _(xq, xs, packed, w_scale, w_zeros, bias):
+    return xq.new_empty(xq.shape[0], w_scale.shape[0], dtype=torch.float32)
+
+
 def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """SmoothQuant's per-input-channel factors (inputs are divided, weight columns multiplied)."""
     s = x_absmax.clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
@@ -127,13 +155,14 @@ class _CpuGroup:
 
     def __getstate__(self) -> dict[str, Any]:  # oneDNN's opaque tensor cannot be copied:
         state = self.__dict__.copy()  # a copy chooses and packs again on first use
-        state.update(kernel=None, packed=None, cache=(None, -1, {}))
+        state.update(kernel=None, packed=None, cache=(None, -1, {}), traced_out=None)
         return state
 
     def _reset_cache(self) -> None:
         # (input, its version, the other members' outputs): replaced in one assignment, so a
         # model shared by threads never pairs one input with another input's outputs
         self.cache: tuple[torch.Tensor | None, int, dict[int, torch.Tensor]] = (None, -1, {})
+        self.traced_out: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _prepare(self) -> None:
         ms = self.members
@@ -160,6 +189,12 @@ class _CpuGroup:
             return
         if t_one < t_int:
             self.kernel = "onednn"
+            start = 0
+            for m, n in zip(ms, self.n_out):  # what a traced member reads (module attributes,
+                # so that the compiler freezes the packed weight as a constant)
+                m._packed = self.packed
+                m._traced = (self.w_scale, self.zeros, self.bias, start, n)
+                start += n
         else:
             self.packed = None
 
@@ -228,6 +263,13 @@ class Int8DynamicLinear(nn.Module):
         self._cpu: _CpuGroup | None = None  # the CPU runtime (see :func:`group_for_cpu`)
         self._cpu_index = 0  # this Linear's place in it
         self._cpu_weights = q.device.type == "cpu"
+        self._traced: tuple | None = None  # the oneDNN group's tensors (see _forward_traced)
+        self._packed: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # the oneDNN weight cannot be copied (see _CpuGroup)
+        state = self.__dict__.copy()
+        state.update(_traced=None, _packed=None)
+        return state
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, scale: torch.Tensor | None = None) -> Int8DynamicLinear:
@@ -240,10 +282,36 @@ class Int8DynamicLinear(nn.Module):
         return cls(q, scale, lin.bias, lin.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_traced(x)
         if x.is_cpu and self._cpu_weights:
             if self._cpu is None:
                 group_for_cpu([self])
             return self._cpu.forward(self._cpu_index, x)
+        return int8_linear(x, self.qweight, self.w_scale, self.bias)
+
+    def _forward_traced(self, x: torch.Tensor) -> torch.Tensor:
+        """The path ``torch.compile`` traces: the input quantized per token in the graph (no
+        ``.item()``), the matmul one ``modelpress::onednn_qlinear`` op per oneDNN group: the
+        first member computes the group's fused output, the next ones take their slice of it
+        while they read the same tensor (the last one empties the slot, so that every compiled
+        call starts from the state the graph was traced with). Needs an eager call first (the
+        group chooses its kernel and packs then); without oneDNN, the reference function."""
+        traced = self._traced if x.is_cpu and self._cpu_weights else None
+        if traced is not None:
+            w_scale, zeros, bias, start, n = traced
+            g = self._cpu
+            prev = g.traced_out  # (input, the group's output) a member computed in this graph
+            if prev is not None and prev[0] is x:
+                y = prev[1]
+                if self._cpu_index == len(g.members) - 1:
+                    g.traced_out = None
+            else:
+                xq, xs = quantize_per_token_int8(x.reshape(-1, x.shape[-1]))
+                y = torch.ops.modelpress.onednn_qlinear(xq, xs, self._packed, w_scale,
+                                                        zeros, bias)
+                g.traced_out = (x, y) if len(g.members) > 1 else None
+            return y[:, start:start + n].to(x.dtype).reshape(*x.shape[:-1], n)
         return int8_linear(x, self.qweight, self.w_scale, self.bias)
 
     def extra_repr(self) -> str:
@@ -254,6 +322,8 @@ class Int8DynamicLinear(nn.Module):
         self._cpu_weights = self.qweight.device.type == "cpu"
         if self._cpu is not None:  # weights moved or changed: repack on next use
             self._cpu.kernel, self._cpu.packed = None, None
+            for m in self._cpu.members:
+                m._traced = m._packed = None
             self._cpu._reset_cache()
         qw = getattr(self, QUANT_ATTR)
         qw.q, qw.scale = self.qweight, self.w_scale[:, None]
@@ -286,6 +356,10 @@ class Int8DynamicConfig(CalibrationConfig):
     keep_float: list[str] = Field(
         default_factory=list, description="Regular expressions of Linear names kept in float "
         "(sensitive layers), e.g. ['layers\\\\.0\\\\.', 'down_proj'].")
+    compile_decode: bool = Field(
+        False, description="Make the CPU runtime's plain `generate` decode through torch.compile "
+        "(inductor) with a static KV cache (see compile_decode); the first generate of each "
+        "length compiles (tens of seconds on one core).")
     batch_size: int = Field(4, ge=1, le=256, description="Calibration sequences per pass.")
     dense_dtype: DenseDtype = dense_dtype_field()
 
@@ -356,12 +430,30 @@ def runtime_targets(model: nn.Module, quantize_lm_head: bool, keep_float: list[s
     return out
 
 
+def compile_decode(model: nn.Module) -> nn.Module:
+    """Let a plain ``model.generate`` run its decode steps through ``torch.compile`` (inductor)
+    with a static KV cache, on the CPU too: the generation config asks for both and transformers
+    compiles the forward on first use (prefill stays eager). Eager decoding at batch 1 spends more
+    time in the model's per-op Python than in the int8 matmuls; compiled, those ops fuse into a
+    few C++ kernels and the int8 Linears run as one opaque op each (``_forward_traced``). Each new
+    ``max_new_tokens`` (static cache length) compiles again (then with dynamic shapes).
+    Works on any transformers causal LM (the float model too, for a like-for-like comparison)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    cc = CompileConfig(fullgraph=False, backend="inductor", mode="default")
+    cc._compile_all_devices = True  # transformers only auto-compiles on accelerators otherwise
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = cc
+    return model
+
+
 @torch.no_grad()
 def to_runtime(model: nn.Module, quantize_lm_head: bool = True,
-               keep_float: list[str] | None = None) -> nn.Module:
+               keep_float: list[str] | None = None, compile: bool = False) -> nn.Module:
     """Swap Linears for :class:`Int8DynamicLinear` in place. Works on a float model and on one
     loaded from an ``int8_dynamic`` artifact (whose weights then already sit on the int8 grid;
-    its ``weight_scale`` is reused when compressed-tensors left it on the module)."""
+    its ``weight_scale`` is reused when compressed-tensors left it on the module). ``compile``:
+    see :func:`compile_decode`."""
     targets = runtime_targets(model, quantize_lm_head, keep_float or [])
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, lin in targets.items():
@@ -378,6 +470,8 @@ def to_runtime(model: nn.Module, quantize_lm_head: bool = True,
             group = [mods.get(f"{name}.{n}") for n in names]
             if all(isinstance(g, Int8DynamicLinear) for g in group):
                 group_for_cpu(group)
+    if compile and hasattr(model, "generation_config"):
+        compile_decode(model)
     return model
 
 
@@ -391,7 +485,7 @@ def apply(model: nn.Module, cfg: Int8DynamicConfig, ctx: Context) -> Compression
             smoothed = smooth_model(model, cfg, ctx)
         finally:
             model.to(orig)
-    to_runtime(model, cfg.quantize_lm_head, cfg.keep_float)
+    to_runtime(model, cfg.quantize_lm_head, cfg.keep_float, cfg.compile_decode)
     n = sum(isinstance(m, Int8DynamicLinear) for m in model.modules())
     ctx.progress(1.0, f"{n} Linears run in int8")
     return CompressionResult(
@@ -404,7 +498,7 @@ def apply(model: nn.Module, cfg: Int8DynamicConfig, ctx: Context) -> Compression
 
 
 def _runtime(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:
-    return to_runtime(model, cfg.quantize_lm_head, cfg.keep_float)
+    return to_runtime(model, cfg.quantize_lm_head, cfg.keep_float, cfg.compile_decode)
 
 
 def _validate(cfg: Int8DynamicConfig, model_config: Any) -> None:

@@ -440,6 +440,85 @@ def test_int8_dynamic_cpu_group_matches_reference(kernel, tokens):
     torch.testing.assert_close(twins[0](x), ref(mods[0], x), rtol=1e-5, atol=1e-5)
 
 
+def _force_onednn(model):
+    """Switch every prepared CPU group of ``model`` to the oneDNN kernel (on tiny shapes the
+    timing may have chosen ``_int_mm``)."""
+    groups = {id(m._cpu): m._cpu for m in model.modules()
+              if isinstance(m, int8_dynamic.Int8DynamicLinear) and m._cpu is not None}
+    for g in groups.values():
+        assert g.kernel is not None  # prepared by an eager call
+        if g.kernel != "onednn":
+            g.packed = torch.ops.onednn.qlinear_prepack(
+                torch.cat([m.qweight for m in g.members]), [1, g.members[0].in_features])
+            g.zeros = torch.zeros(sum(g.n_out), dtype=torch.int64)
+            g.kernel = "onednn"
+            start = 0
+            for m, n in zip(g.members, g.n_out):
+                m._packed, m._traced = g.packed, (g.w_scale, g.zeros, g.bias, start, n)
+                start += n
+
+
+@pytest.mark.skipif(not int8_dynamic._onednn_available(), reason="no oneDNN int8 kernels")
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_int8_dynamic_compiled_group_matches_reference(tokens):
+    """Under torch.compile (inductor, one graph: no host sync) the oneDNN groups give what the
+    reference int8 function gives each member: q/k/v reading one tensor, then a single Linear
+    reading their sum."""
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(64, n, bias=b) for n, b in ((96, True), (32, False), (32, True))]
+    mods = torch.nn.ModuleList(int8_dynamic.Int8DynamicLinear.from_linear(lin) for lin in lins)
+    int8_dynamic.group_for_cpu(list(mods))
+    out = int8_dynamic.Int8DynamicLinear.from_linear(torch.nn.Linear(32, 48))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = mods, out
+
+        def forward(self, x):
+            q, k, v = (m(x) for m in self.qkv)
+            return q, k, v, self.out(q[..., :32] + k + v)
+
+    block = Block()
+    block(torch.randn(1, tokens, 64))  # eager first use chooses the kernels and packs
+    _force_onednn(block)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(1, tokens, 64)
+            q, k, v, y = compiled(x)
+            for m, got in zip(mods, (q, k, v)):
+                ref = int8_dynamic.int8_linear(x, m.qweight, m.w_scale, m.bias)
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            ref = int8_dynamic.int8_linear(q[..., :32] + k + v, out.qweight, out.w_scale, out.bias)
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", _cpu_kernels())
+def test_int8_dynamic_compiled_generate_matches_eager(tiny_llama, kernel):
+    """``to_runtime(compile=True)``: plain ``generate`` decodes through torch.compile with a
+    static cache and gives the eager runtime's tokens and scores."""
+    from torch._dynamo.utils import counters
+
+    int8_dynamic.to_runtime(tiny_llama)
+    prompt = torch.arange(1, 9).unsqueeze(0)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_scores=True)
+    tiny_llama.generate(prompt, max_new_tokens=1, pad_token_id=0)  # prepares every group
+    if kernel == "onednn":
+        _force_onednn(tiny_llama)
+    eager = tiny_llama.generate(prompt, **kw)
+    int8_dynamic.compile_decode(tiny_llama)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = tiny_llama.generate(prompt, **kw)
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode steps did run compiled
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.scores), torch.stack(eager.scores),
+                               rtol=1e-3, atol=1e-3)
+
+
 def test_int8_dynamic_one_token_quantization_is_per_token():
     x = torch.randn(1, 64) * 5
     q1, s1 = int8_dynamic.quantize_per_tensor_int8(x)
