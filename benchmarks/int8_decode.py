@@ -3,8 +3,8 @@ cache, 64 new tokens, best of 2) of SmolLM2-135M: fp32 vs the int8_dynamic CPU r
 eager and with ``compile_decode`` (torch.compile of the decode step, static KV cache).
 
 Each mode runs in its own process; the rounds alternate the modes (timings on a shared CPU move
-by +-10%). The first ``tokens_per_second`` call of a compiled mode includes compiling (twice:
-the warm-up and the measured length use different static cache sizes).
+by +-10%). The first ``tokens_per_second`` call of a compiled mode includes compiling (once:
+its warm-up runs at the measured length, so that the static cache keeps one size).
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/int8_decode.py [--rounds 3] [--threads 1]
 """

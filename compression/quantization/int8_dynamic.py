@@ -151,11 +151,12 @@ class _CpuGroup:
         self.members = members
         self.kernel: str | None = None  # "onednn" or "int_mm", chosen on first use
         self.packed: torch.Tensor | None = None
+        self.qweight: torch.Tensor | None = None  # the members' int8 weights, one tensor
         self._reset_cache()
 
     def __getstate__(self) -> dict[str, Any]:  # oneDNN's opaque tensor cannot be copied:
         state = self.__dict__.copy()  # a copy chooses and packs again on first use
-        state.update(kernel=None, packed=None, cache=(None, -1, {}), traced_out=None)
+        state.update(kernel=None, packed=None, qweight=None, cache=(None, -1, {}), traced_out=None)
         return state
 
     def _reset_cache(self) -> None:
@@ -173,30 +174,40 @@ class _CpuGroup:
             [b.detach().float() if b is not None else torch.zeros(n)
              for b, n in zip(biases, self.n_out)])
         self.kernel = "int_mm"
-        if not Int8DynamicLinear.onednn_ok:
-            return
-        try:
-            cat = torch.cat([m.qweight for m in ms]) if len(ms) > 1 else ms[0].qweight
-            self.packed = torch.ops.onednn.qlinear_prepack(cat, [1, ms[0].in_features])
-            self.zeros = torch.zeros(sum(self.n_out), dtype=torch.int64)
-            del cat
-            xq, xs = quantize_per_tensor_int8(torch.randn(1, ms[0].in_features))
-            t_one = _best_time(lambda: self._matmul_onednn(xq, xs))
-            t_int = _best_time(lambda: self._matmul_int_mm(xq, xs))
-        except RuntimeError:  # a oneDNN build without these kernels
-            Int8DynamicLinear.onednn_ok = False
-            self.packed = None
-            return
-        if t_one < t_int:
-            self.kernel = "onednn"
-            start = 0
-            for m, n in zip(ms, self.n_out):  # what a traced member reads (module attributes,
-                # so that the compiler freezes the packed weight as a constant)
-                m._packed = self.packed
-                m._traced = (self.w_scale, self.zeros, self.bias, start, n)
-                start += n
-        else:
-            self.packed = None
+        self.qweight = ms[0].qweight
+        if len(ms) > 1:  # the members' weights become row blocks of one tensor (no second
+            # copy), so that torch._int_mm runs once per group
+            self.qweight = torch.cat([m.qweight for m in ms])
+            for m, part in zip(ms, torch.split(self.qweight, self.n_out)):
+                m.qweight = part
+                getattr(m, QUANT_ATTR).q = part
+        if Int8DynamicLinear.onednn_ok:
+            try:
+                self.packed = torch.ops.onednn.qlinear_prepack(self.qweight,
+                                                               [1, ms[0].in_features])
+                self.zeros = torch.zeros(sum(self.n_out), dtype=torch.int64)
+                xq, xs = quantize_per_tensor_int8(torch.randn(1, ms[0].in_features))
+                t_one = _best_time(lambda: self._matmul_onednn(xq, xs))
+                t_int = _best_time(lambda: self._matmul_int_mm(xq, xs))
+                if t_one < t_int:
+                    self.kernel = "onednn"
+            except RuntimeError:  # a oneDNN build without these kernels
+                Int8DynamicLinear.onednn_ok = False
+            if self.kernel != "onednn":
+                self.packed = None
+        self.set_traced()
+
+    def set_traced(self) -> None:
+        """What each member's compiled forward reads (module attributes, so that the compiler
+        treats the weights as constants): the oneDNN packed weight with its zero points, or the
+        group's int8 weights for ``torch._int_mm`` (zero points None)."""
+        start = 0
+        for m, n in zip(self.members, self.n_out):
+            if self.kernel == "onednn":
+                m._packed, m._traced = self.packed, (self.w_scale, self.zeros, self.bias, start, n)
+            else:
+                m._packed, m._traced = self.qweight, (self.w_scale, None, self.bias, start, n)
+            start += n
 
     def _matmul_onednn(self, xq: torch.Tensor, xs: Any) -> torch.Tensor:
         if isinstance(xs, float):  # one scale: oneDNN applies it, the weight scales and bias
@@ -210,9 +221,8 @@ class _CpuGroup:
         return y if self.bias is None else y + self.bias
 
     def _matmul_int_mm(self, xq: torch.Tensor, xs: Any) -> torch.Tensor:
-        ys = [torch._int_mm(xq, m.qweight.t()) for m in self.members]
-        acc = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
-        y = acc.float() * xs * self.w_scale
+        # int32 x float32 scales -> float32 in one op, then the activation scale(s) in place
+        y = torch.mul(torch._int_mm(xq, self.qweight.t()), self.w_scale).mul_(xs)
         return y if self.bias is None else y + self.bias
 
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -292,11 +302,12 @@ class Int8DynamicLinear(nn.Module):
 
     def _forward_traced(self, x: torch.Tensor) -> torch.Tensor:
         """The path ``torch.compile`` traces: the input quantized per token in the graph (no
-        ``.item()``), the matmul one ``modelpress::onednn_qlinear`` op per oneDNN group: the
-        first member computes the group's fused output, the next ones take their slice of it
-        while they read the same tensor (the last one empties the slot, so that every compiled
-        call starts from the state the graph was traced with). Needs an eager call first (the
-        group chooses its kernel and packs then); without oneDNN, the reference function."""
+        ``.item()``), the matmul one op per group (``modelpress::onednn_qlinear``, or
+        ``torch._int_mm`` on the group's weights): the first member computes the group's fused
+        output, the next ones take their slice of it while they read the same tensor (the last
+        one empties the slot, so that every compiled call starts from the state the graph was
+        traced with). Needs an eager call first (the group chooses its kernel and packs then);
+        before it, the reference function."""
         traced = self._traced if x.is_cpu and self._cpu_weights else None
         if traced is not None:
             w_scale, zeros, bias, start, n = traced
@@ -307,9 +318,13 @@ class Int8DynamicLinear(nn.Module):
                 if self._cpu_index == len(g.members) - 1:
                     g.traced_out = None
             else:
-                xq, xs = quantize_per_token_int8(x.reshape(-1, x.shape[-1]))
-                y = torch.ops.modelpress.onednn_qlinear(xq, xs, self._packed, w_scale,
-                                                        zeros, bias)
+                x2 = x.reshape(-1, x.shape[-1])
+                if zeros is None:  # the group's int8 weights, one torch._int_mm
+                    y = int8_linear(x2.float(), self._packed, w_scale, bias)
+                else:
+                    xq, xs = quantize_per_token_int8(x2)
+                    y = torch.ops.modelpress.onednn_qlinear(xq, xs, self._packed, w_scale,
+                                                            zeros, bias)
                 g.traced_out = (x, y) if len(g.members) > 1 else None
             return y[:, start:start + n].to(x.dtype).reshape(*x.shape[:-1], n)
         return int8_linear(x, self.qweight, self.w_scale, self.bias)
@@ -321,7 +336,7 @@ class Int8DynamicLinear(nn.Module):
         super()._apply(fn, recurse)
         self._cpu_weights = self.qweight.device.type == "cpu"
         if self._cpu is not None:  # weights moved or changed: repack on next use
-            self._cpu.kernel, self._cpu.packed = None, None
+            self._cpu.kernel, self._cpu.packed, self._cpu.qweight = None, None, None
             for m in self._cpu.members:
                 m._traced = m._packed = None
             self._cpu._reset_cache()

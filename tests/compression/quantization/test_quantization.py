@@ -413,9 +413,15 @@ def test_int8_dynamic_cpu_group_matches_reference(kernel, tokens):
     lins = [torch.nn.Linear(64, n, bias=b) for n, b in ((96, True), (32, False), (32, True))]
     mods = [int8_dynamic.Int8DynamicLinear.from_linear(lin) for lin in lins]
     int8_dynamic.group_for_cpu(mods)
+    qs = [m.qweight.clone() for m in mods]
     x = torch.randn(1, tokens, 64)
     mods[0](x)  # first use chooses a kernel; force the one under test
     group = mods[0]._cpu
+    # the members' integers now live in one tensor (no second copy), unchanged, and the
+    # QuantizedWeight the saver writes reads the same tensors
+    for m, q in zip(mods, qs):
+        assert torch.equal(m.qweight, q) and m.qweight._base is group.qweight
+        assert getattr(m, QUANT_ATTR).q is m.qweight
     if kernel == "onednn" and group.packed is None:
         group.packed = torch.ops.onednn.qlinear_prepack(
             torch.cat([m.qweight for m in mods]), [1, 64])
@@ -440,30 +446,28 @@ def test_int8_dynamic_cpu_group_matches_reference(kernel, tokens):
     torch.testing.assert_close(twins[0](x), ref(mods[0], x), rtol=1e-5, atol=1e-5)
 
 
-def _force_onednn(model):
-    """Switch every prepared CPU group of ``model`` to the oneDNN kernel (on tiny shapes the
-    timing may have chosen ``_int_mm``)."""
+def _force_kernel(model, kernel):
+    """Switch every prepared CPU group of ``model`` to ``kernel`` (on tiny shapes the timing may
+    choose either)."""
     groups = {id(m._cpu): m._cpu for m in model.modules()
               if isinstance(m, int8_dynamic.Int8DynamicLinear) and m._cpu is not None}
     for g in groups.values():
         assert g.kernel is not None  # prepared by an eager call
-        if g.kernel != "onednn":
-            g.packed = torch.ops.onednn.qlinear_prepack(
-                torch.cat([m.qweight for m in g.members]), [1, g.members[0].in_features])
+        if kernel == "onednn" and g.kernel != "onednn":
+            g.packed = torch.ops.onednn.qlinear_prepack(g.qweight, [1, g.members[0].in_features])
             g.zeros = torch.zeros(sum(g.n_out), dtype=torch.int64)
-            g.kernel = "onednn"
-            start = 0
-            for m, n in zip(g.members, g.n_out):
-                m._packed, m._traced = g.packed, (g.w_scale, g.zeros, g.bias, start, n)
-                start += n
+        elif kernel == "int_mm":
+            g.packed = None
+        g.kernel = kernel
+        g.set_traced()
 
 
-@pytest.mark.skipif(not int8_dynamic._onednn_available(), reason="no oneDNN int8 kernels")
+@pytest.mark.parametrize("kernel", _cpu_kernels())
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_int8_dynamic_compiled_group_matches_reference(tokens):
-    """Under torch.compile (inductor, one graph: no host sync) the oneDNN groups give what the
-    reference int8 function gives each member: q/k/v reading one tensor, then a single Linear
-    reading their sum."""
+def test_int8_dynamic_compiled_group_matches_reference(kernel, tokens):
+    """Under torch.compile (inductor, one graph: no host sync) the groups (one fused oneDNN or
+    ``_int_mm`` matmul each) give what the reference int8 function gives each member: q/k/v
+    reading one tensor, then a single Linear reading their sum."""
     torch.manual_seed(0)
     lins = [torch.nn.Linear(64, n, bias=b) for n, b in ((96, True), (32, False), (32, True))]
     mods = torch.nn.ModuleList(int8_dynamic.Int8DynamicLinear.from_linear(lin) for lin in lins)
@@ -481,7 +485,7 @@ def test_int8_dynamic_compiled_group_matches_reference(tokens):
 
     block = Block()
     block(torch.randn(1, tokens, 64))  # eager first use chooses the kernels and packs
-    _force_onednn(block)
+    _force_kernel(block, kernel)
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True)
     with torch.no_grad():
@@ -506,8 +510,7 @@ def test_int8_dynamic_compiled_generate_matches_eager(tiny_llama, kernel):
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
               return_dict_in_generate=True, output_scores=True)
     tiny_llama.generate(prompt, max_new_tokens=1, pad_token_id=0)  # prepares every group
-    if kernel == "onednn":
-        _force_onednn(tiny_llama)
+    _force_kernel(tiny_llama, kernel)
     eager = tiny_llama.generate(prompt, **kw)
     int8_dynamic.compile_decode(tiny_llama)
     torch._dynamo.reset()
@@ -619,6 +622,9 @@ def test_int8_dynamic_runs_packs_and_reloads(llama, tiny_tokenizer, tmp_path):
     assert qc["ignore"] == ["lm_head"] and not any(k.startswith("lm_head") for k in t)
     assert conf["tie_word_embeddings"] is True
     assert t["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    for name in ("self_attn.k_proj", "mlp.up_proj"):  # members of fused CPU groups (views)
+        mod = res.model.model.layers[0].get_submodule(name)
+        assert torch.equal(t[f"model.layers.0.{name}.weight"], mod.qweight)
     reloaded = _reload(tmp_path)
     out = _logits(reloaded, IDS)
     assert (out - mem).abs().max() < 0.05 * mem.abs().max()
