@@ -221,8 +221,8 @@ class _CpuGroup:
         return y if self.bias is None else y + self.bias
 
     def _matmul_int_mm(self, xq: torch.Tensor, xs: Any) -> torch.Tensor:
-        # int32 x float32 scales -> float32 in one op, then the activation scale(s) in place
-        y = torch.mul(torch._int_mm(xq, self.qweight.t()), self.w_scale).mul_(xs)
+        # the reference's order of operations (int8_linear), so that both give the same floats
+        y = torch._int_mm(xq, self.qweight.t()).float() * xs * self.w_scale
         return y if self.bias is None else y + self.bias
 
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
