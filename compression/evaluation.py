@@ -78,13 +78,14 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, seq_len: int = 512,
     model.eval()
     for i in range(0, chunks.shape[0], batch_size):
         batch = chunks[i : i + batch_size].to(dev)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-            reduction="sum",
-        )
-        nll += loss.item()
+        logits = model(input_ids=batch, use_cache=False).logits
+        # one window at a time: the log-softmax (and a float copy of half-precision logits)
+        # holds one window's [seq_len, vocab], not the batch's (SmolLM2: 100 MB, not 400)
+        for j in range(batch.shape[0]):
+            nll += torch.nn.functional.cross_entropy(
+                logits[j, :-1].float(), batch[j, 1:], reduction="sum").item()
         count += batch[:, 1:].numel()
+        del logits
     model.train(was_training)
     return math.exp(nll / count)
 

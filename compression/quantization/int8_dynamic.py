@@ -73,9 +73,9 @@ def int8_linear(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
         pad = torch.zeros(17, xq.shape[1], dtype=torch.int8, device=xq.device)
         pad[: xq.shape[0]] = xq
         acc = torch._int_mm(pad, qw.t())[: xq.shape[0]]
-    y = acc.float() * xs * w_scale
+    y = acc.float().mul_(xs).mul_(w_scale)  # in place: a [tokens, vocab] head holds 2 copies, not 4
     if bias is not None:
-        y = y + bias.float()
+        y = y.add_(bias.float())
     return y.to(x.dtype).reshape(*shape[:-1], qw.shape[0])
 
 
@@ -93,8 +93,8 @@ def onednn_qlinear(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor,
     (per-channel ``w_scale``), float out (the eager runtime's multi-token oneDNN path, as one function)."""
     y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, w_scale, w_zeros, None, 1.0, 0,
                                            torch.float32, "none", [], "")
-    y = y * xs
-    return y if bias is None else y + bias
+    y = y.mul_(xs)
+    return y if bias is None else y.add_(bias)
 
 
 # ``modelpress::onednn_qlinear``: :func:`onednn_qlinear` as one opaque op for ``torch.compile``.
@@ -217,13 +217,13 @@ class _CpuGroup:
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, self.packed, self.w_scale,
                                                self.zeros, None, 1.0, 0, torch.float32, "none",
                                                [], "")
-        y = y * xs  # per-token scales on the float output (exact int32 accumulation inside)
-        return y if self.bias is None else y + self.bias
+        y = y.mul_(xs)  # per-token scales on the float output (exact int32 accumulation inside)
+        return y if self.bias is None else y.add_(self.bias)
 
     def _matmul_int_mm(self, xq: torch.Tensor, xs: Any) -> torch.Tensor:
-        # the reference's order of operations (int8_linear), so that both give the same floats
-        y = torch._int_mm(xq, self.qweight.t()).float() * xs * self.w_scale
-        return y if self.bias is None else y + self.bias
+        # the reference's operations in its order (int8_linear), so that both give the same floats
+        y = torch._int_mm(xq, self.qweight.t()).float().mul_(xs).mul_(self.w_scale)
+        return y if self.bias is None else y.add_(self.bias)
 
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``i``'s output for input ``x``."""
