@@ -231,6 +231,8 @@ class _CpuGroup:
         if x is cx and x._version == cver:
             out = couts.pop(i, None)
             if out is not None:
+                if not couts:  # every member served: do not keep the input alive until the
+                    self.cache = (None, -1, {})  # next call (a long prompt's activations)
                 return out
         if self.kernel is None:
             self._prepare()

@@ -439,6 +439,7 @@ def test_int8_dynamic_cpu_group_matches_reference(kernel, tokens):
             torch.testing.assert_close(y, ref(mods[i], x), rtol=1e-5, atol=1e-5)
             if kernel == "int_mm" and tokens > 1:  # same operations in the same order
                 assert torch.equal(y, ref(mods[i], x))
+        assert group.cache[0] is None  # every member served: the input is not kept alive
         x.mul_(3)  # same tensor object, new values: the cached outputs must not be reused
         torch.testing.assert_close(mods[1](x), ref(mods[1], x), rtol=1e-5, atol=1e-5)
     # a deep copy (the opaque oneDNN weight cannot be copied) keeps the group, repacks on use
