@@ -73,10 +73,17 @@ def int8_linear(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
         pad = torch.zeros(17, xq.shape[1], dtype=torch.int8, device=xq.device)
         pad[: xq.shape[0]] = xq
         acc = torch._int_mm(pad, qw.t())[: xq.shape[0]]
-    y = acc.float().mul_(xs).mul_(w_scale)  # in place: a [tokens, vocab] head holds 2 copies, not 4
-    if bias is not None:
-        y = y.add_(bias.float())
+    y = scale_accumulator(acc, xs, w_scale, bias)
     return y.to(x.dtype).reshape(*shape[:-1], qw.shape[0])
+
+
+def scale_accumulator(acc: torch.Tensor, xs: torch.Tensor | float, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """int32 ``x_q @ W_q^T`` to float: times the activation scale(s), then the weight scales,
+    plus bias. In place after the conversion (a [tokens, vocab] head holds 2 copies, not 4); one
+    function for every ``_int_mm`` path, so that they give the same floats."""
+    y = acc.float().mul_(xs).mul_(w_scale)
+    return y if bias is None else y.add_(bias.float())
 
 
 def quantize_per_tensor_int8(x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -221,9 +228,7 @@ class _CpuGroup:
         return y if self.bias is None else y.add_(self.bias)
 
     def _matmul_int_mm(self, xq: torch.Tensor, xs: Any) -> torch.Tensor:
-        # the reference's operations in its order (int8_linear), so that both give the same floats
-        y = torch._int_mm(xq, self.qweight.t()).float().mul_(xs).mul_(self.w_scale)
-        return y if self.bias is None else y.add_(self.bias)
+        return scale_accumulator(torch._int_mm(xq, self.qweight.t()), xs, self.w_scale, self.bias)
 
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``i``'s output for input ``x``."""
