@@ -5,18 +5,31 @@ The session is a unit of work per request: committed when the route returns norm
 response is sent), rolled back on any error. Work that must only happen once the data is durable
 (publishing a Celery task) is registered with :func:`after_commit`; cleanup of side effects
 outside the database (an uploaded object in the store) with :func:`on_rollback`.
+
+Connections are never held across a thread hop. A route's database work, its commit (or
+rollback) and the release of its connection happen in ONE thread-pool call: sync routes get this
+from :class:`UnitOfWorkRoute` (the route and then its sessions' finish, in the same thread);
+async routes hand their database work to :func:`in_unit_of_work`. Otherwise a request holding a
+connection would wait for a pool thread while every pool thread waits for a connection: under
+50+ concurrent requests the API deadlocked until the pool timed out (500s).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -32,6 +45,20 @@ log = logging.getLogger("modelpress.api")
 
 _AFTER_COMMIT = "mp_after_commit"
 _ON_ROLLBACK = "mp_on_rollback"
+_READ_ONLY = "mp_read_only"
+
+T = TypeVar("T")
+
+#: Finishing a session left open by a route (the fallback path) runs on threads of its own, never
+#: behind the route threads of the default limiter, which may all be waiting for a connection.
+_FINISH_LIMITER: CapacityLimiter | None = None
+
+
+def _finish_limiter() -> CapacityLimiter:
+    global _FINISH_LIMITER
+    if _FINISH_LIMITER is None:
+        _FINISH_LIMITER = CapacityLimiter(math.inf)
+    return _FINISH_LIMITER
 
 
 def after_commit(session: Session, fn: Callable[[], None]) -> None:
@@ -73,29 +100,88 @@ def _finish(session: Session, ok: bool) -> None:
         session.close()
 
 
-async def get_db(request: Request) -> AsyncIterator[Session]:
-    """The request's unit of work. Creating a Session does no I/O, so it happens on the event
-    loop; finishing it (commit/rollback: database I/O) runs in the thread pool, and is skipped
-    entirely when the request never touched the database (cached auth, /v1/methods)."""
-    session: Session = request.app.state.session_factory()
-    try:
-        yield session
-    except BaseException:
-        if session.in_transaction() or session.info:
-            await run_in_threadpool(_finish, session, False)
-        else:
-            session.close()
-        raise
-    if session.in_transaction() or session.info:
-        await run_in_threadpool(_finish, session, True)
+def release(session: Session, ok: bool) -> None:
+    """End a request's session in the calling thread: a read session is closed, a unit of work
+    committed (``ok``) or rolled back, with its hooks. Idempotent."""
+    if session.info.get(_READ_ONLY):
+        session.close()
+    elif session.in_transaction() or set(session.info) & {_AFTER_COMMIT, _ON_ROLLBACK}:
+        _finish(session, ok)
     else:
         session.close()
 
 
+def in_unit_of_work(session: Session, fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` followed by the commit of ``session`` (rollback if it raises), for one thread-pool
+    call from an async route: ``await run_in_threadpool(in_unit_of_work(session, fn), ...)``."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> T:
+        try:
+            out = fn(*args, **kwargs)
+        except BaseException:
+            release(session, False)
+            raise
+        release(session, True)
+        return out
+
+    return run
+
+
+def _finishing(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """A sync endpoint that finishes the request's sessions (its Session arguments) in the same
+    thread, once it has returned or raised."""
+
+    @functools.wraps(endpoint)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        sessions = [v for v in kwargs.values() if isinstance(v, Session)]
+        try:
+            out = endpoint(*args, **kwargs)
+        except BaseException:
+            for s in sessions:
+                release(s, False)
+            raise
+        for s in sessions:
+            release(s, True)
+        return out
+
+    return run
+
+
+class UnitOfWorkRoute(APIRoute):
+    """Every sync route of the API: its sessions end in the thread that used them."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any):
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _finishing(endpoint)
+        super().__init__(path, endpoint, **kwargs)
+
+
+async def _finish_off_loop(session: Session, ok: bool) -> None:
+    if session.in_transaction() or set(session.info) & {_AFTER_COMMIT, _ON_ROLLBACK}:
+        await anyio.to_thread.run_sync(_finish, session, ok, limiter=_finish_limiter())
+    else:
+        session.close()
+
+
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """The request's unit of work. Creating a Session does no I/O, so it happens on the event
+    loop. The route normally finishes it in its own thread (:class:`UnitOfWorkRoute`,
+    :func:`in_unit_of_work`); one left open is finished here on a thread of its own."""
+    session: Session = request.app.state.session_factory()
+    try:
+        yield session
+    except BaseException:
+        await _finish_off_loop(session, False)
+        raise
+    await _finish_off_loop(session, True)
+
+
 async def get_read_db(request: Request) -> AsyncIterator[Session]:
     """A session for routes that only read: autocommit (no BEGIN/COMMIT round trips), nothing
-    to commit or roll back, closed on the event loop (returning a connection does no I/O)."""
+    to commit or roll back; closed by the route's thread, or here (closing does no I/O)."""
     session: Session = request.app.state.read_session_factory()
+    session.info[_READ_ONLY] = True
     try:
         yield session
     finally:
@@ -169,12 +255,15 @@ DbSession = Annotated[Session, Depends(get_db, scope="function")]
 ReadSession = Annotated[Session, Depends(get_read_db, scope="function")]
 
 
-def _lookup_owner(session: Session, key_hash: str) -> str | None:
-    return session.scalar(select(ApiKey.owner).where(ApiKey.key_hash == key_hash,
-                                                     ApiKey.revoked.is_(False)))
+def _lookup_owner(factory: Callable[[], Session], key_hash: str) -> str | None:
+    """One short read with a session of its own: the connection is back in the pool before the
+    route starts (it never waits for a thread while holding one)."""
+    with factory() as session:
+        return session.scalar(select(ApiKey.owner).where(ApiKey.key_hash == key_hash,
+                                                         ApiKey.revoked.is_(False)))
 
 
-async def current_owner(request: Request, session: DbSession,
+async def current_owner(request: Request,
                         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
                         ) -> str:
     """The key's owner. A cache hit costs no I/O and no thread hop; a miss asks the database."""
@@ -184,7 +273,7 @@ async def current_owner(request: Request, session: DbSession,
     cache: KeyCache = request.app.state.key_cache
     owner = cache.get(h)
     if owner is None:
-        owner = await run_in_threadpool(_lookup_owner, session, h)
+        owner = await run_in_threadpool(_lookup_owner, request.app.state.read_session_factory, h)
         if owner is None:
             raise Unauthorized("invalid API key")
         cache.put(h, owner)

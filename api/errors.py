@@ -8,11 +8,14 @@ responses by hand.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("modelpress.api")
@@ -68,8 +71,20 @@ class Unprocessable(ApiError):
     status_code, code = 422, "unprocessable"
 
 
+class TooManyRequests(ApiError):
+    status_code, code = 429, "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: float, **kw: Any):
+        kw.setdefault("headers", {"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+        super().__init__(message, **kw)
+
+
 class ServiceUnavailable(ApiError):
     status_code, code = 503, "unavailable"
+
+
+#: seconds a client should wait before retrying after the database was unreachable or busy
+DB_RETRY_AFTER_S = 5
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -81,7 +96,8 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-                 413: "payload_too_large", 415: "unsupported_media_type", 422: "unprocessable"}
+                 413: "payload_too_large", 415: "unsupported_media_type", 422: "unprocessable",
+                 429: "too_many_requests"}
 
 
 def _loc(loc: Any) -> str:
@@ -91,6 +107,11 @@ def _loc(loc: Any) -> str:
 def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"field": _loc(e.get("loc", ())), "message": e.get("msg", ""), "type": e.get("type", "")}
             for e in errors]
+
+
+def _unavailable(message: str) -> JSONResponse:
+    return JSONResponse(error_body("unavailable", message), status_code=503,
+                        headers={"Retry-After": str(DB_RETRY_AFTER_S)})
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -110,6 +131,24 @@ def install_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(_req: Request, exc: PoolTimeout) -> JSONResponse:
+        log.warning("no database connection free: %s", exc)
+        return _unavailable("the service is busy (no database connection free); retry shortly")
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable: %s", exc)
+        return _unavailable("the database is unavailable; retry shortly")
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(_req: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated:  # the connection died under the request (a restart)
+            log.warning("database connection lost: %s", exc)
+            return _unavailable("the database connection was lost; retry shortly")
+        log.exception("database error", exc_info=exc)
+        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:  # pragma: no cover

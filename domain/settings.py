@@ -59,6 +59,20 @@ class Settings(BaseSettings):
     task_time_limit_s: int = 6 * 3600 + 300
     progress_min_interval_s: float = Field(1.0, description="Progress write throttle.")
 
+    # API limits (per API process; see README "Limits")
+    max_json_body_bytes: int = Field(
+        1024**2, description="Largest JSON request body; larger -> 413.")
+    max_active_jobs_per_owner: int = Field(
+        10_000, description="Queued + running jobs one owner may have; more -> 429. 0: no limit.")
+    rate_limit_per_s: float = Field(
+        2000.0, description="Requests per second per owner and API process (token bucket); "
+        "over it -> 429 with Retry-After. 0: no limit.")
+    rate_limit_burst: int = Field(4000, description="Token bucket size of the rate limit.")
+    idempotency_ttl_s: float = Field(
+        24 * 3600.0, description="How long an Idempotency-Key is remembered.")
+    db_pool_timeout_s: float = Field(
+        10.0, description="API: longest wait for a database connection before answering 503.")
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:

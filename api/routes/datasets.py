@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ..deps import CurrentOwner, DbSession, ReadSession, Settings, Store
+from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute,
+                    in_unit_of_work)
 from ..schemas import DatasetList, DatasetOut
 from ..services import datasets as svc
 from ..uploads import receive_file
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=UnitOfWorkRoute)
 
 _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
@@ -25,7 +26,8 @@ async def create_dataset(request: Request, session: DbSession, owner: CurrentOwn
                          store: Store, settings: Settings) -> DatasetOut:
     row = await receive_file(
         request, settings.resolved_work_dir / "uploads", settings.upload_max_bytes,
-        lambda upload, name: svc.register_dataset(session, store, owner, upload, name))
+        in_unit_of_work(session, lambda upload, name: svc.register_dataset(session, store, owner,
+                                                                         upload, name)))
     return DatasetOut.model_validate(row)
 
 

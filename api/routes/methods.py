@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from ..deps import CurrentOwner
+from ..deps import CurrentOwner, UnitOfWorkRoute
 from ..schemas import MethodList, MethodOut
 
-router = APIRouter(prefix="/v1/methods", tags=["methods"])
+router = APIRouter(prefix="/v1/methods", tags=["methods"], route_class=UnitOfWorkRoute)
 
 
 @router.get("", response_model=MethodList, summary="List compression methods")

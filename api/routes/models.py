@@ -9,14 +9,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from ..deps import CurrentOwner, DbSession, ReadSession, Settings, Store
+from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute,
+                    in_unit_of_work)
 from ..errors import UnsupportedMediaType
 from ..schemas import Comparison, ModelFromHub, ModelList, ModelOut
 from ..services import models as svc
 from ..services import reports
 from ..uploads import receive_file
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=UnitOfWorkRoute)
 
 _UPLOAD_BODY = {
     "required": True,
@@ -59,15 +60,16 @@ async def create_model(request: Request, session: DbSession, owner: CurrentOwner
         except ValidationError as e:
             raise RequestValidationError(
                 [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
-        row = await run_in_threadpool(svc.register_hub, session, owner, body.source,
-                                      body.revision, body.name)
+        row = await run_in_threadpool(in_unit_of_work(session, svc.register_hub), session,
+                                      owner, body.source, body.revision, body.name)
         return ModelOut.model_validate(row)
     if ctype != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data (a file) or application/json "
                                    "(a hub id)")
     row = await receive_file(
         request, settings.resolved_work_dir / "uploads", settings.upload_max_bytes,
-        lambda upload, name: svc.register_upload(session, store, owner, upload, name))
+        in_unit_of_work(session, lambda upload, name: svc.register_upload(session, store, owner,
+                                                                        upload, name)))
     return ModelOut.model_validate(row)
 
 
