@@ -219,10 +219,10 @@ Visit = Callable[[Step], "list[torch.Tensor] | None"]
 @torch.no_grad()
 def run_sequential(model: nn.Module, tokens: torch.Tensor, ctx: Context, visit: Visit, *,
                    batch_size: int, source: BlockSource | None = None,
-                   label: str = "calibrated block", progress: tuple[float, float] = (0.0, 1.0)
-                   ) -> None:
+                   label: str = "calibrated block", progress: tuple[float, float] = (0.0, 1.0),
+                   after: Callable[[Step], None] | None = None) -> None:
     """For every block: onload -> ``visit`` (observe, change) -> propagate the changed block's
-    outputs to the next block -> offload."""
+    outputs to the next block -> ``after`` (e.g. pack what the method attached) -> offload."""
     source = source or InMemoryBlocks(model)
     fam = family_of(model)
     n = len(find_blocks(model)[1])
@@ -231,12 +231,15 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, ctx: Context, visit: 
     for i in range(n):
         ctx.check_cancelled()
         block = source.onload(i, ctx.device)
-        outs = visit(Step(i, n, block, inputs, fam))
+        step = Step(i, n, block, inputs, fam)
+        outs = visit(step)
         if outs is None:
             advance(block, inputs)
         else:
             for x, o in zip(inputs, outs):
                 x.hidden = o
+        if after is not None:
+            after(step)
         source.offload(i, block)
         return_freed_memory()
         ctx.progress(lo + (hi - lo) * (i + 1) / n, f"{label} {i + 1}/{n}")

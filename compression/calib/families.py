@@ -164,3 +164,11 @@ def supporting(need: str) -> frozenset[str]:
     if need == "unfused":
         return frozenset(k for k, f in FAMILIES.items() if not f.fused)
     return frozenset(k for k, f in FAMILIES.items() if getattr(f, need) is not None)
+
+
+def shared_inputs(model_or_config: Any) -> list[tuple[str, ...]]:
+    """The block-relative names of Linears that read one tensor (groups of two or more) of a
+    model's family; empty for a model type the table does not know."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    fam = FAMILIES.get(getattr(cfg, "model_type", None))
+    return [g.linears for g in fam.groups if len(g.linears) > 1] if fam else []

@@ -30,7 +30,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..base import Context, Method
-from . import calibrated, layerwise
+from ..calib.engine import InputStats
+from ..calib.families import supporting
+from . import calibrated
 from .masks import nm_mask, row_topk_mask
 
 
@@ -170,7 +172,7 @@ def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float,
 
 def make_prune_linear(cfg: ADMMConfig):
     @torch.no_grad()
-    def prune_linear(lin: nn.Linear, stats: layerwise.InputStats, sparsity: float,
+    def prune_linear(lin: nn.Linear, stats: InputStats, sparsity: float,
                      nm: tuple[int, int] | None) -> None:
         new, _ = admm_prune(lin.weight, stats.H, sparsity, nm, iterations=cfg.iterations,
                             ramp_iterations=cfg.ramp_iterations, rho=cfg.rho,
@@ -195,6 +197,6 @@ METHOD = Method(
     family="pruning",
     needs_calibration=True,
     prefers_gpu=True,
-    architectures=layerwise.SUPPORTED_ARCHITECTURES,
+    architectures=supporting("blocks"),
     validate=calibrated.validate_model,
 )

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..base import CalibrationConfig, CompressionError, CompressionResult, Context
 from ..evaluation import linear_sparsity, nonzero_count, param_count
+from ..calib.engine import InputStats, calibration_tokens, find_blocks
 from . import layerwise
 from .masks import parse_nm
 
@@ -56,7 +57,7 @@ def validate_model(cfg: CalibratedPruningConfig, model_config) -> None:
 
 
 #: ``prune_linear(linear, stats, sparsity, nm)`` prunes one Linear in place
-PruneLinear = Callable[[nn.Linear, layerwise.InputStats, float, tuple[int, int] | None], None]
+PruneLinear = Callable[[nn.Linear, InputStats, float, tuple[int, int] | None], None]
 
 
 def run(model: nn.Module, cfg: CalibratedPruningConfig, ctx: Context, prune_linear: PruneLinear,
@@ -65,25 +66,24 @@ def run(model: nn.Module, cfg: CalibratedPruningConfig, ctx: Context, prune_line
     nm = parse_nm(cfg.pattern) if cfg.pattern else None
     if nm:
         bad = [f"{k} ({lin.in_features})" for k, lin in
-               ((k, lin) for _, blocks in [layerwise.find_blocks(model)]
-                for b in blocks for k, lin in layerwise.block_linears(b).items())
-               if lin.in_features % nm[1]]
+               find_blocks(model)[1].named_modules()
+               if isinstance(lin, nn.Linear) and lin.in_features % nm[1]]
         if bad:
             raise CompressionError(f"pattern {cfg.pattern}: in_features not a multiple of {nm[1]}: {bad[:3]}")
     was_training = model.training
     model.eval()
-    tokens = layerwise.calibration_tokens(model, cfg, ctx)
+    tokens = calibration_tokens(model, cfg, ctx)
     ctx.event("calibration", {"sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])})
-    _, blocks = layerwise.find_blocks(model)
+    _, blocks = find_blocks(model)
     per_block = [cfg.sparsity] * len(blocks)
     if cfg.owl and not nm:
-        ratios = layerwise.block_outlier_ratios(model, tokens[: cfg.owl_samples], ctx.device,
-                                                cfg.owl_m, cfg.batch_size)
+        ratios = layerwise.block_outlier_ratios(model, tokens[: cfg.owl_samples], ctx, cfg.owl_m,
+                                                cfg.batch_size)
         per_block = layerwise.owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda)
         ctx.event("owl", {"outlier_ratios": ratios, "block_sparsity": per_block})
         ctx.check_cancelled()
 
-    def prune_block(i: int, lins: dict[str, nn.Linear], stats: dict[str, layerwise.InputStats]) -> None:
+    def prune_block(i: int, lins: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
         for name, lin in lins.items():
             prune_linear(lin, stats[name], per_block[i], nm)
 

@@ -13,7 +13,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..base import Context, Method
-from . import calibrated, layerwise
+from ..calib.engine import InputStats
+from ..calib.families import supporting
+from . import calibrated
 from .masks import parse_nm
 from .wanda import wanda_mask
 
@@ -110,7 +112,7 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float,
 
 def make_prune_linear(cfg: SparseGPTConfig):
     @torch.no_grad()
-    def prune_linear(lin: nn.Linear, stats: layerwise.InputStats, sparsity: float,
+    def prune_linear(lin: nn.Linear, stats: InputStats, sparsity: float,
                      nm: tuple[int, int] | None) -> None:
         mask = wanda_mask(lin.weight, stats.col_norm, sparsity, nm) if cfg.mask_selection == "wanda" else None
         new, _ = sparsegpt_prune(lin.weight, stats.H, sparsity, nm, cfg.block_size, cfg.dampening, mask)
@@ -132,6 +134,6 @@ METHOD = Method(
     family="pruning",
     needs_calibration=True,
     prefers_gpu=True,
-    architectures=layerwise.SUPPORTED_ARCHITECTURES,
+    architectures=supporting("blocks"),
     validate=calibrated.validate_model,
 )

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from ..base import Context, Method
-from . import calibrated, layerwise
+from ..calib.engine import InputStats
+from ..calib.families import supporting
+from . import calibrated
 from .masks import nm_mask, row_topk_mask
 
 
@@ -29,7 +31,7 @@ def wanda_mask(weight: torch.Tensor, col_norm: torch.Tensor, sparsity: float,
 
 
 @torch.no_grad()
-def prune_linear(lin: nn.Linear, stats: layerwise.InputStats, sparsity: float,
+def prune_linear(lin: nn.Linear, stats: InputStats, sparsity: float,
                  nm: tuple[int, int] | None) -> None:
     mask = wanda_mask(lin.weight, stats.col_norm, sparsity, nm)
     lin.weight.mul_(mask.to(lin.weight.dtype))
@@ -48,6 +50,6 @@ METHOD = Method(
     family="pruning",
     needs_calibration=True,
     prefers_gpu=True,
-    architectures=layerwise.SUPPORTED_ARCHITECTURES,
+    architectures=supporting("blocks"),
     validate=calibrated.validate_model,
 )

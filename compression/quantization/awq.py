@@ -11,9 +11,9 @@ from pydantic import Field
 from torch import nn
 
 from ..base import CompressionResult, Context, Method
+from ..calib.families import supporting
 from .artifact import make_saver
 from .common import target_linears, validate_group_size
-from .gptq import LLAMA_LIKE
 from .layerwise import WeightCalibConfig, quantize_layerwise
 
 
@@ -64,7 +64,7 @@ METHOD = Method(
     family="quantization",
     needs_calibration=True,
     prefers_gpu=True,
-    architectures=LLAMA_LIKE,
+    architectures=supporting("causal"),
     terminal=True,
     validate=_validate,
 )

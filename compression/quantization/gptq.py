@@ -6,11 +6,11 @@ from pydantic import Field
 from torch import nn
 
 from ..base import CompressionResult, Context, Method
+from ..calib.families import supporting
 from .artifact import make_saver
 from .common import target_linears, validate_group_size
 from .layerwise import WeightCalibConfig, quantize_layerwise
 
-LLAMA_LIKE = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 class GPTQConfig(WeightCalibConfig):
@@ -55,7 +55,7 @@ METHOD = Method(
     family="quantization",
     needs_calibration=True,
     prefers_gpu=True,
-    architectures=LLAMA_LIKE,
+    architectures=supporting("causal"),
     terminal=True,
     validate=_validate,
 )

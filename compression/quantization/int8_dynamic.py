@@ -32,14 +32,15 @@ from torch import nn
 
 from ..base import CalibrationConfig, CompressionResult, Context, Method, UnsupportedModelError
 from .artifact import QUANT_ATTR, DenseDtype, make_saver
-from .calib import (
+from ..calib.engine import (
+    Step,
     calibration_tokens,
-    capture_first_layer_inputs,
-    decoder_layers,
-    layer_linears,
-    observe_inputs,
-    run_layer,
+    can_fold,
+    fold_scale,
+    input_stats,
+    run_sequential,
 )
+from ..calib.families import shared_inputs, supporting
 from .common import dense_dtype_field
 from .qtensor import QuantizedWeight
 
@@ -386,50 +387,26 @@ class Int8DynamicConfig(CalibrationConfig):
     dense_dtype: DenseDtype = dense_dtype_field()
 
 
-SMOOTH_GROUPS = [
-    (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
-    (["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm"),
-    (["mlp.down_proj"], "mlp.up_proj"),
-]
-
-
 @torch.no_grad()
 def smooth_model(model: nn.Module, cfg: Int8DynamicConfig, ctx: Context) -> int:
-    """Fold SmoothQuant scales into every decoder layer; returns how many groups were smoothed."""
-    layers = decoder_layers(model)
+    """Fold SmoothQuant scales into every block, block by block on the calibration engine, for
+    each of the family's shared-input groups whose producer takes a scale; returns how many
+    groups were smoothed."""
     tokens = calibration_tokens(model, cfg, ctx)
-    inputs = capture_first_layer_inputs(model, tokens, ctx.device, cfg.batch_size)
     done = 0
-    for li, layer in enumerate(layers):
-        ctx.check_cancelled()
-        mods = dict(layer.named_modules())
-        lins = layer_linears(layer)
-        amax: dict[str, torch.Tensor] = {}
 
-        def acc(name: str, x: torch.Tensor) -> None:
-            m = x.abs().amax(0).float()
-            amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+    def visit(step: Step) -> None:
+        nonlocal done
+        groups = [g for g in step.groups() if can_fold(step.block, g)]
+        stats = input_stats(step.block, step.inputs, groups, abs_max=True)
+        for g in groups:
+            lins = [step.block.get_submodule(n) for n in g.linears]
+            w_absmax = torch.stack([m.weight.abs().amax(0) for m in lins]).amax(0).float()
+            s = smoothing_scales(stats[g.linears[0]].abs_max, w_absmax, cfg.smoothing_alpha)
+            done += fold_scale(step.block, g, s, step.family)
 
-        heads = {names[0]: lins[names[0]] for names, _ in SMOOTH_GROUPS if names[0] in lins}
-        with observe_inputs(heads, acc):
-            run_layer(layer, inputs)
-        for names, prev_name in SMOOTH_GROUPS:
-            if not all(n in lins for n in names) or prev_name not in mods or names[0] not in amax:
-                continue
-            prev, group = mods[prev_name], [lins[n] for n in names]
-            w_absmax = torch.stack([m.weight.abs().amax(0) for m in group]).amax(0).float()
-            s = smoothing_scales(amax[names[0]], w_absmax, cfg.smoothing_alpha)
-            for m in group:
-                m.weight.mul_(s.to(m.weight.dtype))
-            if isinstance(prev, nn.Linear):
-                prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))
-                if prev.bias is not None:
-                    prev.bias.div_(s.to(prev.bias.dtype))
-            else:
-                prev.weight.div_(s.to(prev.weight.dtype))
-            done += 1
-        inputs.hidden = run_layer(layer, inputs)
-        ctx.progress(0.8 * (li + 1) / len(layers), f"smoothed layer {li + 1}/{len(layers)}")
+    run_sequential(model, tokens, ctx, visit, batch_size=cfg.batch_size, label="smoothed layer",
+                   progress=(0.0, 0.8))
     return done
 
 
@@ -487,8 +464,9 @@ def to_runtime(model: nn.Module, quantize_lm_head: bool = True,
             new.tied_input_embeddings = bool(model.config.tie_word_embeddings)
             model.config.tie_word_embeddings = False
     mods = dict(model.named_modules())
-    for name, m in mods.items():  # llama-style Linears that read one tensor share a runtime
-        for names, _ in SMOOTH_GROUPS[:2]:
+    shared = shared_inputs(model)
+    for name, m in mods.items():  # Linears that read one tensor (family table) share a runtime
+        for names in shared:
             group = [mods.get(f"{name}.{n}") for n in names]
             if all(isinstance(g, Int8DynamicLinear) for g in group):
                 group_for_cpu(group)
@@ -524,13 +502,12 @@ def _runtime(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:
 
 
 def _validate(cfg: Int8DynamicConfig, model_config: Any) -> None:
-    from .gptq import LLAMA_LIKE
-
     model_type = getattr(model_config, "model_type", None)
-    if cfg.smoothing_alpha is not None and model_config is not None and model_type not in LLAMA_LIKE:
+    folds = supporting("folds")
+    if cfg.smoothing_alpha is not None and model_config is not None and model_type not in folds:
         raise UnsupportedModelError(
-            f"int8_dynamic's SmoothQuant smoothing runs on decoder layers of model types "
-            f"{sorted(LLAMA_LIKE)}, not {model_type!r}; pass smoothing_alpha: null to quantize "
+            f"int8_dynamic's SmoothQuant smoothing folds scales into the norms of model types "
+            f"{sorted(folds)}, not {model_type!r}; pass smoothing_alpha: null to quantize "
             "without smoothing")
 
 

@@ -11,20 +11,18 @@ from pydantic import Field
 from torch import nn
 
 from ..base import CalibrationConfig, Context
-from ..device import return_freed_memory
+from ..calib.engine import (
+    InputStats,
+    Step,
+    calibration_tokens,
+    can_fold,
+    fold_scale,
+    input_stats,
+    run_sequential,
+)
+from ..calib.families import Family, Group
 from .artifact import DenseDtype, attach, compact
 from .awq_math import search_scale
-from .calib import (
-    InputStats,
-    advance,
-    calibration_tokens,
-    capture_first_layer_inputs,
-    decoder_layers,
-    input_stats,
-    layer_linears,
-    run_layer,
-    shared_input_groups,
-)
 from .common import GroupFieldsMixin, dense_dtype_field, group_size_field
 from .gptq_math import gptq_quantize_passes
 from .qtensor import (
@@ -60,15 +58,6 @@ class WeightCalibConfig(GroupFieldsMixin, CalibrationConfig):
     dense_dtype: DenseDtype = dense_dtype_field()
 
 
-#: AWQ scaling groups of a llama-style decoder layer: (Linears reading one input, its producer)
-AWQ_GROUPS = [
-    (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "input_layernorm"),
-    (["self_attn.o_proj"], "self_attn.v_proj"),
-    (["mlp.gate_proj", "mlp.up_proj"], "post_attention_layernorm"),
-    (["mlp.down_proj"], "mlp.up_proj"),
-]
-
-
 def _rtn_fake_quant(bits: int, group_size: int | None, symmetric: bool, clip: float = 1.0):
     """Round-to-nearest per group on min/max shrunk to ``clip`` (a cheap stand-in for the final
     quantizer's per-group clipping search while AWQ scales are searched)."""
@@ -81,45 +70,28 @@ def _rtn_fake_quant(bits: int, group_size: int | None, symmetric: bool, clip: fl
 
 
 @torch.no_grad()
-def apply_awq_scaling(layer: nn.Module, stats: dict[str, InputStats], bits: int,
-                      group_size: int | None, symmetric: bool, grid: int = 20,
-                      search_clip: float = 1.0) -> dict[str, InputStats]:
-    """Search and fold AWQ scales into ``layer`` (function-preserving in float); returns the
+def apply_awq_scaling(block: nn.Module, groups: list[Group], family: Family,
+                      stats: dict[str, InputStats], bits: int, group_size: int | None,
+                      symmetric: bool, grid: int = 20, search_clip: float = 1.0
+                      ) -> dict[str, InputStats]:
+    """Search and fold AWQ scales into ``block`` (function-preserving in float) for every group
+    whose producer takes a scale (:func:`can_fold`; e.g. not GQA v_proj -> o_proj: one scale per
+    kv channel, tried on SmolLM2 awq asymmetric, did not help: 34.64 -> 35.08); returns the
     input statistics of the rescaled inputs. Candidates are scored with groups clipped to
     ``search_clip`` of their range."""
-    mods = dict(layer.named_modules())
     fq = _rtn_fake_quant(bits, group_size, symmetric, search_clip)
     stats = dict(stats)
-    for names, prev_name in AWQ_GROUPS:
-        if not all(n in mods and n in stats for n in names) or prev_name not in mods:
+    for g in groups:
+        if not all(n in stats for n in g.linears) or not can_fold(block, g):
             continue
-        prev = mods[prev_name]
-        lins = [mods[n] for n in names]
-        in_f = lins[0].in_features
-        if isinstance(prev, nn.Linear):
-            if prev.out_features != in_f:
-                # GQA: v_proj (kv heads) -> o_proj (all heads) would need one scale per kv
-                # channel; tried on SmolLM2 awq asymmetric, it did not help (34.64 -> 35.08)
-                continue
-        elif getattr(prev, "weight", None) is None or prev.weight.shape != (in_f,):
-            continue
-        st = stats[names[0]]
-        W = torch.cat([m.weight.float() for m in lins], 0)
+        st = stats[g.linears[0]]
+        W = torch.cat([block.get_submodule(n).weight.float() for n in g.linears], 0)
         s, _alpha, _err, _base = search_scale(W, st.H, st.abs_mean, fq, grid=grid)
         if torch.all(s == 1):
             continue
-        for m in lins:
-            m.weight.mul_(s.to(m.weight.dtype))
-        if isinstance(prev, nn.Linear):
-            prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))
-            if prev.bias is not None:
-                prev.bias.div_(s.to(prev.bias.dtype))
-        else:
-            prev.weight.div_(s.to(prev.weight.dtype))
-            if getattr(prev, "bias", None) is not None:
-                prev.bias.div_(s.to(prev.bias.dtype))
-        new = InputStats(st.H / torch.outer(s, s), st.abs_mean / s)
-        for n in names:
+        fold_scale(block, g, s, family)
+        new = st.scaled(s)
+        for n in g.linears:
             stats[n] = new
     return stats
 
@@ -131,56 +103,54 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
                        true_sequential: bool = False, refit_rounds: int = 1,
                        awq_search_clip: float = 1.0, clip_error: str = "diagonal",
                        clip_refine: int = 0) -> dict[str, float]:
-    """Quantize every decoder layer's Linears in turn (``algorithm``: "gptq" or "rtn" with a
-    Hessian-diagonal-weighted clipping search), optionally after AWQ scaling. With
-    ``true_sequential`` the Linears of a layer are quantized group by group (q/k/v, o, gate/up,
-    down) and each group's Hessian is taken from inputs computed with the earlier groups already
-    quantized (a cut-short forward of the layer per group). ``clip_error`` ("diagonal" or
-    "block") and ``clip_refine`` shape the rtn clipping search (:func:`search_qparams`, coarse
-    to fine)."""
+    """Quantize every block's Linears in turn on the calibration engine (``algorithm``: "gptq"
+    or "rtn" with a Hessian-diagonal-weighted clipping search), optionally after AWQ scaling.
+    With ``true_sequential`` the Linears of a block are quantized group by group (the family's
+    shared-input groups: q/k/v, o, gate/up, down) and each group's Hessian is taken from inputs
+    computed with the earlier groups already quantized (a cut-short block forward per group).
+    ``clip_error`` ("diagonal" or "block") and ``clip_refine`` shape the rtn clipping search
+    (:func:`search_qparams`, coarse to fine)."""
     t0 = time.perf_counter()
-    layers = decoder_layers(model)
-    orig_device = next(model.parameters()).device
-    dev = ctx.device
-    model.to(dev)
-    try:
-        tokens = calibration_tokens(model, cfg, ctx)
-        ctx.progress(0.0, f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens")
-        inputs = capture_first_layer_inputs(model, tokens, dev, cfg.batch_size)
-        n_lin = 0
-        for li, layer in enumerate(layers):
-            ctx.check_cancelled()
-            groups = shared_input_groups(layer)
-            stats = input_stats(layer, inputs, groups)
-            if awq_scaling:
-                stats = apply_awq_scaling(layer, stats, cfg.bits, cfg.group_size, cfg.symmetric,
-                                          grid=awq_grid, search_clip=awq_search_clip)
-            lins = layer_linears(layer)
-            for gi, group in enumerate(groups):
-                if true_sequential and gi > 0:
-                    stats.update(input_stats(layer, inputs, [group], stop_early=True))
-                if algorithm == "gptq" and len(group) > 1:
-                    # GPTQ treats output rows independently given H: one pass over the columns
-                    # for all the Linears reading this input (same result, fewer steps)
-                    n_lin += _gptq_stacked([lins[n] for n in group], stats[group[0]], cfg,
-                                           act_order, dampening)
-                    continue
-                for name in group:
-                    n_lin += _quantize_one(lins[name], stats[name], cfg, algorithm, act_order,
-                                           dampening, refit_rounds, clip_error, clip_refine)
-            del stats, lins
-            advance(layer, inputs)
-            compact(layer, model)  # the layer's float weights are not needed any more
-            return_freed_memory()
-            ctx.progress((li + 1) / len(layers), f"quantized layer {li + 1}/{len(layers)}")
-    finally:
-        model.to(orig_device)
-    for m in model.modules():  # keep the integer state next to the (moved) float weights
+    was = next(model.parameters()).device
+    tokens = calibration_tokens(model, cfg, ctx)
+    ctx.progress(0.0, f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens")
+    fields = {"hessian": True, "abs_mean": True}
+    n_lin = 0
+
+    def visit(step: Step) -> None:
+        nonlocal n_lin
+        groups = step.groups()
+        stats = input_stats(step.block, step.inputs, groups, **fields)
+        if awq_scaling:
+            stats = apply_awq_scaling(step.block, groups, step.family, stats, cfg.bits,
+                                      cfg.group_size, cfg.symmetric, grid=awq_grid,
+                                      search_clip=awq_search_clip)
+        lins = step.linears()
+        for gi, group in enumerate(groups):
+            names = list(group.linears)
+            if true_sequential and gi > 0:
+                stats.update(input_stats(step.block, step.inputs, [group], **fields))
+            if algorithm == "gptq" and len(names) > 1:
+                # GPTQ treats output rows independently given H: one pass over the columns
+                # for all the Linears reading this input (same result, fewer steps)
+                n_lin += _gptq_stacked([lins[n] for n in names], stats[names[0]], cfg,
+                                       act_order, dampening)
+                continue
+            for name in names:
+                n_lin += _quantize_one(lins[name], stats[name], cfg, algorithm, act_order,
+                                       dampening, refit_rounds, clip_error, clip_refine)
+
+    def pack(step: Step) -> None:  # once the block's outputs are propagated
+        compact(step.block, model)  # its float weights are not needed any more
+
+    run_sequential(model, tokens, ctx, visit, batch_size=cfg.batch_size, label="quantized layer",
+                   after=pack)
+    for m in model.modules():  # keep the integer state next to the (moved back) float weights
         qw: Any = getattr(m, "_modelpress_qweight", None)
         if qw is not None:
-            qw.scale, qw.zero_point = qw.scale.to(orig_device), qw.zero_point.to(orig_device)
+            qw.scale, qw.zero_point = qw.scale.to(was), qw.zero_point.to(was)
             if qw.q is not None:
-                qw.q = qw.q.to(orig_device)
+                qw.q = qw.q.to(was)
     return {"quantized_linears": float(n_lin), "bits": float(cfg.bits),
             "calibration_tokens": float(tokens.numel()),
             "compress_seconds": time.perf_counter() - t0}

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from modelpress.compression.pruning import layerwise
+from modelpress.compression.calib.engine import find_blocks
 
 
 def _block_linears(model):
     """Every Linear inside the transformer blocks, keyed ``"<block>.<name>"``."""
-    _, blocks = layerwise.find_blocks(model)
-    return {f"{i}.{k}": lin for i, b in enumerate(blocks) for k, lin in layerwise.block_linears(b).items()}
+    _, blocks = find_blocks(model)
+    return {f"{i}.{k}": lin for i, b in enumerate(blocks) for k, lin in b.named_modules()
+            if isinstance(lin, torch.nn.Linear)}
 
 
 def _correlated_inputs(n=512, d=32, seed=0):

@@ -3,7 +3,7 @@ import torch
 
 from modelpress.compression import Context, compress, parse_params
 from modelpress.compression.evaluation import linear_sparsity
-from modelpress.compression.pruning import layerwise
+from modelpress.compression.calib import engine
 from modelpress.compression.pruning.admm import ADMMConfig, admm_prune
 from modelpress.compression.pruning.sparsegpt import sparsegpt_prune
 
@@ -108,12 +108,13 @@ def test_admm_smollm2_layer_error_below_sparsegpt(smollm2_dir):
     from modelpress.compression.models import load_pretrained
 
     lm = load_pretrained(smollm2_dir)
-    tokens = layerwise.calibration_tokens(lm.model, ADMMConfig(num_samples=4, seq_len=256),
-                                          Context(tokenizer=lm.tokenizer))
-    inputs = layerwise.capture_block_inputs(lm.model, tokens, torch.device("cpu"), 4)
+    tokens = engine.calibration_tokens(lm.model, ADMMConfig(num_samples=4, seq_len=256),
+                                       Context(tokenizer=lm.tokenizer))
+    inputs = engine.capture_inputs(lm.model, engine.InMemoryBlocks(lm.model), tokens,
+                                   torch.device("cpu"), 4)
     block = lm.model.model.layers[0]
-    names = [n for g in layerwise.linear_groups(block, inputs[0]) for n in g]
-    stats = layerwise.collect_stats(block, names, inputs, hessian=True, stop_early=False)
+    step = engine.Step(0, 1, block, inputs, engine.family_of(lm.model))
+    stats = engine.input_stats(block, inputs, step.groups(), hessian=True)
     err = lambda W, Wn, H: torch.trace((W - Wn) @ H @ (W - Wn).T).item()  # noqa: E731
     for name in ("self_attn.q_proj", "mlp.down_proj"):
         W = dict(block.named_modules())[name].weight.detach()

@@ -3,7 +3,7 @@ import torch
 
 from modelpress.compression import Context, compress, parse_params
 from modelpress.compression.evaluation import linear_sparsity
-from modelpress.compression.pruning import layerwise
+from modelpress.compression.calib import engine
 from modelpress.compression.pruning.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from modelpress.compression.pruning.wanda import WandaConfig, wanda_mask
 
@@ -113,12 +113,13 @@ def test_sparsegpt_smollm2_better_than_wanda_layer(smollm2_dir):
     from modelpress.compression.models import load_pretrained
 
     lm = load_pretrained(smollm2_dir)
-    tokens = layerwise.calibration_tokens(lm.model, SparseGPTConfig(num_samples=4, seq_len=256),
-                                          Context(tokenizer=lm.tokenizer))
-    inputs = layerwise.capture_block_inputs(lm.model, tokens, torch.device("cpu"), 4)
+    tokens = engine.calibration_tokens(lm.model, SparseGPTConfig(num_samples=4, seq_len=256),
+                                       Context(tokenizer=lm.tokenizer))
+    inputs = engine.capture_inputs(lm.model, engine.InMemoryBlocks(lm.model), tokens,
+                                   torch.device("cpu"), 4)
     block = lm.model.model.layers[0]
-    stats = layerwise.collect_stats(block, ["mlp.gate_proj", "mlp.up_proj"], inputs, hessian=True,
-                                    stop_early=True)
+    group = engine.Group(("mlp.gate_proj", "mlp.up_proj"))
+    stats = engine.input_stats(block, inputs, [group], hessian=True, sq_sum=True)
     W = block.mlp.up_proj.weight.detach()
     H = stats["mlp.up_proj"].H
     W_sg, _ = sparsegpt_prune(W, H, 0.5)

@@ -669,31 +669,27 @@ def test_int8_dynamic_keep_float(llama, tiny_tokenizer):
 
 
 def test_true_sequential_stats_see_quantized_earlier_groups(llama, tiny_tokenizer):
+    from modelpress.compression.calib import engine
     from modelpress.compression.quantization.artifact import attach
-    from modelpress.compression.quantization.calib import (
-        capture_first_layer_inputs,
-        input_stats,
-        shared_input_groups,
-    )
 
     tokens = torch.randint(4, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     layer = llama.model.layers[0]
-    inputs = capture_first_layer_inputs(llama, tokens, torch.device("cpu"), 2)
-    groups = shared_input_groups(layer)
-    assert groups[0] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-    full = input_stats(layer, inputs, groups)
+    inputs = engine.capture_inputs(llama, engine.InMemoryBlocks(llama), tokens,
+                                   torch.device("cpu"), 2)
+    groups = engine.Step(0, 1, layer, inputs, engine.family_of(llama)).groups()
+    assert groups[0].linears == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    full = engine.input_stats(layer, inputs, groups, hessian=True)
+    assert full["self_attn.q_proj"] is full["self_attn.v_proj"]  # one tensor, one accumulator
     # a cut-short forward sees exactly the same inputs
-    first = input_stats(layer, inputs, [groups[0]], stop_early=True)
+    first = engine.input_stats(layer, inputs, [groups[0]], hessian=True)
     assert torch.allclose(first["self_attn.q_proj"].H, full["self_attn.q_proj"].H)
-    o_before = input_stats(layer, inputs, [groups[1]], stop_early=True)["self_attn.o_proj"].H
+    o_before = engine.input_stats(layer, inputs, [groups[1]], hessian=True)["self_attn.o_proj"].H
     assert torch.allclose(o_before, full["self_attn.o_proj"].H, atol=1e-6)
-    for name in groups[0]:  # 2-bit q/k/v: o_proj's inputs must change
+    for name in groups[0].linears:  # 2-bit q/k/v: o_proj's inputs must change
         lin = layer.get_submodule(name)
         attach(lin, quantize_weight(lin.weight, 2, 16, True, mse=False))
-    o_after = input_stats(layer, inputs, [groups[1]], stop_early=True)["self_attn.o_proj"].H
+    o_after = engine.input_stats(layer, inputs, [groups[1]], hessian=True)["self_attn.o_proj"].H
     assert not torch.allclose(o_after, o_before, rtol=1e-3)
-    with pytest.raises(ValueError):
-        input_stats(layer, inputs, groups, stop_early=True)
 
 
 def test_gptq_progress_and_cancel(llama, tiny_tokenizer):
