@@ -20,6 +20,7 @@ from modelpress.domain.settings import Settings, get_settings
 
 from .deps import KeyCache, LazyStore
 from .errors import install_handlers
+from .guards import RequestGuard, TokenBuckets
 from .metrics import ApiMetrics, MetricsMiddleware
 from .routes import datasets, health, jobs, methods, models
 
@@ -79,9 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         bind=engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
     app.state.stores = LazyStore(settings)
     app.state.key_cache = KeyCache(ttl_s=5.0)
+    app.state.rate_limits = TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_burst)
     app.state.metrics = ApiMetrics(lambda: app.state.session_factory)
     install_handlers(app)
     for r in (models.router, datasets.router, jobs.router, methods.router, health.router):
         app.include_router(r)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_json_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

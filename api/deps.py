@@ -39,7 +39,8 @@ from modelpress.domain.models import ApiKey
 from modelpress.domain.settings import Settings as _Settings
 from modelpress.domain.store import ArtifactStore
 
-from .errors import Unauthorized
+from .errors import TooManyRequests, Unauthorized
+from .guards import TokenBuckets
 
 log = logging.getLogger("modelpress.api")
 
@@ -277,6 +278,11 @@ async def current_owner(request: Request,
         if owner is None:
             raise Unauthorized("invalid API key")
         cache.put(h, owner)
+    limits: TokenBuckets = request.app.state.rate_limits
+    wait = limits.take(owner)
+    if wait > 0:
+        raise TooManyRequests(f"over the rate limit of {limits.rate:g} requests/s per API key "
+                              "owner", retry_after_s=wait, code="rate_limited")
     return owner
 
 

@@ -83,6 +83,9 @@ class ServiceUnavailable(ApiError):
     status_code, code = 503, "unavailable"
 
 
+#: an error message never carries more than this (never echo unbounded input)
+MAX_MESSAGE_CHARS = 2000
+
 #: seconds a client should wait before retrying after the database was unreachable or busy
 DB_RETRY_AFTER_S = 5
 
@@ -117,7 +120,7 @@ def _unavailable(message: str) -> JSONResponse:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.details),
+        return JSONResponse(error_body(exc.code, exc.message[:MAX_MESSAGE_CHARS], exc.details),
                             status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

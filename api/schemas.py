@@ -73,7 +73,7 @@ class JobCreate(Strict):
     calibration_dataset_id: str | None = Field(None, description="Uploaded calibration text.")
     eval_dataset_id: str | None = Field(None, description="Uploaded held-out evaluation text.")
     max_ppl_increase: float | None = Field(
-        None, gt=1.0, description="Quality gate: fail the job if perplexity after / before "
+        None, gt=1.0, allow_inf_nan=False, description="Quality gate: fail the job if perplexity after / before "
         "exceeds this ratio (e.g. 1.2).")
     keep_intermediate: bool = Field(
         False, description="Keep each stage's intermediate model (and its metrics) in the "

@@ -72,6 +72,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_owner_created", "owner", "created_at", "id"),
         Index("ix_jobs_state", "state"),
+        Index("ix_jobs_owner_state", "owner", "state"),
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(200))

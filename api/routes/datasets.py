@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
+
+from modelpress.domain.models import Dataset
 
 from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute,
                     in_unit_of_work)
 from ..schemas import DatasetList, DatasetOut
 from ..services import datasets as svc
-from ..uploads import receive_file
+from ..services import idempotency
+from ..uploads import UploadedFile, receive_file
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=UnitOfWorkRoute)
 
@@ -23,12 +26,22 @@ _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": 
              responses={413: {"description": "Upload over the size limit"},
                         422: {"description": "Not UTF-8 text, or empty"}})
 async def create_dataset(request: Request, session: DbSession, owner: CurrentOwner,
-                         store: Store, settings: Settings) -> DatasetOut:
-    row = await receive_file(
-        request, settings.resolved_work_dir / "uploads", settings.upload_max_bytes,
-        in_unit_of_work(session, lambda upload, name: svc.register_dataset(session, store, owner,
-                                                                         upload, name)))
-    return DatasetOut.model_validate(row)
+                         store: Store, settings: Settings) -> Response:
+    key = idempotency.header_key(request)
+
+    def register(f: UploadedFile, name: str | None) -> tuple[Dataset, bool]:
+        return idempotency.run_once(
+            session, settings, owner, "datasets", key,
+            idempotency.body_hash({"sha256": f.sha256, "bytes": f.bytes, "name": name}),
+            lambda: svc.register_dataset(session, store, owner, f, name),
+            lambda did: svc.get_dataset(session, owner, did))
+
+    row, replayed = await receive_file(request, settings.resolved_work_dir / "uploads",
+                                       settings.upload_max_bytes,
+                                       in_unit_of_work(session, register))
+    return Response(DatasetOut.model_validate(row).model_dump_json(),
+                    media_type="application/json", status_code=200 if replayed else 201,
+                    headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
 @router.get("", response_model=DatasetList, summary="List your datasets")

@@ -12,7 +12,7 @@ from modelpress.domain.states import JobState
 from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute,
                     after_commit)
 from ..schemas import EventOut, EventPage, JobCreate, JobOut, JobPage
-from ..services import artifacts
+from ..services import artifacts, idempotency
 from ..services import jobs as svc
 from ..services import reports
 
@@ -26,12 +26,28 @@ def _base(request: Request) -> str:
 @router.post("", status_code=201, response_model=JobOut, summary="Submit a compression job",
              description="One method with its params, or a recipe of stages run in order. The "
              "params are validated against the method and the model at submission: a job that "
-             "is accepted can run. Unknown model or dataset -> 404; bad params or recipe -> 422.",
-             responses={404: {"description": "Unknown model or dataset"},
-                        422: {"description": "Invalid method, params or recipe"}})
+             "is accepted can run. Unknown model or dataset -> 404; bad params or recipe -> 422. "
+             "With an `Idempotency-Key` header, a retry with the same key and body returns the "
+             "same job (200, `Idempotent-Replayed: true`); the same key with another body -> 409.",
+             responses={200: {"description": "Replay of an earlier request with the same "
+                              "Idempotency-Key"},
+                        404: {"description": "Unknown model or dataset"},
+                        409: {"description": "Idempotency-Key reused with another body"},
+                        422: {"description": "Invalid method, params or recipe"},
+                        429: {"description": "Too many active jobs, or over the request rate"}})
 def submit_job(body: JobCreate, request: Request, session: DbSession, owner: CurrentOwner,
                settings: Settings) -> Response:
-    job = svc.create_job(session, settings, owner, body)
+    key = idempotency.header_key(request)
+    job_id = None
+    if key is not None:
+        claim = idempotency.claim(session, settings, owner, "jobs", key,
+                                  idempotency.body_hash(body.model_dump(mode="json")))
+        if claim.replay:  # the job the first request with this key created, as it is now
+            out = svc.get_job_out(session, owner, claim.resource_id, _base(request))
+            return Response(out.model_dump_json(), status_code=200, media_type="application/json",
+                            headers={"Idempotent-Replayed": "true"})
+        job_id = claim.resource_id
+    job = svc.create_job(session, settings, owner, body, job_id=job_id)
     counter = request.app.state.metrics.jobs_submitted.labels(job.queue)
     after_commit(session, counter.inc)
     out = svc.to_out(job, _base(request))

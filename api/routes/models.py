@@ -9,13 +9,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from modelpress.domain.models import ModelSource
+
 from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute,
                     in_unit_of_work)
 from ..errors import UnsupportedMediaType
 from ..schemas import Comparison, ModelFromHub, ModelList, ModelOut
+from ..services import idempotency
 from ..services import models as svc
 from ..services import reports
-from ..uploads import receive_file
+from ..uploads import UploadedFile, receive_file
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=UnitOfWorkRoute)
 
@@ -52,7 +55,8 @@ _UPLOAD_BODY = {
                         415: {"description": "Neither multipart nor JSON"},
                         422: {"description": "Not a readable model"}})
 async def create_model(request: Request, session: DbSession, owner: CurrentOwner, store: Store,
-                       settings: Settings) -> ModelOut:
+                       settings: Settings) -> Response:
+    key = idempotency.header_key(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         try:
@@ -60,17 +64,35 @@ async def create_model(request: Request, session: DbSession, owner: CurrentOwner
         except ValidationError as e:
             raise RequestValidationError(
                 [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
-        row = await run_in_threadpool(in_unit_of_work(session, svc.register_hub), session,
-                                      owner, body.source, body.revision, body.name)
-        return ModelOut.model_validate(row)
+
+        def hub() -> tuple[ModelSource, bool]:
+            return idempotency.run_once(
+                session, settings, owner, "models", key,
+                idempotency.body_hash({"hub": body.model_dump(mode="json")}),
+                lambda: svc.register_hub(session, owner, body.source, body.revision, body.name),
+                lambda mid: svc.get_model(session, owner, mid))
+
+        return _created(*await run_in_threadpool(in_unit_of_work(session, hub)))
     if ctype != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data (a file) or application/json "
                                    "(a hub id)")
-    row = await receive_file(
-        request, settings.resolved_work_dir / "uploads", settings.upload_max_bytes,
-        in_unit_of_work(session, lambda upload, name: svc.register_upload(session, store, owner,
-                                                                        upload, name)))
-    return ModelOut.model_validate(row)
+
+    def upload(f: UploadedFile, name: str | None) -> tuple[ModelSource, bool]:
+        return idempotency.run_once(
+            session, settings, owner, "models", key,
+            idempotency.body_hash({"sha256": f.sha256, "bytes": f.bytes, "name": name}),
+            lambda: svc.register_upload(session, store, owner, f, name),
+            lambda mid: svc.get_model(session, owner, mid))
+
+    return _created(*await receive_file(request, settings.resolved_work_dir / "uploads",
+                                        settings.upload_max_bytes,
+                                        in_unit_of_work(session, upload)))
+
+
+def _created(row: ModelSource, replayed: bool) -> Response:
+    return Response(ModelOut.model_validate(row).model_dump_json(), media_type="application/json",
+                    status_code=200 if replayed else 201,
+                    headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
 @router.get("", response_model=ModelList, summary="List your models")

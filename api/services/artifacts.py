@@ -15,6 +15,7 @@ from modelpress.domain.models import Artifact
 from modelpress.domain.store import CHUNK, ArtifactStore
 
 from ..errors import Conflict, NotFound, RangeNotSatisfiable
+from ..guards import clip
 from .jobs import get_job
 
 _RANGE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
@@ -44,13 +45,13 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     unit, _, spec = header.partition("=")
     if unit.strip().lower() != "bytes" or not spec.strip():
-        raise RangeNotSatisfiable(f"invalid Range header {header!r}",
+        raise RangeNotSatisfiable(f"invalid Range header {clip(header)}",
                                   headers={"Content-Range": f"bytes */{size}"})
     if "," in spec:
         return None
     m = _RANGE.match(spec)
     if m is None or (not m.group(1) and not m.group(2)):
-        raise RangeNotSatisfiable(f"invalid Range header {header!r}",
+        raise RangeNotSatisfiable(f"invalid Range header {clip(header)}",
                                   headers={"Content-Range": f"bytes */{size}"})
     a, b = m.group(1), m.group(2)
     if not a:  # suffix: the last N bytes
@@ -62,7 +63,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     start = int(a)
     end = int(b) if b else size - 1
     if start >= size or end < start:
-        raise RangeNotSatisfiable(f"range {header!r} is outside 0-{size - 1}",
+        raise RangeNotSatisfiable(f"range {clip(header)} is outside 0-{size - 1}",
                                   headers={"Content-Range": f"bytes */{size}"})
     return start, min(end, size - 1)
 

@@ -12,13 +12,14 @@ from modelpress.domain.store import CHUNK, ArtifactStore
 
 from ..deps import on_rollback
 from ..errors import NotFound, Unprocessable
+from ..guards import check_name, clip
 from ..uploads import UploadedFile
 
 
 def get_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
     d = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.owner == owner))
     if d is None:
-        raise NotFound(f"dataset {dataset_id!r} not found")
+        raise NotFound(f"dataset {clip(dataset_id)} not found")
     return d
 
 
@@ -52,7 +53,8 @@ def register_dataset(session: Session, store: ArtifactStore, owner: str, upload:
     key = f"datasets/{ds_id}/data.txt"
     store.put_file(key, upload.path)
     on_rollback(session, lambda: store.delete(key))
-    row = Dataset(id=ds_id, owner=owner, name=name or upload.filename, store_key=key,
+    row = Dataset(id=ds_id, owner=owner, name=check_name(name or upload.filename),
+                  store_key=key,
                   bytes=upload.bytes, sha256=upload.sha256)
     session.add(row)
     session.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -11,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import bindparam, select, text, tuple_, update
+from sqlalchemy import bindparam, func, select, text, tuple_, update
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -22,7 +23,8 @@ from modelpress.domain.settings import Settings
 from modelpress.domain.states import JobState
 
 from ..deps import after_commit
-from ..errors import Conflict, NotFound, Unprocessable
+from ..errors import Conflict, NotFound, TooManyRequests, Unprocessable
+from ..guards import clip
 from ..schemas import ArtifactOut, JobCreate, JobError, JobOut, MetricOut
 
 log = logging.getLogger("modelpress.api")
@@ -70,17 +72,29 @@ def _field_path(prefix: str, loc: tuple[Any, ...]) -> str:
     return ".".join([prefix, *(str(p) for p in loc)])
 
 
+def parse_strict(method: str, params: dict[str, Any]) -> Any:
+    """A method's params as the JSON they came in, validated strictly: a number must be a JSON
+    number (``"0.5"`` is refused, not coerced) and finite (Infinity/NaN are refused)."""
+    from modelpress.compression.registry import get_method, parse_params
+
+    try:
+        raw = json.dumps(params, allow_nan=False)
+    except ValueError:
+        raise Unprocessable("params must not hold Infinity or NaN", code="invalid_params") from None
+    parse_params(method, params)  # unknown method -> CompressionError, lax errors first
+    return get_method(method).config.model_validate_json(raw, strict=True)
+
+
 def validate_stages(stages: list[dict[str, Any]], model_config: Any, *, single: bool) -> None:
     """Parse every stage's params (errors name the stage and the field), then check the recipe
     as a whole with the pipeline's validate_recipe."""
     from modelpress.compression.base import CompressionError
-    from modelpress.compression.registry import parse_params
 
     for i, st in enumerate(stages):
         where = "" if single else f"stage {i} "
         prefix = "params" if single else f"recipe.{i}.params"
         try:
-            parse_params(st["method"], st["params"])
+            parse_strict(st["method"], st["params"])
         except ValidationError as e:
             details = [{"field": _field_path(prefix, err["loc"]), "message": err["msg"],
                         "type": err["type"]} for err in e.errors()]
@@ -115,7 +129,7 @@ def _owned_dataset(session: Session, owner: str, ds_id: str | None, what: str) -
         return
     found = session.scalar(select(Dataset.id).where(Dataset.id == ds_id, Dataset.owner == owner))
     if found is None:
-        raise NotFound(f"{what} dataset {ds_id!r} not found")
+        raise NotFound(f"{what} dataset {clip(ds_id)} not found")
 
 
 def _owned_model_refs(session: Session, owner: str, stages: list[dict[str, Any]]) -> None:
@@ -127,21 +141,37 @@ def _owned_model_refs(session: Session, owner: str, stages: list[dict[str, Any]]
                 found = session.scalar(select(ModelSource.id).where(
                     ModelSource.id == v, ModelSource.owner == owner))
                 if found is None:
-                    raise NotFound(f"stage {i} ({st['method']}): {k} {v!r}: model not found")
+                    raise NotFound(f"stage {i} ({clip(st['method'])}): {k} {clip(v)}: model not found")
 
 
-def create_job(session: Session, settings: Settings, owner: str, body: JobCreate) -> Job:
+def check_quota(session: Session, settings: Settings, owner: str) -> None:
+    """An owner may have at most ``max_active_jobs_per_owner`` queued + running jobs. Counted
+    without a lock: submissions in flight at the same moment may pass it by their number."""
+    limit = settings.max_active_jobs_per_owner
+    if limit <= 0:
+        return
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.owner == owner, Job.state.in_((JobState.queued.value, JobState.running.value))))
+    if active >= limit:
+        raise TooManyRequests(f"you have {active} queued or running jobs (the limit is {limit}); "
+                              "wait for some to finish or cancel them", retry_after_s=30,
+                              code="job_quota_exceeded")
+
+
+def create_job(session: Session, settings: Settings, owner: str, body: JobCreate,
+               job_id: str | None = None) -> Job:
+    check_quota(session, settings, owner)
     model_id = session.scalar(select(ModelSource.id).where(ModelSource.id == body.model_id,
                                                            ModelSource.owner == owner))
     if model_id is None:
-        raise NotFound(f"model {body.model_id!r} not found")
+        raise NotFound(f"model {clip(body.model_id)} not found")
     _owned_dataset(session, owner, body.calibration_dataset_id, "calibration")
     _owned_dataset(session, owner, body.eval_dataset_id, "evaluation")
     stages = body.stages()
     _owned_model_refs(session, owner, stages)
     validate_stages(stages, config_cache.get(session, model_id), single=body.method is not None)
     now = utcnow()
-    job = Job(id=new_id(), owner=owner, model_id=model_id, method=body.method,
+    job = Job(id=job_id or new_id(), owner=owner, model_id=model_id, method=body.method,
               params=body.params if body.method is not None else None, recipe=stages,
               calibration_dataset_id=body.calibration_dataset_id,
               eval_dataset_id=body.eval_dataset_id, max_ppl_increase=body.max_ppl_increase,
@@ -201,7 +231,7 @@ def get_job(session: Session, owner: str, job_id: str, *, children: bool = True,
         stmt = stmt.with_for_update(of=Job)
     job = session.scalar(stmt)
     if job is None:
-        raise NotFound(f"job {job_id!r} not found")
+        raise NotFound(f"job {clip(job_id)} not found")
     return job
 
 
@@ -287,7 +317,7 @@ def get_job_out(session: Session, owner: str, job_id: str, base_url: str) -> Job
     """GET /v1/jobs/{id} in ONE round trip (job + artifact + metrics joined), no ORM objects."""
     rows = session.execute(_ONE_JOB, {"job_id": job_id, "owner": owner}).all()
     if not rows:
-        raise NotFound(f"job {job_id!r} not found")
+        raise NotFound(f"job {clip(job_id)} not found")
     r = rows[0]._mapping
     artifact = None
     if r["a_id"] is not None:

@@ -19,6 +19,7 @@ from modelpress.domain.store import ArtifactStore
 
 from ..deps import on_rollback
 from ..errors import NotFound, Unprocessable
+from ..guards import check_name, clip
 from ..uploads import UploadedFile
 
 GGUF_MAGIC = b"GGUF"
@@ -30,7 +31,7 @@ def get_model(session: Session, owner: str, model_id: str) -> ModelSource:
     m = session.scalar(select(ModelSource).where(ModelSource.id == model_id,
                                                  ModelSource.owner == owner))
     if m is None:
-        raise NotFound(f"model {model_id!r} not found")
+        raise NotFound(f"model {clip(model_id)} not found")
     return m
 
 
@@ -108,6 +109,8 @@ def read_tar_config(path: Path) -> Any:
         raw = f.read() if f is not None else b""
     try:
         cfg = json.loads(raw)
+    except RecursionError:
+        raise Unprocessable("config.json is nested too deeply", code="invalid_model") from None
     except ValueError as e:
         raise Unprocessable(f"config.json is not valid JSON: {_short(e)}",
                             code="invalid_model") from e
@@ -159,7 +162,8 @@ def register_upload(session: Session, store: ArtifactStore, owner: str, upload: 
     key = f"models/{model_id}/{key_name}"
     store.put_file(key, upload.path)
     on_rollback(session, lambda: store.delete(key))
-    row = ModelSource(id=model_id, owner=owner, name=name or upload.filename, kind=kind,
+    row = ModelSource(id=model_id, owner=owner, name=check_name(name or upload.filename),
+                      kind=kind,
                       store_key=key, bytes=upload.bytes, sha256=upload.sha256,
                       model_type=model_type, architecture=arch, config=cfg)
     session.add(row)
@@ -167,12 +171,19 @@ def register_upload(session: Session, store: ArtifactStore, owner: str, upload: 
     return row
 
 
+def _is_path(source: str) -> bool:
+    try:
+        return Path(source).exists()
+    except OSError:  # e.g. ENAMETOOLONG: not a path the server has
+        return False
+
+
 def register_hub(session: Session, owner: str, source: str, revision: str | None,
                  name: str | None) -> ModelSource:
     from modelpress.compression.models import read_config
 
     # only hub ids: never let a caller make the server read its own file system
-    if not _HUB_ID.match(source) or ".." in source or Path(source).exists():
+    if not _HUB_ID.match(source) or ".." in source or len(source) > 200 or _is_path(source):
         raise Unprocessable(f"{source!r} is not a hub model id ('org/name')", code="invalid_model")
     try:
         config = read_config(source, revision=revision)
@@ -180,7 +191,7 @@ def register_hub(session: Session, owner: str, source: str, revision: str | None
         raise Unprocessable(f"cannot fetch the config of {source!r}: {_short(e)}",
                             code="invalid_model") from e
     model_type, arch, cfg = _config_facts(config)
-    row = ModelSource(owner=owner, name=name or source, kind="hub", source=source,
+    row = ModelSource(owner=owner, name=check_name(name or source), kind="hub", source=source,
                       revision=revision, model_type=model_type, architecture=arch, config=cfg)
     session.add(row)
     session.flush()

@@ -54,7 +54,8 @@ class DistillConfig(MethodConfig):
     batch_size: int = Field(4, ge=1, le=512)
     seq_len: int = Field(256, ge=8, le=8192)
     steps: int = Field(200, ge=1, le=1_000_000)
-    max_minutes: float | None = Field(10.0, gt=0, description="Wall-clock budget of the stage.")
+    max_minutes: float | None = Field(10.0, gt=0, le=7 * 24 * 60,
+                                      description="Wall-clock budget of the stage.")
     freeze_embeddings: bool = Field(True, description="Keep input/output embeddings fixed "
                                     "(cheaper; the vocabulary rarely needs healing).")
     autocast: Literal["auto", "bf16", "none"] = Field(

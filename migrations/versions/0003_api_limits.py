@@ -1,4 +1,5 @@
-"""idempotency_keys: a client's Idempotency-Key on a creating POST, per owner and route
+"""idempotency_keys: a client's Idempotency-Key on a creating POST, per owner and route;
+jobs(owner, state): counting an owner's active jobs for the quota
 
 Revision ID: 0003
 Revises: 0002
@@ -27,9 +28,13 @@ def upgrade() -> None:
     with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_idempotency_keys_expires_at"), ["expires_at"],
                               unique=False)
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.create_index("ix_jobs_owner_state", ["owner", "state"], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_jobs_owner_state")
     with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_idempotency_keys_expires_at"))
     op.drop_table("idempotency_keys")
