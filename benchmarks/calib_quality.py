@@ -18,6 +18,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -66,7 +67,7 @@ def run_row(name: str, q) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    import modelpress
+    import modelpress.compression
     from modelpress.compression.base import Context
     from modelpress.compression.data import default_calibration_text, default_eval_text
     from modelpress.compression.evaluation import perplexity
@@ -90,7 +91,7 @@ def run_row(name: str, q) -> None:
         model = AutoModelForCausalLM.from_pretrained(td).eval()
         ppl = perplexity(model, lm.tokenizer, ev, seq_len=512, num_chunks=EVAL_CHUNKS)
     q.put({"name": name, "ppl": ppl, "compress_s": seconds, "sha": digest,
-           "code": str(Path(modelpress.__file__).parent)})
+           "code": str(Path(modelpress.compression.__file__).parent)})
 
 
 def main() -> None:
@@ -105,7 +106,13 @@ def main() -> None:
         q = ctx.Queue()
         p = ctx.Process(target=run_row, args=(name, q))
         p.start()
-        row = q.get()
+        row = None
+        while row is None:
+            try:
+                row = q.get(timeout=5)
+            except queue.Empty:
+                if not p.is_alive():
+                    row = {"name": name, "error": f"exit code {p.exitcode}"}
         p.join()
         line = json.dumps(row)
         print(line, flush=True)

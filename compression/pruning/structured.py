@@ -6,11 +6,14 @@ least important ones with the same count in every layer (transformers' Llama and
 uniform per-layer shapes), then rewrite the modules and the config so the result is an ordinary
 dense Hugging Face model that plain ``from_pretrained`` loads.
 
-Supported families: ``llama`` (``LlamaForCausalLM`` / ``LlamaModel``) and ``bert`` (``BertModel``
-and heads on top of it). ``heads`` is llama-only: transformers 5 removed BERT's
-``prune_heads``/``pruned_heads`` and derives BERT's head size as ``hidden_size /
-num_attention_heads``, so a BERT with fewer heads cannot be described by a config that plain
-``from_pretrained`` loads.
+Supported families: those of the family table (:mod:`..calib.families`) with what each method
+needs: ``layers`` every family; ``ffn`` the families with separate FFN Linears (not phi3's fused
+``gate_up_proj``); ``heads`` those with separate q/k/v/o Linears (not phi3's fused ``qkv_proj``,
+not BERT: transformers 5 removed BERT's ``prune_heads``/``pruned_heads`` and derives BERT's head
+size as ``hidden_size / num_attention_heads``, so a BERT with fewer heads cannot be described by a
+config that plain ``from_pretrained`` loads). Block influence and the activation / entropy
+scores run block by block on the calibration engine; gradient scores need the LM loss of the
+whole model.
 """
 
 from __future__ import annotations
@@ -31,11 +34,10 @@ from ..base import (
     Method,
     UnsupportedModelError,
 )
-from ..data import default_calibration_text, self_generated_text, token_chunks
+from ..calib.engine import Step, calibration_tokens, find_blocks, observe, run_block, run_sequential
+from ..calib.families import Family, family_of, supporting
 from ..evaluation import param_count
 from . import structured_scores as S
-
-FAMILIES = frozenset({"llama", "bert"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,25 +118,25 @@ class LayersConfig(_RatioOrCount):
 # model plumbing
 
 
-def family(model: nn.Module) -> str:
+def family(model: nn.Module, need: str = "blocks") -> Family:
+    """The model's family entry; UnsupportedModelError naming the families that have ``need``
+    (see :func:`..calib.families.supporting`)."""
+    ok = supporting(need)
     mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in FAMILIES:
-        raise UnsupportedModelError(f"structured pruning supports model types {sorted(FAMILIES)}, "
-                                    f"not {mt!r}")
-    return mt
+    if mt not in ok:
+        raise UnsupportedModelError(f"structured pruning ({need}) supports model types "
+                                    f"{sorted(ok)}, not {mt!r}")
+    return family_of(model)
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
-    base = model.base_model
-    return base.layers if family(model) == "llama" else base.encoder.layer
+    return find_blocks(model)[1]
 
 
 def _set_blocks(model: nn.Module, new: nn.ModuleList) -> None:
+    parent, _, leaf = family(model).blocks.rpartition(".")
     base = model.base_model
-    if family(model) == "llama":
-        base.layers = new
-    else:
-        base.encoder.layer = new
+    setattr(base.get_submodule(parent) if parent else base, leaf, new)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -160,26 +162,6 @@ def slice_linear(lin: nn.Linear, out_idx: torch.Tensor | None = None,
     return new
 
 
-def calibration_ids(model: nn.Module, cfg: StructuredCalibration, ctx: Context) -> torch.Tensor:
-    """``[n, seq_len]`` token ids from the job's calibration text (or the model itself)."""
-    seq_len = cfg.seq_len
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos:
-        seq_len = min(seq_len, max_pos)
-    if cfg.calibration_source == "self":
-        if family(model) != "llama":
-            raise CompressionError("calibration_source='self' needs a generative model (llama)")
-        return self_generated_text(model, ctx.tokenizer, cfg.num_samples, seq_len, seed=ctx.seed)
-    if ctx.tokenizer is None:
-        raise CompressionError("structured pruning scores units on calibration text and needs "
-                               "the model's tokenizer (or calibration_source='self')")
-    text = ctx.calibration_text or default_calibration_text()
-    try:
-        return token_chunks(ctx.tokenizer, text, cfg.num_samples, seq_len)
-    except ValueError as e:
-        raise CompressionError(f"calibration text: {e}") from e
-
-
 def run_calibration(model: nn.Module, ids: torch.Tensor, batch_size: int, ctx: Context,
                     loss: bool = False, label: str = "scoring",
                     progress: tuple[float, float] = (0.0, 1.0)) -> None:
@@ -197,7 +179,7 @@ def run_calibration(model: nn.Module, ids: torch.Tensor, batch_size: int, ctx: C
                 out.loss.backward()
         else:
             with torch.no_grad():
-                if family(model) == "llama":
+                if family(model).causal:
                     model(input_ids=b, use_cache=False)
                 else:
                     model(input_ids=b)
@@ -265,8 +247,8 @@ def _collect_mask_grads(store: dict, sums: dict) -> None:
 
 
 def _needs_lm_loss(model: nn.Module, what: str) -> None:
-    if family(model) != "llama" or not hasattr(model, "lm_head"):
-        raise CompressionError(f"{what}: gradient scores need a causal-LM loss (a llama "
+    if not family(model).causal or not hasattr(model, "lm_head"):
+        raise CompressionError(f"{what}: gradient scores need a causal-LM loss (a "
                                "*ForCausalLM); use score='activation' for this model")
 
 
@@ -299,27 +281,23 @@ def _finish(model: nn.Module, old_device: torch.device, before: int, metrics: di
 def layer_scores(model: nn.Module, ids: torch.Tensor, score: str, batch_size: int, ctx: Context,
                  progress: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """Per block, the mean over calibration tokens of ``score`` between its input and output
-    hidden states (higher = the block changes more = more important)."""
+    hidden states (higher = the block changes more = more important), block by block."""
     fn = S.block_influence if score == "block_influence" else S.mean_abs_change
-    bl = blocks(model)
-    sums = [0.0] * len(bl)
-    counts = [0] * len(bl)
+    out: list[float] = []
 
-    def make(i):
-        def hook(_mod, args, kwargs, out):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = out[0] if isinstance(out, tuple) else out
-            s, n = fn(h_in, h_out)
-            sums[i] += s
-            counts[i] += n
+    def visit(step: Step) -> list[torch.Tensor]:
+        outs = run_block(step.block, step.inputs)
+        total, count = 0.0, 0
+        for x, y in zip(step.inputs, outs):
+            s, n = fn(x.hidden, y)
+            total += s
+            count += n
+        out.append(total / max(count, 1))
+        return outs
 
-        return hook
-
-    with _hooks() as hs:
-        for i, b in enumerate(bl):
-            hs.append(b.register_forward_hook(make(i), with_kwargs=True))
-        run_calibration(model, ids, batch_size, ctx, label="scoring blocks", progress=progress)
-    return torch.tensor([s / max(c, 1) for s, c in zip(sums, counts)])
+    run_sequential(model, ids, ctx, visit, batch_size=batch_size, label="scoring blocks",
+                   progress=progress)
+    return torch.tensor(out)
 
 
 def remove_layers(model: nn.Module, drop: list[int]) -> None:
@@ -347,7 +325,7 @@ def remove_layers(model: nn.Module, drop: list[int]) -> None:
 
 def apply_layers(model: nn.Module, cfg: LayersConfig, ctx: Context) -> CompressionResult:
     started = time.perf_counter()
-    family(model)
+    family(model, "blocks")
     before = param_count(model)
     n = len(blocks(model))
     try:
@@ -357,7 +335,7 @@ def apply_layers(model: nn.Module, cfg: LayersConfig, ctx: Context) -> Compressi
     was_training = model.training
     model.eval()
     old_dev = _ctx_device(model, ctx)
-    ids = calibration_ids(model, cfg, ctx)
+    ids = calibration_tokens(model, cfg, ctx)
     original = list(range(n))  # current position -> original index
     removed: list[int] = []
     first_scores: list[float] = []
@@ -410,50 +388,74 @@ def _heads_plan(mc: Any, cfg: HeadsConfig) -> tuple[int, int, int]:
     return k, new_h, new_kv
 
 
+def _per_block(model: nn.Module, ids: torch.Tensor, batch_size: int, ctx: Context,
+               module: Callable[[nn.Module], nn.Module], stat: Callable, finish: Callable,
+               label: str, forward_hook: bool = False) -> list[Any]:
+    """Per block, ``finish(total, count, module(block))`` where ``total`` / ``count`` sum
+    ``stat(x, module(block)) -> (tensor, count)`` over the calibration tokens, ``x`` the input of
+    ``module(block)`` (its output with ``forward_hook``); block by block on the engine."""
+    rows: list[Any] = []
+
+    def visit(step: Step) -> list[torch.Tensor]:
+        acc: dict[str, Any] = {"sum": 0, "n": 0}
+        mod = module(step.block)
+
+        def fn(_name: str, x: Any) -> None:
+            v, n = stat(x, mod)
+            acc["sum"] = acc["sum"] + v
+            acc["n"] += n
+
+        if forward_hook:
+            h = mod.register_forward_hook(lambda _m, _a, out: fn("", out))
+            try:
+                outs = run_block(step.block, step.inputs)
+            finally:
+                h.remove()
+        else:
+            outs = observe(step.block, step.inputs, {"m": mod}, fn, stop_early=False)
+        rows.append(finish(acc["sum"], acc["n"], mod))
+        return outs
+
+    run_sequential(model, ids, ctx, visit, batch_size=batch_size, label=label)
+    return rows
+
+
+def _mean(total: torch.Tensor, n: int, _mod: nn.Module) -> torch.Tensor:
+    return total / n
+
+
 def head_scores(model: nn.Module, ids: torch.Tensor, cfg: HeadsConfig, ctx: Context) -> torch.Tensor:
     """``[layers, heads]`` importances (higher = keep)."""
-    bl = blocks(model)
+    att = family(model, "attention").attention
+    assert att is not None
     h = model.config.num_attention_heads
-    L = len(bl)
+    o_proj = lambda b: b.get_submodule(att.o)  # noqa: E731
+    if cfg.score == "activation":
+        return torch.stack(_per_block(
+            model, ids, cfg.batch_size, ctx, o_proj, finish=_mean, label="scoring heads",
+            stat=lambda x, m: (S.head_output_norms(x, m.weight, h), x.numel() // x.shape[-1])))
+    if cfg.score == "entropy":
+        attn = lambda b: b.get_submodule(att.o.rpartition(".")[0])  # noqa: E731
+        with _attn_impl(model, "eager"):
+            return -torch.stack(_per_block(
+                model, ids, cfg.batch_size, ctx, attn, finish=_mean, label="scoring heads",
+                forward_hook=True, stat=lambda out, _m: (S.attention_entropy(out[1]),
+                                                         out[1].shape[0] * out[1].shape[2])))
+    # gradient: the LM loss of the whole model
+    _needs_lm_loss(model, "heads")
+    bl = blocks(model)
     sums: dict[int, torch.Tensor] = {}
-    counts = [0] * L
+    store: dict = {}
     with _hooks() as hs:
-        if cfg.score == "activation":
-            def make(i):
-                def hook(mod, args):
-                    sums[i] = sums.get(i, 0) + S.head_output_norms(args[0], mod.weight, h)
-                    counts[i] += args[0].numel() // args[0].shape[-1]
-                return hook
-
-            for i, b in enumerate(bl):
-                hs.append(b.self_attn.o_proj.register_forward_pre_hook(make(i)))
-            run_calibration(model, ids, cfg.batch_size, ctx, label="scoring heads")
-            return torch.stack([sums[i] / counts[i] for i in range(L)])
-        if cfg.score == "entropy":
-            def make_e(i):
-                def hook(_mod, _args, out):
-                    probs = out[1]
-                    sums[i] = sums.get(i, 0) + S.attention_entropy(probs)
-                    counts[i] += probs.shape[0] * probs.shape[2]
-                return hook
-
-            for i, b in enumerate(bl):
-                hs.append(b.self_attn.register_forward_hook(make_e(i)))
-            with _attn_impl(model, "eager"):
-                run_calibration(model, ids, cfg.batch_size, ctx, label="scoring heads")
-            return -torch.stack([sums[i] / counts[i] for i in range(L)])
-        # gradient
-        _needs_lm_loss(model, "heads")
-        store: dict = {}
         for i, b in enumerate(bl):
-            hs.append(b.self_attn.o_proj.register_forward_pre_hook(_masking_pre_hook(store, i, h)))
+            hs.append(o_proj(b).register_forward_pre_hook(_masking_pre_hook(store, i, h)))
         with _frozen(model):
             for j in range(0, ids.shape[0], cfg.batch_size):
                 run_calibration(model, ids[j : j + cfg.batch_size], cfg.batch_size, ctx, loss=True,
                                 label="scoring heads",
                                 progress=(j / ids.shape[0], (j + cfg.batch_size) / ids.shape[0]))
                 _collect_mask_grads(store, sums)
-        return torch.stack([sums[i] / ids.shape[0] for i in range(L)])
+    return torch.stack([sums[i] / ids.shape[0] for i in range(len(bl))])
 
 
 def prune_llama_heads(model: nn.Module, kept: list[tuple[list[int], list[int]]]) -> None:
@@ -468,14 +470,14 @@ def prune_llama_heads(model: nn.Module, kept: list[tuple[list[int], list[int]]])
     new_h, new_kv = nq.pop(), nkv.pop()
     if new_h % new_kv:
         raise CompressionError("query heads must split evenly over KV heads")
+    att = family(model, "attention").attention
+    assert att is not None
     for blk, (q, kv) in zip(blocks(model), kept):
-        attn = blk.self_attn
         qi, kvi = S.channel_index(q, d), S.channel_index(kv, d)
-        attn.q_proj = slice_linear(attn.q_proj, out_idx=qi)
-        attn.k_proj = slice_linear(attn.k_proj, out_idx=kvi)
-        attn.v_proj = slice_linear(attn.v_proj, out_idx=kvi)
-        attn.o_proj = slice_linear(attn.o_proj, in_idx=qi)
-        attn.num_key_value_groups = new_h // new_kv
+        for name, out_idx, in_idx in ((att.q, qi, None), (att.k, kvi, None), (att.v, kvi, None),
+                                      (att.o, None, qi)):
+            _replace(blk, name, slice_linear(blk.get_submodule(name), out_idx, in_idx))
+        blk.get_submodule(att.o.rpartition(".")[0]).num_key_value_groups = new_h // new_kv
     cfg.head_dim = d  # stays explicit: hidden_size // num_attention_heads no longer equals it
     cfg.num_attention_heads = new_h
     cfg.num_key_value_heads = new_kv
@@ -483,11 +485,7 @@ def prune_llama_heads(model: nn.Module, kept: list[tuple[list[int], list[int]]])
 
 def apply_heads(model: nn.Module, cfg: HeadsConfig, ctx: Context) -> CompressionResult:
     started = time.perf_counter()
-    if family(model) != "llama":
-        raise UnsupportedModelError(
-            "heads: only llama; transformers 5 BERT derives the head size from hidden_size / "
-            "num_attention_heads and no longer has prune_heads, so a BERT with fewer heads would "
-            "not load with plain from_pretrained (use 'ffn' or 'layers' for BERT)")
+    family(model, "attention")  # not BERT (see the module doc) nor fused qkv_proj (phi3)
     mc = model.config
     k, new_h, new_kv = _heads_plan(mc, cfg)
     h = mc.num_attention_heads
@@ -496,7 +494,7 @@ def apply_heads(model: nn.Module, cfg: HeadsConfig, ctx: Context) -> Compression
     was_training = model.training
     model.eval()
     old_dev = _ctx_device(model, ctx)
-    ids = calibration_ids(model, cfg, ctx)
+    ids = calibration_tokens(model, cfg, ctx)
     scores = head_scores(model, ids, cfg, ctx)
     mode = cfg.gqa if h // kv > 1 else "group"
     kept = [S.select_heads(scores[i], kv, k, mode) for i in range(scores.shape[0])]
@@ -519,11 +517,16 @@ def _validate_heads(cfg: HeadsConfig, mc: Any) -> None:
 # FFN neurons
 
 
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
 def _ffn_modules(model: nn.Module, blk: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
     """(Linears whose output rows are the neurons, the Linear whose input columns are)."""
-    if family(model) == "llama":
-        return [blk.mlp.gate_proj, blk.mlp.up_proj], blk.mlp.down_proj
-    return [blk.intermediate.dense], blk.output.dense
+    mlp = family(model, "mlp").mlp
+    assert mlp is not None
+    return [blk.get_submodule(n) for n in mlp.neurons_out], blk.get_submodule(mlp.neurons_in)
 
 
 def _compensates(model: nn.Module, cfg: FfnConfig) -> bool:
@@ -535,31 +538,27 @@ def ffn_scores(model: nn.Module, ids: torch.Tensor, cfg: FfnConfig,
                ctx: Context) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """``[layers, intermediate]`` importances (higher = keep) and, with bias compensation, each
     layer's mean activation per neuron."""
+    inter = model.config.intermediate_size
+    if cfg.score == "activation":
+        comp = _compensates(model, cfg)
+
+        def finish(total: torch.Tensor, n: int, out: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+            sq, lin = total[0], total[1]
+            if comp:
+                return S.neuron_fluctuation_scores(lin, sq, n, out.weight), lin / n
+            return S.neuron_activation_scores(sq, n, out.weight), lin / n
+
+        rows = _per_block(
+            model, ids, cfg.batch_size, ctx, lambda b: _ffn_modules(model, b)[1], finish=finish,
+            label="scoring neurons",
+            stat=lambda x, _m: (torch.stack([S.sq_sum(x), S.act_sum(x)]),
+                                x.numel() // x.shape[-1]))
+        scores = torch.stack([r[0] for r in rows])
+        return scores, ([r[1] for r in rows] if comp else None)
     bl = blocks(model)
     L = len(bl)
-    inter = model.config.intermediate_size
     sums: dict[int, torch.Tensor] = {}
-    lin_sums: dict[int, torch.Tensor] = {}
-    counts = [0] * L
     with _hooks() as hs:
-        if cfg.score == "activation":
-            def make(i):
-                def hook(_mod, args):
-                    sums[i] = sums.get(i, 0) + S.sq_sum(args[0])
-                    lin_sums[i] = lin_sums.get(i, 0) + S.act_sum(args[0])
-                    counts[i] += args[0].numel() // args[0].shape[-1]
-                return hook
-
-            for i, b in enumerate(bl):
-                hs.append(_ffn_modules(model, b)[1].register_forward_pre_hook(make(i)))
-            run_calibration(model, ids, cfg.batch_size, ctx, label="scoring neurons")
-            w = [_ffn_modules(model, b)[1].weight for b in bl]
-            if _compensates(model, cfg):
-                scores = torch.stack([S.neuron_fluctuation_scores(lin_sums[i], sums[i], counts[i], w[i])
-                                      for i in range(L)])
-                return scores, [lin_sums[i] / counts[i] for i in range(L)]
-            return torch.stack([S.neuron_activation_scores(sums[i], counts[i], w[i])
-                                for i in range(L)]), None
         _needs_lm_loss(model, "ffn")
         store: dict = {}
         for i, b in enumerate(bl):
@@ -584,6 +583,8 @@ def prune_ffn(model: nn.Module, kept: list[list[int]],
     if len(sizes) != 1:
         raise CompressionError("every layer must keep the same number of FFN neurons")
     n = sizes.pop()
+    fam = family(model, "mlp").mlp
+    assert fam is not None
     for li, (blk, keep) in enumerate(zip(blocks(model), kept)):
         idx = torch.tensor(keep, dtype=torch.long)
         ins, out = _ffn_modules(model, blk)
@@ -591,21 +592,17 @@ def prune_ffn(model: nn.Module, kept: list[list[int]],
             keep_set = set(keep)
             removed = [j for j in range(out.in_features) if j not in keep_set]
             out.bias.add_(S.bias_compensation(out.weight, removed, means[li]))
-        if family(model) == "llama":
-            mlp = blk.mlp
-            mlp.gate_proj = slice_linear(mlp.gate_proj, out_idx=idx)
-            mlp.up_proj = slice_linear(mlp.up_proj, out_idx=idx)
-            mlp.down_proj = slice_linear(mlp.down_proj, in_idx=idx)
-            mlp.intermediate_size = n
-        else:
-            blk.intermediate.dense = slice_linear(blk.intermediate.dense, out_idx=idx)
-            blk.output.dense = slice_linear(blk.output.dense, in_idx=idx)
+        for name in fam.neurons_out:
+            _replace(blk, name, slice_linear(blk.get_submodule(name), out_idx=idx))
+        _replace(blk, fam.neurons_in, slice_linear(out, in_idx=idx))
+        if fam.size_attr:
+            setattr(blk.get_submodule(fam.module), fam.size_attr, n)
     model.config.intermediate_size = n
 
 
 def apply_ffn(model: nn.Module, cfg: FfnConfig, ctx: Context) -> CompressionResult:
     started = time.perf_counter()
-    family(model)
+    family(model, "mlp")
     if cfg.score == "gradient":
         _needs_lm_loss(model, "ffn")
     inter = model.config.intermediate_size
@@ -616,7 +613,7 @@ def apply_ffn(model: nn.Module, cfg: FfnConfig, ctx: Context) -> CompressionResu
     was_training = model.training
     model.eval()
     old_dev = _ctx_device(model, ctx)
-    ids = calibration_ids(model, cfg, ctx)
+    ids = calibration_tokens(model, cfg, ctx)
     scores, means = ffn_scores(model, ids, cfg, ctx)
     kept = [S.keep_top(scores[i], keep_n) for i in range(scores.shape[0])]
     prune_ffn(model, kept, means)
@@ -634,8 +631,9 @@ def _validate_ffn(cfg: FfnConfig, mc: Any) -> None:
         keep_n = S.round_keep(inter, int(round(cfg.ratio * inter)), cfg.multiple_of)
         if keep_n >= inter or keep_n < 1:
             raise CompressionError(f"ffn: ratio {cfg.ratio} of {inter} neurons removes nothing")
-    if cfg.score == "gradient" and getattr(mc, "model_type", None) != "llama":
-        raise CompressionError("ffn: score='gradient' needs a causal LM (llama)")
+    if cfg.score == "gradient" and getattr(mc, "model_type", None) not in supporting("causal"):
+        raise CompressionError(f"ffn: score='gradient' needs a causal LM "
+                               f"({sorted(supporting('causal'))})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,11 +645,12 @@ HEADS = Method(
     config=HeadsConfig,
     apply=apply_heads,
     description="Structured: remove the same number of attention heads from every layer (which "
-    "ones by measured importance), GQA-consistent; the model gets physically smaller. Llama only "
-    "(transformers 5 BERT cannot load fewer heads).",
+    "ones by measured importance), GQA-consistent; the model gets physically smaller. Families "
+    "with separate q/k/v/o Linears (not BERT: transformers 5 cannot load fewer heads; not "
+    "phi3's fused qkv_proj).",
     family="pruning",
     needs_calibration=True,
-    architectures=frozenset({"llama"}),
+    architectures=supporting("attention"),
     validate=_validate_heads,
 )
 
@@ -663,7 +662,7 @@ FFN = Method(
     "every layer; intermediate_size shrinks).",
     family="pruning",
     needs_calibration=True,
-    architectures=FAMILIES,
+    architectures=supporting("mlp"),
     validate=_validate_ffn,
 )
 
@@ -675,7 +674,7 @@ LAYERS = Method(
     "(1 - cos(input, output)) on calibration data; num_hidden_layers shrinks.",
     family="pruning",
     needs_calibration=True,
-    architectures=FAMILIES,
+    architectures=supporting("blocks"),
     validate=_validate_layers,
 )
 
