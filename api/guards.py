@@ -17,6 +17,7 @@ import math
 import re
 import threading
 import time
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -144,3 +145,24 @@ def check_name(name: str) -> str:
         raise Unprocessable(f"name is longer than {MAX_NAME_CHARS} characters",
                             code="validation_error")
     return name
+
+
+# an absolute POSIX path of two or more parts, not inside a URL or a relative path
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/:,;()<>\[\]{}]+/)+[^\s'\"/:,;()<>\[\]{}]*")
+
+
+def _basename(m: re.Match[str]) -> str:
+    parts = [p for p in m.group(0).split("/") if p]
+    return parts[-1] if parts else "/"
+
+
+def scrub_paths(value: Any) -> Any:
+    """``value`` (JSON-like) with every absolute server path replaced by its last component:
+    responses never show where the server keeps files (temp dirs, the home, the model cache)."""
+    if isinstance(value, str):
+        return _ABS_PATH.sub(_basename, value) if "/" in value else value
+    if isinstance(value, dict):
+        return {k: scrub_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_paths(v) for v in value]
+    return value

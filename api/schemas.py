@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .guards import scrub_paths
 
 
 class Strict(BaseModel):
@@ -39,6 +41,8 @@ class ModelOut(Out):
     architecture: str | None = None
     config: dict[str, Any] | None = Field(None, description="The model's Hugging Face config.")
     created_at: datetime
+
+    _no_paths = field_validator("config")(lambda v: scrub_paths(v))
 
 
 class ModelList(BaseModel):
@@ -106,6 +110,8 @@ class JobError(BaseModel):
     code: str
     message: str
 
+    _no_paths = field_validator("message")(lambda v: scrub_paths(v))
+
 
 class MetricOut(Out):
     stage: str
@@ -161,6 +167,8 @@ class EventOut(Out):
     kind: str
     message: str
     data: dict[str, Any] | None = None
+
+    _no_paths = field_validator("message", "data")(lambda v: scrub_paths(v))
 
 
 class EventPage(BaseModel):

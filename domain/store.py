@@ -43,6 +43,7 @@ class ArtifactStore(Protocol):
     def head(self, key: str) -> ObjectInfo | None: ...
     def sha256(self, key: str) -> str: ...
     def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> int: ...
     def ping(self) -> None: ...
 
 
@@ -99,6 +100,15 @@ class LocalStore:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix`` (a folder: ends with '/'); returns how many."""
+        root = self.path(prefix.rstrip("/"))
+        if not root.is_dir():
+            return 0
+        n = sum(len(files) for _r, _d, files in os.walk(root))
+        shutil.rmtree(root, ignore_errors=True)
+        return n
 
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
@@ -193,6 +203,18 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=_check_key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix`` (a folder: ends with '/'); returns how many."""
+        n = 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=_check_key(prefix.rstrip("/")) + "/")
+        for page in pages:
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+                n += len(keys)
+        return n
 
     def ping(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from modelpress.domain.models import Dataset
 
@@ -10,7 +10,7 @@ from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitO
                     in_unit_of_work)
 from ..schemas import DatasetList, DatasetOut
 from ..services import datasets as svc
-from ..services import idempotency
+from ..services import deletion, idempotency
 from ..uploads import UploadedFile, receive_file
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=UnitOfWorkRoute)
@@ -53,3 +53,16 @@ def list_datasets(session: ReadSession, owner: CurrentOwner) -> DatasetList:
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="Get a dataset")
 def get_dataset(dataset_id: str, session: ReadSession, owner: CurrentOwner) -> DatasetOut:
     return DatasetOut.model_validate(svc.get_dataset(session, owner, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset",
+               description="Deletes the dataset and its stored upload. While jobs use it -> 409 "
+               "`dataset_in_use`, unless `cascade=true`: then those jobs are deleted too (queued "
+               "or running ones are cancelled first) with their artifacts.",
+               responses={204: {"description": "Deleted"}, 404: {"description": "No such dataset"},
+                          409: {"description": "Jobs use it (and cascade is false)"}})
+def delete_dataset(dataset_id: str, session: DbSession, owner: CurrentOwner, store: Store,
+                 cascade: bool = Query(False, description="Also delete the jobs that use it."),
+                 ) -> Response:
+    deletion.delete_dataset(session, store, owner, dataset_id, cascade)
+    return Response(status_code=204)

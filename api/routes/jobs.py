@@ -12,7 +12,7 @@ from modelpress.domain.states import JobState
 from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute,
                     after_commit)
 from ..schemas import EventOut, EventPage, JobCreate, JobOut, JobPage
-from ..services import artifacts, idempotency
+from ..services import artifacts, deletion, idempotency
 from ..services import jobs as svc
 from ..services import reports
 
@@ -84,6 +84,16 @@ def cancel_job(job_id: str, request: Request, session: DbSession,
     return svc.to_out(svc.cancel_job(session, owner, job_id), _base(request))
 
 
+@router.delete("/{job_id}", status_code=204, summary="Delete a job",
+               description="A queued or running job is cancelled first (a running job's "
+               "worker stops at its next checkpoint); then the job, its events, metrics, report "
+               "and every stored artifact of it are deleted. Another owner's job -> 404.",
+               responses={204: {"description": "Deleted"}, 404: {"description": "No such job"}})
+def delete_job(job_id: str, session: DbSession, owner: CurrentOwner, store: Store) -> Response:
+    deletion.delete_job(session, store, owner, job_id)
+    return Response(status_code=204)
+
+
 @router.get("/{job_id}/events", response_model=EventPage, summary="A job's event log",
             description="Append-only; poll with `after` = the last id you saw.")
 def job_events(job_id: str, session: ReadSession, owner: CurrentOwner,
@@ -101,16 +111,19 @@ def job_report(job_id: str, session: ReadSession, owner: CurrentOwner) -> dict[s
     return reports.get_report(session, owner, job_id)
 
 
-@router.get("/{job_id}/artifact", summary="Download the compressed model",
-            description="A tar.gz of the Hugging Face directory. Local store: streamed, with "
-            "`Range` support (206), `X-Checksum-SHA256` and `Digest`. S3 store: a 307 redirect "
-            "to a presigned URL. 409 until the artifact is ready.",
-            response_class=StreamingResponse,
-            responses={200: {"content": {"application/gzip": {}}},
-                       206: {"description": "Partial content (Range)"},
-                       307: {"description": "Redirect to a presigned S3 URL"},
-                       409: {"description": "Not ready"},
-                       416: {"description": "Invalid range"}})
+@router.api_route("/{job_id}/artifact", methods=["GET", "HEAD"],
+                  summary="Download the compressed model",
+                  description="A tar.gz of the Hugging Face directory. Local store: streamed, "
+                  "with `Range` support (206), `If-Range` (an ETag that is not the artifact's "
+                  "-> the whole file, 200), `HEAD` (the headers only), `ETag` (the SHA-256), "
+                  "`X-Checksum-SHA256` and `Digest`. S3 store: a 307 redirect to a presigned "
+                  "URL. 409 until the artifact is ready.",
+                  response_class=StreamingResponse,
+                  responses={200: {"content": {"application/gzip": {}}},
+                             206: {"description": "Partial content (Range)"},
+                             307: {"description": "Redirect to a presigned S3 URL"},
+                             409: {"description": "Not ready"},
+                             416: {"description": "Invalid range"}})
 def download_artifact(job_id: str, request: Request, session: ReadSession,
                       owner: CurrentOwner, store: Store):
     art = artifacts.ready_artifact(session, owner, job_id)
@@ -118,7 +131,10 @@ def download_artifact(job_id: str, request: Request, session: ReadSession,
     if store.kind == "s3":
         return RedirectResponse(store.presigned_url(art.store_key, name),  # type: ignore[attr-defined]
                                 status_code=307)
-    dl = artifacts.local_download(store, art, request.headers.get("range"))
+    rng = request.headers.get("range")
+    if not artifacts.if_range_matches(request.headers.get("if-range"), art.sha256):
+        rng = None  # the client's copy is another version: send the whole file
+    dl = artifacts.local_download(store, art, rng)
     headers = {
         "Content-Length": str(dl.end - dl.start + 1),
         "Content-Disposition": f'attachment; filename="{name}"',
@@ -129,6 +145,8 @@ def download_artifact(job_id: str, request: Request, session: ReadSession,
     }
     if dl.partial:
         headers["Content-Range"] = f"bytes {dl.start}-{dl.end}/{dl.size}"
-    return StreamingResponse(artifacts.iter_file(dl.path, dl.start, dl.end),
-                             status_code=206 if dl.partial else 200,
+    status = 206 if dl.partial else 200
+    if request.method == "HEAD":
+        return Response(status_code=status, media_type="application/gzip", headers=headers)
+    return StreamingResponse(artifacts.iter_file(dl.path, dl.start, dl.end), status_code=status,
                              media_type="application/gzip", headers=headers)

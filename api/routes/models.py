@@ -15,7 +15,7 @@ from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitO
                     in_unit_of_work)
 from ..errors import UnsupportedMediaType
 from ..schemas import Comparison, ModelFromHub, ModelList, ModelOut
-from ..services import idempotency
+from ..services import deletion, idempotency
 from ..services import models as svc
 from ..services import reports
 from ..uploads import UploadedFile, receive_file
@@ -120,3 +120,16 @@ def model_comparison(model_id: str, session: ReadSession, owner: CurrentOwner,
         return comp
     media = {"png": "image/png", "svg": "image/svg+xml"}[format]
     return Response(reports.plot(comp, format), media_type=media)
+
+
+@router.delete("/{model_id}", status_code=204, summary="Delete a model",
+               description="Deletes the model and its stored upload. While jobs use it -> 409 "
+               "`model_in_use`, unless `cascade=true`: then those jobs are deleted too (queued "
+               "or running ones are cancelled first) with their artifacts.",
+               responses={204: {"description": "Deleted"}, 404: {"description": "No such model"},
+                          409: {"description": "Jobs use it (and cascade is false)"}})
+def delete_model(model_id: str, session: DbSession, owner: CurrentOwner, store: Store,
+                 cascade: bool = Query(False, description="Also delete the jobs that use it."),
+                 ) -> Response:
+    deletion.delete_model(session, store, owner, model_id, cascade)
+    return Response(status_code=204)

@@ -68,6 +68,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
+def if_range_matches(if_range: str | None, sha256_hex: str) -> bool:
+    """Whether a Range request may be honoured: no ``If-Range``, or one naming the artifact's
+    strong ETag. A date (we send no Last-Modified) or another ETag -> False (RFC 9110 13.1.5)."""
+    if if_range is None:
+        return True
+    return if_range.strip() == f'"{sha256_hex}"'
+
+
 def iter_file(path: Path, start: int, end: int) -> Iterator[bytes]:
     with open(path, "rb") as f:
         f.seek(start)

@@ -13,6 +13,7 @@ from modelpress.domain.models import Job
 from modelpress.domain.states import JobState
 
 from ..errors import NotFound
+from ..guards import scrub_paths
 from ..schemas import Comparison, ComparisonRow
 from .jobs import get_job
 from .models import get_model
@@ -22,7 +23,7 @@ def get_report(session: Session, owner: str, job_id: str) -> dict[str, Any]:
     job = get_job(session, owner, job_id, children=False)
     if job.report is None:
         raise NotFound(f"job {job_id} has no report yet (state: {job.state})", code="no_report")
-    return job.report
+    return scrub_paths(job.report)  # no server paths (the model's source, scratch folders)
 
 
 def _metrics(job: Job, stage: str) -> dict[str, float]:

@@ -256,3 +256,34 @@ def test_strict_method_params(client, alice, model_id, counts, method, params):
                     content=body)
     assert r.status_code == 422, r.text
     assert counts() == before
+
+
+# ----------------------------------------------------------------------------- server paths
+def test_no_server_paths_in_responses(client, alice, model_id, db, tmp_path):
+    import tempfile
+
+    roots = (str(tmp_path), tempfile.gettempdir() + "/", "/home/", "/work/", "/root/")
+    h = alice[1]
+    m = client.get(f"/v1/models/{model_id}", headers=h)
+    assert m.status_code == 200 and not any(r in json.dumps(m.json()) for r in roots)
+
+    job_id = client.post("/v1/jobs", headers=h, json=_job(model_id)).json()["id"]
+    db.rollback()
+    job = db.get(orm.Job, job_id)
+    job.state, job.error_code = "failed", "invalid_model"
+    job.error = f"cannot read {tmp_path}/work/job-{job_id}-a1-x/model/config.json: bad"
+    job.report = {"source": f"{tmp_path}/cache/models/{model_id}/abc/model",
+                  "stages": [{"dir": "/var/lib/modelpress/work/job/stage-0"}],
+                  "hub": "org/name", "url": "http://example.com/a/b"}
+    db.add(orm.JobEvent(job_id=job_id, kind="error", message=f"at {tmp_path}/x/y.py line 3",
+                        data={"path": f"{tmp_path}/a/b"}))
+    db.commit()
+    bodies = [client.get(u, headers=h).json() for u in (
+        f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/report", f"/v1/jobs/{job_id}/events",
+        "/v1/jobs")]
+    text = json.dumps(bodies)
+    assert not any(r in text for r in roots + ("/var/lib",)), text
+    job_out, report = bodies[0], bodies[1]
+    assert job_out["error"]["message"] == "cannot read config.json: bad"
+    assert report["source"] == "model" and report["hub"] == "org/name"
+    assert report["url"] == "http://example.com/a/b"
