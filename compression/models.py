@@ -111,7 +111,8 @@ def load_pretrained(source: str | Path, revision: str | None = None,
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
-    model = _auto_class(kind).from_pretrained(src, dtype=dtype, **kwargs)
+    # safetensors only: pickle weights (pytorch_model.bin) are never unpickled
+    model = _auto_class(kind).from_pretrained(src, dtype=dtype, use_safetensors=True, **kwargs)
     if "quantization_config" in kwargs:
         _remove_offload(model)
     kwargs.pop("quantization_config", None)

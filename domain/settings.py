@@ -48,6 +48,19 @@ class Settings(BaseSettings):
         "queue (otherwise every job goes to 'cpu').")
     work_dir: Path | None = Field(None, description="Worker scratch space (default home/work).")
     upload_max_bytes: int = 20 * 1024**3
+    max_extracted_bytes: int = Field(
+        64 * 1024**3, description="Most bytes an uploaded model tar may unpack to.")
+    max_archive_members: int = Field(
+        10_000, description="Most files and folders an uploaded model tar may hold.")
+    max_archive_ratio: float = Field(
+        20.0, description="Most unpacked bytes per archive byte (a decompression bomb's "
+        "ratio is in the hundreds; model weights barely compress). Not applied below "
+        "archive_ratio_floor_bytes.")
+    archive_ratio_floor_bytes: int = Field(
+        256 * 1024**2, description="An archive may always unpack to this many bytes.")
+    model_cache_max_bytes: int = Field(
+        40 * 1024**3, description="Cap on a worker's model cache (work_dir/cache/models); "
+        "least recently used entries that no running job uses are evicted past it.")
 
     heartbeat_s: float = Field(10.0, description="How often a running job's worker heartbeats.")
     reaper_timeout_s: float = Field(120.0, description="No heartbeat for this long: worker dead.")

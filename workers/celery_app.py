@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from kombu import Exchange, Queue
 
 from modelpress.domain.settings import Settings, get_settings
@@ -112,3 +112,16 @@ def _fresh_db_pool_after_fork(**_kw) -> None:
     from modelpress.domain.db import get_engine
 
     get_engine().dispose(close=False)
+
+
+@worker_ready.connect
+def _sweep_dead_scratch(**_kw) -> None:
+    """Scratch left by attempts killed on this host (kill -9, OOM) goes at start-up."""
+    import logging
+
+    from .sweeper import sweep_scratch
+
+    try:
+        sweep_scratch(get_settings())
+    except Exception:  # noqa: BLE001 - housekeeping must not stop a worker from starting
+        logging.getLogger(__name__).exception("scratch cleanup at start-up failed")

@@ -16,11 +16,13 @@ nothing and fails the job with ``error_code="quality_gate"``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import socket
 import tarfile
@@ -29,7 +31,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,16 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from modelpress.compression.base import Cancelled, CompressionError, UnsupportedModelError
+from modelpress.domain.archives import (ArchiveLimitError, ArchiveLimits, Budget, check_headers,
+                                        weights_problem)
 from modelpress.domain.db import session_scope
 from modelpress.domain.jobs import add_event, transition
 from modelpress.domain.models import Artifact, Dataset, Job, Metric, ModelSource, utcnow
 from modelpress.domain.settings import Settings, get_settings
 from modelpress.domain.states import JobState
 from modelpress.domain.store import ArtifactStore, make_store, sha256_file
+
+from .model_cache import ModelCache
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,10 @@ SUCCEEDED, FAILED, CANCELLED, SKIPPED, LOST = "succeeded", "failed", "cancelled"
 
 class SourceError(CompressionError):
     """The uploaded model could not be fetched or unpacked (a bad upload, not a crash)."""
+
+
+class UnsafeWeights(SourceError):
+    """The uploaded checkpoint's weights are pickle files (never loaded)."""
 
 
 class LostJob(Exception):
@@ -83,13 +93,17 @@ def _locked_job(session: Session, job_id: str) -> Job | None:
 
 
 @contextmanager
-def owned_job(job_id: str, worker: str) -> Iterator[tuple[Session, Job]]:
+def owned_job(job_id: str, worker: str, attempt: int | None = None
+              ) -> Iterator[tuple[Session, Job]]:
     """A transaction holding the job's row lock, if the job is still running under ``worker``
-    (raises :class:`LostJob` otherwise)."""
+    (and on ``attempt``, when given; raises :class:`LostJob` otherwise). The lease fence: what
+    is written in this transaction commits only while the attempt still owns the job."""
     with session_scope() as s:
         job = _locked_job(s, job_id)
-        if job is None or job.state != JobState.running.value or job.worker != worker:
-            raise LostJob(f"job {job_id} is no longer running on {worker}")
+        if job is None or job.state != JobState.running.value or job.worker != worker \
+                or (attempt is not None and job.attempt != attempt):
+            raise LostJob(f"job {job_id} is no longer running on {worker}"
+                          + (f" (attempt {attempt})" if attempt is not None else ""))
         yield s, job
 
 
@@ -178,7 +192,8 @@ class JobChannel:
         with session_scope() as s:
             r = s.execute(update(Job).where(Job.id == self.claim.job_id,
                                             Job.state == JobState.running.value,
-                                            Job.worker == self.claim.worker)
+                                            Job.worker == self.claim.worker,
+                                            Job.attempt == self.claim.attempt)
                           .values(heartbeat_at=utcnow(), **values))
             return r.rowcount == 1
 
@@ -225,10 +240,11 @@ class JobChannel:
             self._cancel_read_at = now
             try:
                 with session_scope() as s:
-                    row = s.execute(select(Job.cancel_requested, Job.state, Job.worker)
+                    row = s.execute(select(Job.cancel_requested, Job.state, Job.worker,
+                                           Job.attempt)
                                     .where(Job.id == self.claim.job_id)).one_or_none()
                 if row is None or row.state != JobState.running.value \
-                        or row.worker != self.claim.worker:
+                        or row.worker != self.claim.worker or row.attempt != self.claim.attempt:
                     self.lost.set()
                     return True
                 self._cancel = bool(row.cancel_requested)
@@ -308,21 +324,37 @@ class StoreCheckpoints:
 # --------------------------------------------------------------------------- inputs
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a tar holding only regular files and folders with relative, in-tree names."""
+def safe_extract(archive: Path, dest: Path, limits: ArchiveLimits | None = None) -> None:
+    """Extract a tar holding only regular files and folders with relative, in-tree names,
+    within ``limits`` (default: the settings' caps for an archive of this size): checked from
+    the headers before anything is written, and again on the bytes written while extracting."""
     dest = Path(dest)
     try:
+        limits = limits or ArchiveLimits.for_archive(Path(archive).stat().st_size)
         with tarfile.open(archive, "r:*") as tf:
-            members = tf.getmembers()
+            members = check_headers(tf, limits)
             for m in members:
                 p = Path(m.name)
                 if p.is_absolute() or ".." in p.parts:
                     raise SourceError(f"unsafe path in archive: {m.name!r}")
                 if not (m.isfile() or m.isdir()):
                     raise SourceError(f"archive entry {m.name!r} is not a regular file")
-            tf.extractall(dest, members=members, filter="data")
+            written = Budget(limits)
+            for m in members:
+                tf.extract(m, dest, filter="data")
+                written.add_member(os.lstat(dest / m.name).st_size if m.isfile() else 0)
+    except ArchiveLimitError as e:
+        raise SourceError(f"the model archive is refused: {e}") from e
     except (tarfile.TarError, EOFError, OSError) as e:
         raise SourceError(f"cannot unpack the model archive: {type(e).__name__}: {e}") from e
+
+
+def check_weights(model_dir: Path) -> None:
+    """Refuse a checkpoint whose weights are pickle files only (loading them unpickles)."""
+    names = [str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()]
+    problem = weights_problem(names)
+    if problem:
+        raise UnsafeWeights(problem)
 
 
 def hf_root(d: Path) -> Path:
@@ -377,7 +409,7 @@ def materialize_model(store: ArtifactStore, src: ModelSource, cache_root: Path) 
             tmp = Path(tempfile.mkdtemp(dir=base, prefix=".extract-"))
             try:
                 safe_extract(tar, tmp)
-                hf_root(tmp)  # validate before publishing the cached copy
+                check_weights(hf_root(tmp))  # validate before publishing the cached copy
                 try:
                     os.replace(tmp, done)
                 except OSError:  # another worker on this host finished first
@@ -386,7 +418,9 @@ def materialize_model(store: ArtifactStore, src: ModelSource, cache_root: Path) 
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tar.unlink(missing_ok=True)
-        return str(hf_root(done)), None
+        root = hf_root(done)
+        check_weights(root)
+        return str(root), None
     raise SourceError(f"unknown model kind {src.kind!r}")
 
 
@@ -439,8 +473,32 @@ def make_archive(model_dir: Path, top: str, dest: Path) -> tuple[int, str]:
     return hw.n, hw.h.hexdigest()
 
 
+#: errno values and messages (Rust/C++ libraries such as safetensors report it in text) of a
+#: full disk or an exceeded quota
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "storagefull")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` or anything in its cause/context chain is a full disk or quota."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def error_code_for(exc: BaseException) -> str:
     """Map an exception to the job's error_code."""
+    if is_disk_full(exc):
+        return "disk_full"
+    if isinstance(exc, UnsafeWeights):
+        return "unsafe_weights"
     try:
         from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
@@ -477,12 +535,60 @@ def one_line(exc: BaseException, limit: int = 1000) -> str:
     return text[:limit]
 
 
+class Redactor:
+    """Replaces this server's paths in text and JSON with neutral names: the model's local copy
+    with the model's id, the job's scratch, work, store and home folders with ``<work>`` etc.
+    (what the caller sees must not show where things live on the server)."""
+
+    def __init__(self, settings: Settings):
+        pairs = [(settings.resolved_work_dir, "<work>"), (settings.resolved_store_dir, "<store>"),
+                 (settings.home.resolve(), "<home>"), (Path(tempfile.gettempdir()).resolve(),
+                                                       "<tmp>")]
+        self.pairs: list[tuple[str, str]] = [(str(p), name) for p, name in pairs]
+
+    def add(self, path: str | Path, name: str) -> None:
+        self.pairs.append((str(Path(path).resolve()), name))
+        self.pairs.append((str(path), name))
+
+    def text(self, value: str) -> str:
+        for path, name in sorted(self.pairs, key=lambda p: -len(p[0])):
+            if path and path != "/" and path in value:
+                value = value.replace(path, name)
+        return value
+
+    def json(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self.json(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.json(v) for v in value]
+        return value
+
+    def json_files(self, folder: Path, max_bytes: int = 64 * 1024 * 1024) -> None:
+        """Rewrite the JSON files of an output folder (config.json's ``_name_or_path``, the
+        report's ``source``) in place when they mention a server path."""
+        for f in folder.rglob("*.json"):
+            if not f.is_file() or f.stat().st_size > max_bytes:
+                continue
+            raw = f.read_text(errors="replace")
+            if not any(path in raw for path, _ in self.pairs if path and path != "/"):
+                continue
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue
+            f.write_text(json.dumps(self.json(data), indent=2))
+
+
 # --------------------------------------------------------------------------- the job
 
 
-def _finish_failed(job_id: str, worker: str, code: str, reason: str) -> str:
+def _finish_failed(job_id: str, worker: str, code: str, reason: str,
+                   attempt: int | None = None) -> str:
+    """Record the failure: one small UPDATE and an event row, nothing on the worker's disk."""
     try:
-        with owned_job(job_id, worker) as (s, job):
+        with owned_job(job_id, worker, attempt) as (s, job):
             transition(s, job, JobState.failed, error_code=code, error=reason,
                        message=f"failed: {reason}"[:2000])
         return FAILED
@@ -490,9 +596,9 @@ def _finish_failed(job_id: str, worker: str, code: str, reason: str) -> str:
         return LOST
 
 
-def _finish_cancelled(job_id: str, worker: str) -> str:
+def _finish_cancelled(job_id: str, worker: str, attempt: int | None = None) -> str:
     try:
-        with owned_job(job_id, worker) as (s, job):
+        with owned_job(job_id, worker, attempt) as (s, job):
             transition(s, job, JobState.cancelled, message="cancelled while running")
         return CANCELLED
     except LostJob:
@@ -527,6 +633,224 @@ def _gate_reason(report: dict) -> str:
     return "the compressed model missed the max_ppl_increase quality gate"
 
 
+class _Attempt:
+    """What one attempt made and must clean up: scratch folder, cache leases, its own upload."""
+
+    def __init__(self, claim: Claim, settings: Settings):
+        self.claim = claim
+        self.settings = settings
+        self.redact = Redactor(settings)
+        self.leases = ExitStack()
+        self.store: ArtifactStore | None = None
+        self.uploaded_key: str | None = None
+        self.scratch: Path | None = None
+        self.cache = ModelCache(settings.resolved_work_dir / "cache" / "models")
+
+    def make_scratch(self) -> Path:
+        self.scratch = Path(tempfile.mkdtemp(
+            dir=self.settings.resolved_work_dir,
+            prefix=f"job-{self.claim.job_id}-a{self.claim.attempt}-"))
+        return self.scratch
+
+    def use_model(self, src: ModelSource) -> tuple[str, str | None]:
+        """The model's local copy (leased from the cache for the rest of the attempt)."""
+        assert self.store is not None
+        if src.kind != "hub":
+            lease = self.cache.lease(src.id, src.sha256)
+            self.leases.callback(lease.release)
+        path, rev = materialize_model(self.store, src, self.cache.root)
+        if src.kind != "hub":
+            self.redact.add(path, src.id)
+            self.redact.add(self.cache.entry(src.id, src.sha256), src.id)
+            self.evict()
+        return path, rev
+
+    def evict(self) -> None:
+        try:
+            self.cache.evict(self.settings.model_cache_max_bytes, _existing_models)
+        except Exception:  # noqa: BLE001 - eviction is housekeeping
+            log.exception("model cache eviction failed")
+
+    def cleanup(self) -> None:
+        self.leases.close()
+        if self.uploaded_key is not None and self.store is not None:
+            discard_upload(self.store, self.uploaded_key)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _existing_models(ids) -> set[str]:
+    with session_scope() as s:
+        return set(s.scalars(select(ModelSource.id).where(ModelSource.id.in_(list(ids)))))
+
+
+def artifact_key(job_id: str, attempt: int) -> str:
+    """Each attempt uploads under a key of its own: an attempt that lost its job can never
+    overwrite (or delete) what another attempt published."""
+    return f"jobs/{job_id}/a{attempt}-{secrets.token_hex(4)}/model.tar.gz"
+
+
+def discard_upload(store: ArtifactStore, key: str) -> None:
+    """Delete an upload of this attempt that did not become the job's artifact. If the database
+    says it did (a commit whose answer was lost), or cannot say, keep it."""
+    try:
+        with session_scope() as s:
+            published = s.scalar(select(Artifact.job_id).where(Artifact.store_key == key))
+    except Exception:  # noqa: BLE001
+        log.exception("cannot tell whether %s was published; keeping it", key)
+        return
+    if published is not None:
+        return
+    try:
+        store.delete(key)
+    except Exception:  # noqa: BLE001
+        log.exception("could not remove the unpublished upload %s", key)
+
+
+def _load_inputs(att: _Attempt, channel: JobChannel):
+    claim = att.claim
+    with session_scope() as s:
+        src = s.get(ModelSource, claim.model_id)
+        if src is None:
+            raise SourceError(f"model {claim.model_id} no longer exists")
+        s.expunge(src)
+        cal = s.get(Dataset, claim.calibration_dataset_id) if claim.calibration_dataset_id else None
+        ev = s.get(Dataset, claim.eval_dataset_id) if claim.eval_dataset_id else None
+        for d in (cal, ev):
+            if d is not None:
+                s.expunge(d)
+    channel.progress(0, "fetching inputs")
+    source, revision = att.use_model(src)
+    calibration_text = dataset_text(att.store, cal, att.scratch) if cal is not None else None
+    eval_text = dataset_text(att.store, ev, att.scratch) if ev is not None else None
+    channel.event("inputs", {"message": "inputs ready", "source_kind": src.kind,
+                             "calibration_dataset": getattr(cal, "id", None),
+                             "eval_dataset": getattr(ev, "id", None)})
+    return src, source, revision, calibration_text, eval_text
+
+
+def _model_loader(att: _Attempt):
+    def load_model(model_id: str):
+        from modelpress.compression.models import load_source
+
+        with session_scope() as s2:
+            other = s2.scalar(select(ModelSource).where(ModelSource.id == model_id,
+                                                        ModelSource.owner == att.claim.owner))
+            if other is None:
+                raise CompressionError(f"model {model_id!r} is not registered for this owner")
+            s2.expunge(other)
+        path, rev = att.use_model(other)
+        return load_source(path, revision=rev).model
+
+    return load_model
+
+
+def _upload_verified(att: _Attempt, channel: JobChannel, model_dir: Path
+                     ) -> tuple[str, int, str]:
+    """Archive ``model_dir``, upload it under this attempt's own key and check it in the store.
+    Returns (key, bytes, sha256)."""
+    assert att.store is not None and att.scratch is not None
+    archive = att.scratch / "model.tar.gz"
+    channel.progress(99, "uploading artifact")
+    local_size, local_sha = make_archive(model_dir, att.claim.job_id, archive)
+    if archive.stat().st_size != local_size:
+        raise OSError(f"archive size mismatch: wrote {local_size} bytes, file has "
+                      f"{archive.stat().st_size}")
+    key = artifact_key(att.claim.job_id, att.claim.attempt)
+    att.uploaded_key = key
+    att.store.put_file(key, archive)
+    head = att.store.head(key)
+    if head is None or head.bytes != local_size:
+        raise OSError(f"artifact upload check failed: store has "
+                      f"{head.bytes if head else 'nothing'} bytes, expected {local_size}")
+    remote_sha = att.store.sha256(key)
+    if remote_sha != local_sha:
+        raise OSError(f"artifact upload check failed: store SHA-256 {remote_sha} "
+                      f"!= local {local_sha}")
+    return key, local_size, local_sha
+
+
+def _publish(att: _Attempt, channel: JobChannel, outcome: Any) -> str:
+    claim = att.claim
+    model_dir = Path(outcome.output_dir)
+    att.redact.json_files(model_dir)
+    unpacked = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
+    key, size, sha = _upload_verified(att, channel, model_dir)
+    if channel.should_stop():
+        raise Cancelled("job cancelled")
+    assert att.store is not None
+    with owned_job(claim.job_id, claim.worker, claim.attempt) as (s, job):
+        if job.cancel_requested:
+            raise Cancelled("job cancelled")
+        _store_outcome(s, job, outcome)
+        s.execute(delete(Artifact).where(Artifact.job_id == claim.job_id))
+        s.add(Artifact(job_id=claim.job_id, uri=att.store.uri(key), store_key=key, bytes=size,
+                       sha256=sha, format=str(outcome.format), unpacked_bytes=unpacked,
+                       ready=True))
+        add_event(s, claim.job_id, "artifact", f"artifact uploaded: {size} bytes",
+                  {"bytes": size, "sha256": sha, "unpacked_bytes": unpacked,
+                   "attempt": claim.attempt})
+        transition(s, job, JobState.succeeded, message="succeeded")
+    att.uploaded_key = None  # published: keep it
+    return SUCCEEDED
+
+
+def _run(att: _Attempt, channel: JobChannel, run_pipeline: Callable[..., Any] | None) -> str:
+    claim = att.claim
+    if run_pipeline is None:
+        from modelpress.compression.pipeline import run_pipeline
+    from modelpress.compression.device import choose_device
+    from modelpress.compression.pipeline import JobHooks
+
+    att.store = make_store(att.settings)
+    scratch = att.make_scratch()
+    src, source, revision, calibration_text, eval_text = _load_inputs(att, channel)
+    hooks = JobHooks(progress=channel.progress, event=lambda k, d: channel.event(k, d),
+                     should_stop=channel.should_stop,
+                     checkpoints=StoreCheckpoints(att.store, claim.job_id, scratch / "ckpt"),
+                     load_model=_model_loader(att))
+    t0 = time.monotonic()
+    outcome = run_pipeline(source, claim.recipe, scratch / "out" / claim.job_id,
+                           revision=revision, calibration_text=calibration_text,
+                           eval_text=eval_text, max_ppl_increase=claim.max_ppl_increase,
+                           hooks=hooks, device=str(choose_device(att.settings.device)),
+                           keep_intermediate=claim.keep_intermediate)
+    channel.flush_progress()
+    if channel.should_stop():
+        raise Cancelled("job cancelled")
+    log.info("job %s: pipeline done in %.1f s", claim.job_id, time.monotonic() - t0)
+    outcome.report = att.redact.json(outcome.report)
+    if not outcome.gate_passed:
+        reason = _gate_reason(outcome.report)
+        with owned_job(claim.job_id, claim.worker, claim.attempt) as (s, job):
+            _store_outcome(s, job, outcome)
+            transition(s, job, JobState.failed, error_code="quality_gate", error=reason,
+                       message=f"quality gate: {reason}"[:2000])
+        return FAILED
+    return _publish(att, channel, outcome)
+
+
+def _fail(att: _Attempt, channel: JobChannel, exc: BaseException) -> str:
+    """End the job failed with a code and a reason. On a full disk the scratch is freed first
+    and the (large) traceback event is skipped: recording the failure needs no disk here."""
+    claim = att.claim
+    code = error_code_for(exc)
+    reason = att.redact.text(one_line(exc))
+    if code == "disk_full":
+        reason = f"the worker's disk is full: {reason}"[:1000]
+        if att.scratch is not None:
+            shutil.rmtree(att.scratch, ignore_errors=True)
+        log.error("job %s failed: disk full (%s)", claim.job_id, reason)
+    else:
+        log.exception("job %s failed (%s)", claim.job_id, code)
+    result = _finish_failed(claim.job_id, claim.worker, code, reason, claim.attempt)
+    if code != "disk_full":
+        channel.event("traceback", {"message": reason, "error_code": code,
+                                    "traceback": att.redact.text(
+                                        traceback.format_exc()[-20000:])})
+    return result
+
+
 def execute_job(job_id: str, *, worker_name: str | None = None,
                 settings: Settings | None = None,
                 run_pipeline: Callable[..., Any] | None = None) -> str:
@@ -539,134 +863,22 @@ def execute_job(job_id: str, *, worker_name: str | None = None,
         return claim
 
     channel = JobChannel(claim, settings).start()
-    scratch = Path(tempfile.mkdtemp(dir=settings.resolved_work_dir,
-                                    prefix=f"job-{job_id}-a{claim.attempt}-"))
-    uploaded_key: str | None = None
-    store: ArtifactStore | None = None
+    att = _Attempt(claim, settings)
     try:
-        if run_pipeline is None:
-            from modelpress.compression.pipeline import run_pipeline
-        from modelpress.compression.pipeline import JobHooks
-        from modelpress.compression.device import choose_device
-
-        store = make_store(settings)
-        cache_root = settings.resolved_work_dir / "cache" / "models"
-        with session_scope() as s:
-            src = s.get(ModelSource, claim.model_id)
-            if src is None:
-                raise SourceError(f"model {claim.model_id} no longer exists")
-            s.expunge(src)
-            cal = s.get(Dataset, claim.calibration_dataset_id) if claim.calibration_dataset_id else None
-            ev = s.get(Dataset, claim.eval_dataset_id) if claim.eval_dataset_id else None
-            for d in (cal, ev):
-                if d is not None:
-                    s.expunge(d)
-
-        channel.progress(0, "fetching inputs")
-        source, revision = materialize_model(store, src, cache_root)
-        calibration_text = dataset_text(store, cal, scratch) if cal is not None else None
-        eval_text = dataset_text(store, ev, scratch) if ev is not None else None
-        channel.event("inputs", {"message": "inputs ready", "source_kind": src.kind,
-                                 "calibration_dataset": getattr(cal, "id", None),
-                                 "eval_dataset": getattr(ev, "id", None)})
-
-        def load_model(model_id: str):
-            from modelpress.compression.models import load_source
-
-            with session_scope() as s2:
-                other = s2.scalar(select(ModelSource).where(ModelSource.id == model_id,
-                                                            ModelSource.owner == claim.owner))
-                if other is None:
-                    raise CompressionError(f"model {model_id!r} is not registered for this owner")
-                s2.expunge(other)
-            path, rev = materialize_model(store, other, cache_root)
-            return load_source(path, revision=rev).model
-
-        hooks = JobHooks(progress=channel.progress, event=lambda k, d: channel.event(k, d),
-                         should_stop=channel.should_stop,
-                         checkpoints=StoreCheckpoints(store, job_id, scratch / "ckpt"),
-                         load_model=load_model)
-        device = str(choose_device(settings.device))
-        out_dir = scratch / "out" / job_id
-        t0 = time.monotonic()
-        outcome = run_pipeline(source, claim.recipe, out_dir, revision=revision,
-                               calibration_text=calibration_text, eval_text=eval_text,
-                               max_ppl_increase=claim.max_ppl_increase, hooks=hooks,
-                               device=device, keep_intermediate=claim.keep_intermediate)
-        channel.flush_progress()
-        if channel.should_stop():
-            raise Cancelled("job cancelled")
-        log.info("job %s: pipeline done in %.1f s", job_id, time.monotonic() - t0)
-
-        if not outcome.gate_passed:
-            reason = _gate_reason(outcome.report)
-            with owned_job(job_id, worker) as (s, job):
-                _store_outcome(s, job, outcome)
-                transition(s, job, JobState.failed, error_code="quality_gate", error=reason,
-                           message=f"quality gate: {reason}"[:2000])
-            return FAILED
-
-        # ---- archive, upload, verify; then publish everything in one transaction
-        model_dir = Path(outcome.output_dir)
-        unpacked = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
-        archive = scratch / "model.tar.gz"
-        channel.progress(99, "uploading artifact")
-        local_size, local_sha = make_archive(model_dir, job_id, archive)
-        if archive.stat().st_size != local_size:
-            raise OSError(f"archive size mismatch: wrote {local_size} bytes, file has "
-                          f"{archive.stat().st_size}")
-        key = f"jobs/{job_id}/model.tar.gz"
-        uploaded_key = key
-        store.put_file(key, archive)
-        head = store.head(key)
-        if head is None or head.bytes != local_size:
-            raise OSError(f"artifact upload check failed: store has "
-                          f"{head.bytes if head else 'nothing'} bytes, expected {local_size}")
-        remote_sha = store.sha256(key)
-        if remote_sha != local_sha:
-            raise OSError(f"artifact upload check failed: store SHA-256 {remote_sha} "
-                          f"!= local {local_sha}")
-        if channel.should_stop():
-            raise Cancelled("job cancelled")
-        with owned_job(job_id, worker) as (s, job):
-            if job.cancel_requested:
-                raise Cancelled("job cancelled")
-            _store_outcome(s, job, outcome)
-            s.execute(delete(Artifact).where(Artifact.job_id == job_id))
-            s.add(Artifact(job_id=job_id, uri=store.uri(key), store_key=key, bytes=local_size,
-                           sha256=local_sha, format=str(outcome.format), unpacked_bytes=unpacked,
-                           ready=True))
-            add_event(s, job_id, "artifact", f"artifact uploaded: {local_size} bytes",
-                      {"store_key": key, "bytes": local_size, "sha256": local_sha,
-                       "unpacked_bytes": unpacked})
-            transition(s, job, JobState.succeeded, message="succeeded")
-        uploaded_key = None  # published: keep it
-        return SUCCEEDED
-
+        return _run(att, channel, run_pipeline)
     except Cancelled:
         if channel.lost.is_set():
             log.warning("job %s was taken away from %s; leaving it alone", job_id, worker)
             return LOST
-        return _finish_cancelled(job_id, worker)
+        return _finish_cancelled(job_id, worker, claim.attempt)
     except LostJob:
         log.warning("job %s was taken away from %s; leaving it alone", job_id, worker)
-        uploaded_key = None  # another attempt may own that key now
         return LOST
     except BaseException as exc:  # noqa: BLE001 - every failure ends the job, with a reason
-        code = error_code_for(exc)
-        reason = one_line(exc)
-        log.exception("job %s failed (%s)", job_id, code)
-        channel.event("traceback", {"message": reason, "error_code": code,
-                                    "traceback": traceback.format_exc()[-20000:]})
-        result = _finish_failed(job_id, worker, code, reason)
+        result = _fail(att, channel, exc)
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: let them through
             raise
         return result
     finally:
         channel.stop()
-        if uploaded_key is not None and store is not None:
-            try:
-                store.delete(uploaded_key)
-            except Exception:  # noqa: BLE001
-                log.exception("job %s: could not remove the unpublished upload", job_id)
-        shutil.rmtree(scratch, ignore_errors=True)
+        att.cleanup()

@@ -11,6 +11,10 @@
    waits behind a long one does not flood the queue; duplicates are harmless anyway (a worker
    only claims a queued job).
 
+3. Scratch: a ``work_dir/job-<id>-a<n>-*`` folder whose attempt is not running any more (its
+   worker was killed -9, or the job moved on) is removed. Each worker does this at start-up for
+   its own work folder too.
+
 Runs as the Celery task ``modelpress.sweep`` (for ``celery beat``), and as a loop thread inside
 ``modelpress up`` and ``modelpress worker --beat``.
 """
@@ -18,9 +22,12 @@ Runs as the Celery task ``modelpress.sweep`` (for ``celery beat``), and as a loo
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import and_, func, or_, select, update
 
@@ -130,6 +137,33 @@ def redispatch(settings: Settings, now: datetime,
     return out
 
 
+_SCRATCH = re.compile(r"^job-(?P<id>[A-Za-z0-9_-]+)-a(?P<attempt>\d+)-")
+
+
+def sweep_scratch(settings: Settings) -> list[str]:
+    """Remove scratch folders of attempts that are not running now (never one whose attempt is
+    the job's current, running one: that may be a live job on this host)."""
+    work = settings.resolved_work_dir
+    found: dict[Path, tuple[str, int]] = {}
+    for p in work.iterdir():
+        m = _SCRATCH.match(p.name)
+        if m and p.is_dir():
+            found[p] = (m["id"], int(m["attempt"]))
+    if not found:
+        return []
+    with session_scope() as s:
+        rows = s.execute(select(Job.id, Job.state, Job.attempt)
+                         .where(Job.id.in_({i for i, _ in found.values()}))).all()
+    live = {(r.id, r.attempt) for r in rows if r.state == JobState.running.value}
+    removed = []
+    for path, key in found.items():
+        if key not in live:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+            log.info("sweep: removed scratch %s of a dead attempt", path.name)
+    return removed
+
+
 def sweep(settings: Settings | None = None, publish: Callable[[str, str], None] | None = None,
           now: datetime | None = None) -> dict:
     settings = settings or get_settings()
@@ -139,6 +173,10 @@ def sweep(settings: Settings | None = None, publish: Callable[[str, str], None] 
     result: dict = {}
     result.update(reap(settings, now))
     result.update(redispatch(settings, now, publish))
+    try:
+        result["scratch_removed"] = sweep_scratch(settings)
+    except Exception:  # noqa: BLE001 - housekeeping must not stop the sweep
+        log.exception("sweep: scratch cleanup failed")
     if any(result.values()):
         log.info("sweep: %s", {k: len(v) for k, v in result.items()})
     return result

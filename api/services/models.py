@@ -14,11 +14,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from modelpress.domain.archives import (ArchiveLimitError, ArchiveLimits, check_headers,
+                                        weights_problem)
 from modelpress.domain.models import ModelSource, new_id
 from modelpress.domain.store import ArtifactStore
 
 from ..deps import on_rollback
-from ..errors import NotFound, Unprocessable
+from ..errors import NotFound, PayloadTooLarge, Unprocessable
 from ..guards import check_name, clip
 from ..uploads import UploadedFile
 
@@ -58,7 +60,8 @@ def read_gguf_config(path: Path) -> Any:
     try:
         return read_config(path)
     except Exception as e:  # noqa: BLE001 - any failure to read it is a bad upload
-        raise Unprocessable(f"not a readable GGUF model: {_short(e)}", code="invalid_model") from e
+        msg = _short(e).replace(str(path), "the upload").replace(str(path.parent), "<tmp>")
+        raise Unprocessable(f"not a readable GGUF model: {msg}", code="invalid_model") from e
 
 
 def _tar_config_member(tf: tarfile.TarFile) -> tarfile.TarInfo:
@@ -100,9 +103,15 @@ def read_tar_config(path: Path) -> Any:
         raise Unprocessable(f"not a readable tar: {_short(e)}", code="invalid_model") from e
     with tf:
         try:
+            check_headers(tf, ArchiveLimits.for_archive(path.stat().st_size))
             member = _tar_config_member(tf)
+        except ArchiveLimitError as e:
+            raise PayloadTooLarge(f"the tar is refused: {e}", code="archive_too_large") from e
         except tarfile.TarError as e:
             raise Unprocessable(f"corrupt tar: {_short(e)}", code="invalid_model") from e
+        problem = weights_problem(tf.getnames())
+        if problem:
+            raise Unprocessable(problem, code="unsafe_weights")
         if member.size > MAX_CONFIG_BYTES:
             raise Unprocessable("config.json is implausibly large", code="invalid_model")
         f = tf.extractfile(member)
