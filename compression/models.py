@@ -1,7 +1,7 @@
 """Loading and saving models: hub ids, local Hugging Face directories and GGUF files.
 
-GGUF files are dequantised by transformers (via the ``gguf`` package) and rebuilt as an ordinary
-float model, because transformers refuses to ``save_pretrained`` a model loaded from GGUF.
+GGUF files are converted tensor by tensor into safetensors (:mod:`streaming.gguf`, dequantised
+by the ``gguf`` package) and loaded from there as an ordinary float model.
 Never ``trust_remote_code``: only architectures transformers ships are accepted.
 """
 
@@ -47,46 +47,25 @@ def _auto_class(kind: str):
     return AutoModelForCausalLM if kind == CAUSAL else AutoModel
 
 
-def _rebuild_plain(model: nn.Module) -> nn.Module:
-    """A fresh model from the config with the (dequantised) state dict: no GGUF traces left."""
-    config = model.config
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    config._name_or_path = ""
-    cls = type(model)
-    with torch.device("meta"):
-        fresh = cls(config)
-    fresh.load_state_dict(model.state_dict(), assign=True, strict=True)
-    # non-persistent buffers (e.g. the rotary ``inv_freq``) are not in the state dict: without
-    # this they would stay on the meta device and the first forward would fail
-    src_buffers = dict(model.named_buffers())
-    for name, buf in list(fresh.named_buffers()):
-        if buf.is_meta and name in src_buffers:
-            owner_name, _, attr = name.rpartition(".")
-            owner = fresh.get_submodule(owner_name) if owner_name else fresh
-            owner._buffers[attr] = src_buffers[name]
-    if getattr(config, "tie_word_embeddings", False) and hasattr(fresh, "tie_weights"):
-        fresh.tie_weights()
-    fresh.eval()
-    return fresh
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
+              cache_dir: str | Path | None = None) -> LoadedModel:
+    """A GGUF file as a plain float model: converted tensor by tensor into a safetensors
+    directory (``cache_dir``, else a temporary one removed once loaded; see
+    :func:`streaming.gguf.convert_gguf`), then loaded from it like any HF directory."""
+    import tempfile
 
-
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    from transformers import AutoConfig, AutoTokenizer
+    from .streaming.gguf import convert_gguf
 
     path = Path(path)
     if not path.is_file():
         raise CompressionError(f"GGUF file not found: {path}")
-    d, f = str(path.parent), path.name
-    try:
-        config = AutoConfig.from_pretrained(d, gguf_file=f)
-    except Exception as e:  # noqa: BLE001 - a bad upload must read as a user error
-        raise CompressionError(f"cannot read GGUF file {path.name}: {e}") from e
-    kind = model_kind(config)
-    model = _auto_class(kind).from_pretrained(d, gguf_file=f, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    return LoadedModel(_rebuild_plain(model), tokenizer, kind)
+    if cache_dir is not None:
+        return load_pretrained(convert_gguf(path, cache_dir), dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="modelpress-gguf-") as tmp:
+        # weights memory-mapped from the files stay readable after they are unlinked (Linux)
+        loaded = load_pretrained(convert_gguf(path, Path(tmp) / "model"), dtype=dtype)
+    loaded.model.config._name_or_path = ""
+    return loaded
 
 
 def load_pretrained(source: str | Path, revision: str | None = None,

@@ -392,6 +392,20 @@ def _jsonable(x: Any) -> Any:
 # --------------------------------------------------------------------------------- running
 
 
+@dataclass
+class _Run:
+    """What one way of running a job (in memory, streamed) hands to the report."""
+
+    before: dict[str, float]
+    after: dict[str, float]
+    kind: str
+    model_type: str | None
+    stage_reports: list[dict[str, Any]]
+    fmt: str
+    after_measured_on: str
+    notes: dict[str, Any]
+
+
 def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_dir: Path, *,
                  revision: str | None = None,
                  calibration_text: str | None = None,
@@ -400,17 +414,21 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
                  hooks: JobHooks | None = None,
                  device: str | None = None,
                  keep_intermediate: bool = False,
-                 measure_stages: bool = False) -> PipelineOutcome:
+                 measure_stages: bool = False,
+                 stream: bool | None = None) -> PipelineOutcome:
     """Load SOURCE, measure ``before``, run the stages in order, save the final model to
     ``output_dir``, measure ``after`` on the artifact reloaded with plain ``from_pretrained``,
     write ``report.json`` and return the outcome.
 
     ``measure_stages``: also measure held-out perplexity (or embedding fidelity) of the
     in-memory model after every stage (slower; the benchmark uses it).
+    ``stream``: run the job block by block without ever holding the whole model
+    (:mod:`streaming.job`): None decides by the model's size, True forces it (an error where
+    the recipe or source cannot stream), False never.
     Raises ``base.Cancelled`` when ``hooks.should_stop()`` turns true."""
     from .data import default_calibration_text, default_eval_text
     from .device import choose_device
-    from .models import CAUSAL, load_pretrained, load_source, save_model
+    from .streaming.job import streaming_plan
 
     hooks = hooks or JobHooks()
     t_start = time.monotonic()
@@ -441,132 +459,20 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
     peak.__enter__()
     try:
         check()
-        prog(_LOAD[0], "loading model")
-        hooks.event("stage", {"message": f"loading {source}", "phase": "load"})
-        loaded = load_source(source, revision=revision)
-        model, tok, kind = loaded.model, loaded.tokenizer, loaded.kind
-        del loaded
-        model_type = getattr(model.config, "model_type", None)
-        model.eval()
-        for i, (m, cfg) in enumerate(zip(methods, configs)):
-            m.check_model(cfg, model.config)
-        prog(_LOAD[1], "model loaded")
-        check()
-
-        # ---- before
-        before_bytes = _source_weight_bytes(str(source), model, work)
-        before = _measure(model, tok, kind, ev_text, reference=None, gpu=gpu,
-                          weight_bytes=before_bytes, progress=prog.span(*_BEFORE, "measuring before"),
-                          check=check)
-        for k, v in before.items():
-            metrics.append(("before", k, v, UNITS.get(k)))
-        hooks.event("metrics", {"stage": "before", "metrics": before})
-
-        need_original = kind != CAUSAL or any(m.family == "distillation" for m in methods)
-        original = copy.deepcopy(model).eval() if need_original else None
-        if original is not None:
-            original.requires_grad_(False)
-        model.to(dev)
-
-        # ---- stages
-        weights = [_stage_weight(m) for m in methods]
-        total_w = sum(weights)
-        lo = _STAGES[0]
-        stage_reports: list[dict[str, Any]] = []
-        result: CompressionResult | None = None
-        for i, (st, method, cfg) in enumerate(zip(parsed, methods, configs)):
-            check()
-            hi = lo + (_STAGES[1] - _STAGES[0]) * weights[i] / total_w
-            label = f"{i}:{method.name}"
-            stage_metrics: dict[str, float] = {}
-            curve: list[dict[str, Any]] = []
-
-            def metric(name: str, value: float, unit: str | None = None, *, _l=label,
-                       _d=stage_metrics) -> None:
-                metrics.append((_l, name, float(value), unit))
-                _d[name] = float(value)
-
-            def event(kind_: str, data: dict, *, _l=label, _c=curve) -> None:
-                if kind_ == "train":
-                    _c.append(dict(data))
-                hooks.event(kind_, {"stage": _l, **data})
-
-            stage_work = work / f"stage-{i}"
-            stage_work.mkdir()
-            ctx = Context(
-                device=dev, tokenizer=tok, calibration_text=cal_text, eval_text=ev_text,
-                work_dir=stage_work, progress=prog.span(lo, hi, label), event=event,
-                metric=metric, should_stop=hooks.should_stop,
-                checkpoints=(_PrefixedCheckpoints(hooks.checkpoints, f"{i}-{method.name}/")
-                             if hooks.checkpoints is not None else None),
-                load_model=hooks.load_model, original_model=original,
-            )
-            prog(lo, f"{label}: starting")
-            hooks.event("stage", {"stage": label, "message": f"stage {i} ({method.name}) started",
-                                  "params": cfg.model_dump(mode="json")})
-            t0 = time.monotonic()
-            result = method.apply(model, cfg, ctx)
-            duration = time.monotonic() - t0
-            model = result.model
-            for k, v in (result.metrics or {}).items():
-                metric(k, v, UNITS.get(k))
-            metric("duration_s", duration, "s")
-            if not result.packed:
-                metric("params", E.param_count(model))
-                metric("nonzero_params", E.nonzero_count(model))
-                metric("sparsity", E.linear_sparsity(model), "ratio")
-            if measure_stages and tok is not None:
-                try:
-                    if kind == CAUSAL:
-                        metric("perplexity", _perplexity(model, tok, ev_text))
-                    elif original is not None:
-                        metric("embedding_fidelity",
-                               E.embedding_fidelity(model, original, tok, ev_text), "cosine")
-                except CompressionError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - a packed model may not run in memory
-                    hooks.event("warning", {"stage": label, "message": f"stage metric: {e}"})
-            artifact = None
-            if keep_intermediate and i < len(parsed) - 1:
-                d = output_dir / "stages" / f"{i}-{method.name}"
-                save_model(model, tok, d, saver=result.saver)
-                artifact = str(d.relative_to(output_dir))
-            stage_reports.append({
-                "index": i, "method": method.name, "params": cfg.model_dump(mode="json"),
-                "duration_s": duration, "metrics": dict(stage_metrics), "packed": result.packed,
-                "format": result.format, "artifact": artifact if artifact else
-                (".") if i == len(parsed) - 1 else None,
-                **({"train_curve": curve} if curve else {}),
-            })
-            hooks.event("stage", {"stage": label, "message": f"stage {i} ({method.name}) done "
-                                  f"in {duration:.1f} s", "metrics": dict(stage_metrics)})
-            if result.packed and i != len(parsed) - 1:  # validate_recipe should have caught it
-                raise RecipeError(f"stage {i} ({method.name}) packed the weights but is not last")
-            lo = hi
-        assert result is not None
-        check()
-
-        # ---- save, reload, after
-        prog(_AFTER[0], "saving")
-        if kind == CAUSAL:
-            original = None  # the teacher is no longer needed: free it before reloading
-        model = model.to("cpu")
-        save_model(model, tok, output_dir, saver=result.saver)
-        fmt = result.format
-        del model, result
-        check()
-        reloaded = load_pretrained(output_dir).model
-        last, last_cfg = methods[-1], configs[-1]
-        after = _measure(reloaded, tok, kind, ev_text, reference=original, gpu=gpu,
-                         weight_bytes=_top_weight_bytes(output_dir),
-                         progress=prog.span(_AFTER[0] + 1, 99.0, "measuring after"), check=check,
-                         # quality and speed of what serves the artifact (e.g. int8 kernels)
-                         runtime=(lambda m: last.runtime(m, last_cfg)) if last.runtime else None)
-        del reloaded, original
+        plan = streaming_plan(source, methods, stream, work)
+        if plan is not None:
+            run = _run_streamed(plan, parsed, methods, configs, output_dir, ev_text, dev, prog,
+                                hooks, check, metrics)
+        else:
+            run = _run_in_memory(source, revision, parsed, methods, configs, output_dir,
+                                 cal_text, ev_text, dev, gpu, prog, hooks, check, metrics, work,
+                                 keep_intermediate, measure_stages)
+        before, after, kind = run.before, run.after, run.kind
         peak.stop()
         wall = time.monotonic() - t_start
         after["compression_ratio"] = before["bytes"] / after["bytes"] if after["bytes"] else float("nan")
-        after["speedup"] = after["tokens_per_s"] / before["tokens_per_s"]
+        if "tokens_per_s" in after and before.get("tokens_per_s"):
+            after["speedup"] = after["tokens_per_s"] / before["tokens_per_s"]
         if "tokens_per_s_gpu" in after and before.get("tokens_per_s_gpu"):
             after["speedup_gpu"] = after["tokens_per_s_gpu"] / before["tokens_per_s_gpu"]
         if "perplexity" in after and "perplexity" in before:
@@ -581,48 +487,31 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
         for k, v in after.items():
             metrics.append(("after", k, v, UNITS.get(k)))
 
-        # ---- gate
-        gate: dict[str, Any] | None = None
-        gate_passed = True
-        if max_ppl_increase is not None:
-            if "ppl_ratio" in after:
-                gate_passed = bool(after["ppl_ratio"] <= max_ppl_increase)
-                gate = {"max_ppl_increase": max_ppl_increase, "ppl_ratio": after["ppl_ratio"],
-                        "perplexity_before": before["perplexity"],
-                        "perplexity_after": after["perplexity"], "passed": gate_passed}
-                if not gate_passed:
-                    gate["reason"] = (f"perplexity rose {after['ppl_ratio']:.4f}x "
-                                      f"({before['perplexity']:.3f} -> {after['perplexity']:.3f}), "
-                                      f"above the allowed {max_ppl_increase:g}x")
-            else:
-                gate = {"max_ppl_increase": max_ppl_increase, "passed": True,
-                        "skipped": "no perplexity for this model kind (encoder); gate not applied"}
-
+        gate, gate_passed = _gate(max_ppl_increase, before, after)
         summary_keys = ("compression_ratio", "speedup", "speedup_gpu", "ppl_ratio",
                         "accuracy_loss", "wall_time_s", "peak_rss_bytes", "peak_gpu_bytes")
         report = {
             "report_version": REPORT_VERSION,
             "source": str(source),
             "revision": revision,
-            "model_type": model_type,
+            "model_type": run.model_type,
             "model_kind": kind,
             "recipe": [st.model_dump(mode="json") for st in parsed],
-            "stages": stage_reports,
+            "stages": run.stage_reports,
             "before": before,
             "after": {k: v for k, v in after.items() if k not in summary_keys or k in before},
             "summary": {k: after[k] for k in summary_keys if k in after},
-            "format": fmt,
+            "format": run.fmt,
             "gate": gate,
             "evaluation": {
                 "perplexity": {"seq_len": 512, "num_chunks": 16, "text": "held-out eval text"},
                 "eval_text": "custom" if eval_text else "default (wikitext-2 valid, held-out part)",
                 "calibration_text": "custom" if calibration_text else
                 "default (wikitext-2 valid, first 55%)",
-                "after_measured_on": "the saved artifact reloaded with from_pretrained"
-                + (f"; quality and speed on it put in {last.name}'s runtime (what serves it)"
-                   if last.runtime else ""),
+                "after_measured_on": run.after_measured_on,
                 "tokens_per_s": "greedy decode, batch 1, KV cache, CPU"
-                if kind == CAUSAL else "encoder forward tokens/s, CPU",
+                if kind == CAUSAL_KIND else "encoder forward tokens/s, CPU",
+                **run.notes,
             },
             "device": _device_info(dev),
             "versions": _versions(),
@@ -634,11 +523,274 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
         prog(100, "done")
         hooks.event("done", {"message": "pipeline finished", "gate_passed": gate_passed,
                              "summary": report["summary"]})
-        return PipelineOutcome(output_dir=output_dir, report=report, metrics=metrics, format=fmt,
-                               gate_passed=gate_passed)
+        return PipelineOutcome(output_dir=output_dir, report=report, metrics=metrics,
+                               format=run.fmt, gate_passed=gate_passed)
     finally:
         peak.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+CAUSAL_KIND = "causal-lm"  # models.CAUSAL, without importing transformers at module load
+
+
+def _gate(max_ppl_increase: float | None, before: dict, after: dict
+          ) -> tuple[dict[str, Any] | None, bool]:
+    if max_ppl_increase is None:
+        return None, True
+    if "ppl_ratio" not in after:
+        return {"max_ppl_increase": max_ppl_increase, "passed": True,
+                "skipped": "no perplexity for this model kind (encoder); gate not applied"}, True
+    passed = bool(after["ppl_ratio"] <= max_ppl_increase)
+    gate = {"max_ppl_increase": max_ppl_increase, "ppl_ratio": after["ppl_ratio"],
+            "perplexity_before": before["perplexity"],
+            "perplexity_after": after["perplexity"], "passed": passed}
+    if not passed:
+        gate["reason"] = (f"perplexity rose {after['ppl_ratio']:.4f}x "
+                          f"({before['perplexity']:.3f} -> {after['perplexity']:.3f}), "
+                          f"above the allowed {max_ppl_increase:g}x")
+    return gate, passed
+
+
+def _run_in_memory(source, revision, parsed, methods, configs, output_dir, cal_text, ev_text,
+                   dev, gpu, prog, hooks, check, metrics, work, keep_intermediate,
+                   measure_stages) -> _Run:
+    """The whole model in memory: load, measure, run every stage, save, reload, measure."""
+    from .models import CAUSAL, load_pretrained, load_source, save_model
+
+    prog(_LOAD[0], "loading model")
+    hooks.event("stage", {"message": f"loading {source}", "phase": "load"})
+    loaded = load_source(source, revision=revision)
+    model, tok, kind = loaded.model, loaded.tokenizer, loaded.kind
+    del loaded
+    model_type = getattr(model.config, "model_type", None)
+    model.eval()
+    for m, cfg in zip(methods, configs):
+        m.check_model(cfg, model.config)
+    prog(_LOAD[1], "model loaded")
+    check()
+
+    # ---- before
+    before_bytes = _source_weight_bytes(str(source), model, work)
+    before = _measure(model, tok, kind, ev_text, reference=None, gpu=gpu,
+                      weight_bytes=before_bytes, progress=prog.span(*_BEFORE, "measuring before"),
+                      check=check)
+    for k, v in before.items():
+        metrics.append(("before", k, v, UNITS.get(k)))
+    hooks.event("metrics", {"stage": "before", "metrics": before})
+
+    need_original = kind != CAUSAL or any(m.family == "distillation" for m in methods)
+    original = copy.deepcopy(model).eval() if need_original else None
+    if original is not None:
+        original.requires_grad_(False)
+    model.to(dev)
+
+    # ---- stages
+    weights = [_stage_weight(m) for m in methods]
+    total_w = sum(weights)
+    lo = _STAGES[0]
+    stage_reports: list[dict[str, Any]] = []
+    result: CompressionResult | None = None
+    for i, (st, method, cfg) in enumerate(zip(parsed, methods, configs)):
+        check()
+        hi = lo + (_STAGES[1] - _STAGES[0]) * weights[i] / total_w
+        label = f"{i}:{method.name}"
+        stage_metrics: dict[str, float] = {}
+        curve: list[dict[str, Any]] = []
+
+        def metric(name: str, value: float, unit: str | None = None, *, _l=label,
+                   _d=stage_metrics) -> None:
+            metrics.append((_l, name, float(value), unit))
+            _d[name] = float(value)
+
+        def event(kind_: str, data: dict, *, _l=label, _c=curve) -> None:
+            if kind_ == "train":
+                _c.append(dict(data))
+            hooks.event(kind_, {"stage": _l, **data})
+
+        stage_work = work / f"stage-{i}"
+        stage_work.mkdir()
+        ctx = Context(
+            device=dev, tokenizer=tok, calibration_text=cal_text, eval_text=ev_text,
+            work_dir=stage_work, progress=prog.span(lo, hi, label), event=event,
+            metric=metric, should_stop=hooks.should_stop,
+            checkpoints=(_PrefixedCheckpoints(hooks.checkpoints, f"{i}-{method.name}/")
+                         if hooks.checkpoints is not None else None),
+            load_model=hooks.load_model, original_model=original,
+        )
+        prog(lo, f"{label}: starting")
+        hooks.event("stage", {"stage": label, "message": f"stage {i} ({method.name}) started",
+                              "params": cfg.model_dump(mode="json")})
+        t0 = time.monotonic()
+        result = method.apply(model, cfg, ctx)
+        duration = time.monotonic() - t0
+        model = result.model
+        for k, v in (result.metrics or {}).items():
+            metric(k, v, UNITS.get(k))
+        metric("duration_s", duration, "s")
+        if not result.packed:
+            metric("params", E.param_count(model))
+            metric("nonzero_params", E.nonzero_count(model))
+            metric("sparsity", E.linear_sparsity(model), "ratio")
+        if measure_stages and tok is not None:
+            try:
+                if kind == CAUSAL:
+                    metric("perplexity", _perplexity(model, tok, ev_text))
+                elif original is not None:
+                    metric("embedding_fidelity",
+                           E.embedding_fidelity(model, original, tok, ev_text), "cosine")
+            except CompressionError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a packed model may not run in memory
+                hooks.event("warning", {"stage": label, "message": f"stage metric: {e}"})
+        artifact = None
+        if keep_intermediate and i < len(parsed) - 1:
+            d = output_dir / "stages" / f"{i}-{method.name}"
+            save_model(model, tok, d, saver=result.saver)
+            artifact = str(d.relative_to(output_dir))
+        stage_reports.append({
+            "index": i, "method": method.name, "params": cfg.model_dump(mode="json"),
+            "duration_s": duration, "metrics": dict(stage_metrics), "packed": result.packed,
+            "format": result.format, "artifact": artifact if artifact else
+            (".") if i == len(parsed) - 1 else None,
+            **({"train_curve": curve} if curve else {}),
+        })
+        hooks.event("stage", {"stage": label, "message": f"stage {i} ({method.name}) done "
+                              f"in {duration:.1f} s", "metrics": dict(stage_metrics)})
+        if result.packed and i != len(parsed) - 1:  # validate_recipe should have caught it
+            raise RecipeError(f"stage {i} ({method.name}) packed the weights but is not last")
+        lo = hi
+    assert result is not None
+    check()
+
+    # ---- save, reload, after
+    prog(_AFTER[0], "saving")
+    if kind == CAUSAL:
+        original = None  # the teacher is no longer needed: free it before reloading
+    model = model.to("cpu")
+    save_model(model, tok, output_dir, saver=result.saver)
+    fmt = result.format
+    del model, result
+    check()
+    reloaded = load_pretrained(output_dir).model
+    last, last_cfg = methods[-1], configs[-1]
+    after = _measure(reloaded, tok, kind, ev_text, reference=original, gpu=gpu,
+                     weight_bytes=_top_weight_bytes(output_dir),
+                     progress=prog.span(_AFTER[0] + 1, 99.0, "measuring after"), check=check,
+                     # quality and speed of what serves the artifact (e.g. int8 kernels)
+                     runtime=(lambda m: last.runtime(m, last_cfg)) if last.runtime else None)
+    del reloaded, original
+    on = "the saved artifact reloaded with from_pretrained" + (
+        f"; quality and speed on it put in {last.name}'s runtime (what serves it)"
+        if last.runtime else "")
+    return _Run(before, after, kind, model_type, stage_reports, fmt, on, {})
+
+
+def _eval_windows(tok: Any, text: str, max_positions: int | None) -> torch.Tensor:
+    """The windows :func:`_perplexity` uses (512 tokens, or 64 for a short text)."""
+    from .data import token_chunks
+
+    seq = int(min(512, max_positions or 512))
+    for s in (seq, min(seq, 64)):
+        try:
+            return token_chunks(tok, text, 16, s)
+        except ValueError:
+            continue
+    raise CompressionError("the eval text is too short to measure perplexity "
+                           "(needs at least 64 tokens)")
+
+
+def _run_streamed(plan, parsed, methods, configs, output_dir, ev_text, dev, prog, hooks, check,
+                  metrics) -> _Run:
+    """One block in memory at a time (:mod:`streaming`): ``before`` and ``after`` perplexity by a
+    block-sequential forward over the eval windows; speed only where the model fits."""
+    from .models import CAUSAL, model_kind
+    from .streaming import job as J
+    from .streaming.artifact_source import ArtifactCheckpoint
+    from .streaming.source import LazyCheckpoint
+
+    method, cfg, st = methods[0], configs[0], parsed[0]
+    prog(_LOAD[0], "reading the model lazily")
+    hooks.event("stage", {"message": f"streaming {plan.source_dir} block by block "
+                          f"({plan.reason})", "phase": "load"})
+    tok = J.load_tokenizer(plan.source_dir)
+    with LazyCheckpoint(plan.source_dir) as ckpt:
+        kind = model_kind(ckpt.config)
+        if kind != CAUSAL:
+            raise CompressionError("only causal language models stream block by block")
+        method.check_model(cfg, ckpt.config)
+        model_type = getattr(ckpt.config, "model_type", None)
+        windows = (_eval_windows(tok, ev_text, getattr(ckpt.config, "max_position_embeddings", None))
+                   if tok is not None else None)
+        prog(_LOAD[1], "model read")
+        before = J.measure_blockwise(ckpt, windows, dev, plan.fp32_bytes,
+                                     prog.span(*_BEFORE, "measuring before (block by block)"),
+                                     check_stop(check))
+    if plan.fits:
+        before["tokens_per_s"] = _speed_of(plan.source_dir, None)
+    for k, v in before.items():
+        metrics.append(("before", k, v, UNITS.get(k)))
+    hooks.event("metrics", {"stage": "before", "metrics": before})
+
+    label = f"0:{method.name}"
+    hooks.event("stage", {"stage": label, "message": f"stage 0 ({method.name}) started "
+                          "(block by block)", "params": cfg.model_dump(mode="json")})
+    t0 = time.monotonic()
+    stage_metrics = J.quantize(plan, method, cfg, output_dir, dev,
+                               prog.span(_STAGES[0], _STAGES[1], label), check_stop(check))
+    duration = time.monotonic() - t0
+    stage_metrics["duration_s"] = duration
+    for k, v in stage_metrics.items():
+        metrics.append((label, k, float(v), UNITS.get(k)))
+    if tok is not None:
+        tok.save_pretrained(output_dir)
+    hooks.event("stage", {"stage": label, "message": f"stage 0 ({method.name}) done in "
+                          f"{duration:.1f} s", "metrics": dict(stage_metrics)})
+    check()
+
+    with ArtifactCheckpoint(output_dir) as art:
+        after = J.measure_blockwise(art, windows, dev, _top_weight_bytes(output_dir),
+                                    prog.span(_AFTER[0] + 1, 99.0, "measuring after "
+                                              "(block by block)"), check_stop(check))
+    notes: dict[str, Any] = {"streamed": {
+        "why": plan.reason,
+        "how": "one decoder block in memory at a time; before/after perplexity by a "
+               "block-sequential forward over the same eval windows",
+        "before_bytes": "the source's size in float32 (computed from its tensors' shapes)",
+    }}
+    if plan.fits:
+        after["tokens_per_s"] = _speed_of(output_dir, (method, cfg))
+    else:
+        notes["tokens_per_s_absent"] = (
+            f"not measured: the model needs {plan.fp32_bytes / 2**30:.1f} GiB in float32, more "
+            f"than fits in this machine's {J.memory_bytes() / 2**30:.1f} GiB")
+    stage_reports = [{
+        "index": 0, "method": method.name, "params": cfg.model_dump(mode="json"),
+        "duration_s": duration, "metrics": dict(stage_metrics), "packed": True,
+        "format": "compressed-tensors", "artifact": ".", "streamed": True,
+    }]
+    on = "the saved artifact, read block by block (quantized weights dequantized as on load)"
+    return _Run(before, after, kind, model_type, stage_reports, "compressed-tensors", on, notes)
+
+
+def check_stop(check: Callable[[], None]) -> Callable[[], bool]:
+    """A ``should_stop`` that raises :class:`Cancelled` itself (via ``check``)."""
+    def should_stop() -> bool:
+        check()
+        return False
+
+    return should_stop
+
+
+def _speed_of(path: Path, runtime: tuple[Method, Any] | None) -> float:
+    """Decode speed of the model at ``path`` loaded whole (only called where it fits)."""
+    from .models import load_pretrained
+
+    model = load_pretrained(path).model
+    if runtime is not None and runtime[0].runtime is not None:
+        model = runtime[0].runtime(model, runtime[1])
+    speed = E.tokens_per_second(model)
+    del model
+    return speed
 
 
 __all__ = [

@@ -328,6 +328,15 @@ def save_compressed(model: nn.Module, out_dir: str | Path, fmt: str, activations
     write_safetensors(out / "model.safetensors",
                       lambda: iter_compressed_tensors(model, fmt, dense_dtype, float_head),
                       metadata={"format": "pt"})
+    write_compressed_config(model, out, fmt, activations, float_head)
+    return out
+
+
+def write_compressed_config(model: nn.Module, out: Path, fmt: str, activations: bool = False,
+                            float_head: bool = False) -> None:
+    """``config.json`` (with its ``quantization_config``) and the generation config of a
+    compressed artifact. Reads only module types, shapes and dtypes (the model may be on the
+    meta device: the streaming writer calls it on a skeleton)."""
     cfg = copy.deepcopy(model.config)
     cfg.quantization_config = build_quantization_config(model, fmt, activations, float_head)
     # reload in the model's own float dtype, whatever dtype the dense tensors are stored in
@@ -345,7 +354,6 @@ def save_compressed(model: nn.Module, out_dir: str | Path, fmt: str, activations
             gen.save_pretrained(out)
         except Exception:  # noqa: BLE001 - a generation config is optional
             pass
-    return out
 
 
 def make_saver(fmt: str, activations: bool = False, dense_dtype: DenseDtype = "float16",
@@ -353,6 +361,9 @@ def make_saver(fmt: str, activations: bool = False, dense_dtype: DenseDtype = "f
     def saver(model: nn.Module, out_dir: Path) -> None:
         save_compressed(model, out_dir, fmt, activations, dense_dtype, float_head)
 
+    # what it writes, for a writer that streams the same tensors block by block
+    saver.options = {"fmt": fmt, "activations": activations, "dense_dtype": dense_dtype,
+                     "float_head": float_head}
     return saver
 
 

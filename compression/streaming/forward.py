@@ -1,0 +1,195 @@
+"""Held-out perplexity of a model that is never whole in memory: the forward pass block by
+block over all the eval windows (each block materialized once, in float32), instead of window
+by window through the whole model.
+
+The first block's inputs are captured by running the model's own forward up to it (embeddings,
+rotary position embeddings, masks: what transformers computes for every family), then each block
+runs on every window in turn. The embeddings and the output head stay in their stored dtype (a
+float32 copy of Llama-3.1-8B's embeddings alone is 2.1 GB): their outputs are upcast (exact) and
+the head's logits are computed in float32 from row pieces of its weight.
+
+The numbers are the same as :func:`evaluation.perplexity` on the float32 model (same windows,
+same per-token loss); the summation order of the loss differs by float rounding only.
+
+This block loop is the calibration engine's (``compression/calib``) in miniature; it runs
+families whose blocks all take the same inputs (llama, mistral, qwen2/3, phi3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base import Cancelled
+from .source import decoder_blocks, outside_prefixes, release
+
+_HEAD_ROWS_ELEMS = 2**26  # elements of the head's weight upcast at a time (256 MB)
+
+
+class _Captured(Exception):
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("first block reached")
+        self.args, self.kwargs = args, kwargs
+
+
+@dataclass
+class BlockwiseStats:
+    perplexity: float
+    nonzero_params: int = 0
+    linear_zeros: int = 0
+    linear_total: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        return self.linear_zeros / self.linear_total if self.linear_total else 0.0
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _move_buffers(model: nn.Module, blocks_name: str, device: torch.device) -> None:
+    """Buffers outside the blocks (rotary frequencies) onto ``device``."""
+    for mod_name, mod in model.named_modules():
+        if mod_name.startswith(blocks_name):
+            continue
+        for leaf, b in list(mod._buffers.items()):
+            if b is not None and not b.is_meta:
+                mod._buffers[leaf] = b.to(device)
+
+
+def _capture(model: nn.Module, first: nn.Module, windows: torch.Tensor, batch_size: int,
+             device: torch.device) -> list[tuple[tuple, dict]]:
+    """The first block's (args, kwargs) for each batch of windows."""
+    emb = model.get_input_embeddings()
+
+    def stop(_m, args, kwargs):
+        raise _Captured(args, kwargs)
+
+    def upcast(_m, _inp, out):
+        return out.float()
+
+    h1 = first.register_forward_pre_hook(stop, with_kwargs=True)
+    h2 = emb.register_forward_hook(upcast)
+    caps = []
+    try:
+        for b in range(0, windows.shape[0], batch_size):
+            try:
+                model(input_ids=windows[b : b + batch_size].to(device), use_cache=False)
+            except _Captured as c:
+                caps.append((c.args, dict(c.kwargs)))
+            else:
+                raise RuntimeError("the forward pass never reached the first block")
+    finally:
+        h1.remove()
+        h2.remove()
+    return caps
+
+
+def _run_block(block: nn.Module, caps: list[tuple[tuple, dict]]) -> None:
+    for j, (args, kwargs) in enumerate(caps):
+        if args:
+            out = block(*args, **kwargs)
+        else:
+            out = block(**kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        if args:
+            caps[j] = ((out, *args[1:]), kwargs)
+        else:
+            caps[j] = (args, {**kwargs, "hidden_states": out})
+
+
+def _hidden(cap: tuple[tuple, dict]) -> torch.Tensor:
+    return cap[0][0] if cap[0] else cap[1]["hidden_states"]
+
+
+def _nll(hidden: torch.Tensor, head_w: torch.Tensor, head_b: torch.Tensor | None,
+         targets: torch.Tensor) -> float:
+    """Summed next-token loss of one window, logits in float32 from row pieces of the head."""
+    rows = max(1, _HEAD_ROWS_ELEMS // head_w.shape[1])
+    logits = torch.cat([hidden @ head_w[a : a + rows].float().T
+                        for a in range(0, head_w.shape[0], rows)], dim=-1)
+    if head_b is not None:
+        logits += head_b.float()
+    return torch.nn.functional.cross_entropy(logits[:-1], targets[1:], reduction="sum").item()
+
+
+def _count(stats: BlockwiseStats, module: nn.Module, prefix: str, ckpt: Any,
+           seen: set[str]) -> None:
+    """Nonzeros of the parameters of ``module`` (each stored tensor once: tied ones by the name
+    they are read from) and zeros of its Linear weights."""
+    for name, p in module.named_parameters():
+        src = ckpt.source_name(f"{prefix}.{name}")
+        if src not in seen:
+            seen.add(src)
+            stats.nonzero_params += int(torch.count_nonzero(p).item())
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            stats.linear_zeros += int((m.weight == 0).sum().item())
+            stats.linear_total += m.weight.numel()
+
+
+@torch.no_grad()
+def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
+                         device: torch.device | str = "cpu", batch_size: int = 4,
+                         progress: Callable[[float, str | None], None] = lambda *_: None,
+                         should_stop: Callable[[], bool] = lambda: False) -> BlockwiseStats:
+    """Perplexity of the skeleton ``model`` whose weights ``ckpt`` materializes (a
+    :class:`LazyCheckpoint` or an artifact reader) over ``windows`` (``[n, seq_len]``), and the
+    nonzero counts of every weight seen on the way."""
+    dev = torch.device(device)
+    blocks_name, blocks = decoder_blocks(model)
+    stats = BlockwiseStats(perplexity=float("nan"))
+    seen: set[str] = set()
+    outside = outside_prefixes(model, blocks_name)
+    head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    tied = f"{head_name}.weight" in ckpt.alias
+    for p in outside:  # stored dtype: embeddings/head outputs are upcast where they are used
+        if not (tied and p == head_name):
+            _count(stats, ckpt.materialize(model, p, dev), p, ckpt, seen)
+    head = model.get_output_embeddings()
+    if tied:  # one copy of a tied weight
+        head.weight = model.get_input_embeddings().weight
+        _count(stats, head, head_name, ckpt, seen)
+    _move_buffers(model, blocks_name, dev)
+    # the output head is not a pruned/quantized Linear: not in the sparsity
+    stats.linear_zeros -= int((head.weight == 0).sum().item())
+    stats.linear_total -= head.weight.numel()
+    try:
+        caps = _capture(model, blocks[0], windows, batch_size, dev)
+        for i, block in enumerate(blocks):
+            ckpt.materialize(model, f"{blocks_name}.{i}", dev, dtype=torch.float32)
+            _count(stats, block, f"{blocks_name}.{i}", ckpt, seen)
+            _run_block(block, caps)
+            release(block)
+            progress((i + 1) / (len(blocks) + 1), f"block {i + 1}/{len(blocks)}")
+            if should_stop():
+                raise Cancelled("job cancelled")
+        base = model.get_submodule(blocks_name.rpartition(".")[0])
+        norm = getattr(base, "norm")
+        nll, count, w = 0.0, 0, 0
+        for cap in caps:
+            h = norm(_hidden(cap))
+            for j in range(h.shape[0]):
+                ids = windows[w].to(dev)
+                nll += _nll(h[j], head.weight, head.bias, ids)
+                count += ids.numel() - 1
+                w += 1
+        stats.perplexity = math.exp(nll / count)
+    finally:
+        for p in outside:
+            release(model.get_submodule(p))
+    progress(1.0, "perplexity measured")
+    return stats

@@ -1,0 +1,139 @@
+"""A job that never holds its model whole: measure the source block by block, quantize it block
+by block into a sharded artifact, measure the artifact block by block.
+
+Which jobs stream (:func:`streaming_plan`): one weight-only quantization stage (int8, rtn) on
+a local safetensors directory (a GGUF source is first converted tensor by tensor) whose float32
+size is above ``MODELPRESS_STREAM_ABOVE_BYTES`` (default: half this machine's memory), or any
+such job when the caller asks for streaming. Speed is measured only when the model fits in
+memory (``fits``); otherwise the report says why it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..base import CompressionError
+from .compress import WEIGHT_ONLY, stream_quantize
+from .source import LazyCheckpoint, is_streamable
+
+STREAM_ENV = "MODELPRESS_STREAM_ABOVE_BYTES"
+_FIT_FRACTION = 0.4  # a whole float32 model plus a measurement's activations in this share of RAM
+
+
+def memory_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def stream_threshold() -> int:
+    raw = os.environ.get(STREAM_ENV)
+    if raw:
+        try:
+            return int(float(raw))
+        except ValueError:
+            raise CompressionError(f"{STREAM_ENV} must be a number of bytes, got {raw!r}") from None
+    return memory_bytes() // 2
+
+
+def float32_bytes(ckpt: LazyCheckpoint) -> int:
+    """What the model takes in float32 (each stored tensor; integers as stored)."""
+    total = 0
+    for name in ckpt.names():
+        n = torch.Size(ckpt.shape_of(name)).numel()
+        dt = ckpt.dtype_of(name)
+        total += n * (4 if dt.is_floating_point else torch.empty((), dtype=dt).element_size())
+    return total
+
+
+def fits_in_memory(fp32_bytes: int) -> bool:
+    return fp32_bytes <= _FIT_FRACTION * memory_bytes()
+
+
+@dataclass
+class StreamPlan:
+    source_dir: Path  # a safetensors directory (a GGUF source's conversion cache)
+    fp32_bytes: int
+    fits: bool
+    reason: str
+
+
+def streaming_plan(source: str | Path, methods: list[Any], stream: bool | None,
+                   work: Path) -> StreamPlan | None:
+    """The plan when this job streams, else None. ``stream``: True forces it (a job that cannot
+    stream is then an error), False forbids it, None decides by size."""
+    if stream is False:
+        return None
+    why_not = None
+    if len(methods) != 1 or methods[0].name not in WEIGHT_ONLY:
+        why_not = (f"only a single-stage {sorted(WEIGHT_ONLY)} recipe streams block by block; "
+                   f"got {[m.name for m in methods]}")
+    s = str(source)
+    if why_not is None and not (s.endswith(".gguf") or is_streamable(s)):
+        why_not = f"{s} is not a local safetensors directory or GGUF file"
+    if why_not is not None:
+        if stream:
+            raise CompressionError(f"this job cannot stream: {why_not}")
+        return None
+    if s.endswith(".gguf"):
+        from .gguf import gguf_config_bytes
+
+        if stream is None and gguf_config_bytes(s) <= stream_threshold():
+            return None
+        from .gguf import convert_gguf
+
+        src = convert_gguf(s, work / "gguf-cache")
+    else:
+        src = Path(s)
+    with LazyCheckpoint(src) as ckpt:
+        fp32 = float32_bytes(ckpt)
+    if stream is None and fp32 <= stream_threshold():
+        return None
+    reason = ("asked for" if stream else
+              f"{fp32 / 2**30:.1f} GiB in float32 > the {stream_threshold() / 2**30:.1f} GiB "
+              f"threshold ({STREAM_ENV})")
+    return StreamPlan(src, fp32, fits_in_memory(fp32), reason)
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception:  # noqa: BLE001 - a model without a tokenizer can still be compressed
+        return None
+
+
+def measure_blockwise(ckpt: LazyCheckpoint, windows: torch.Tensor | None, device: torch.device,
+                      weight_bytes: int,
+                      progress: Callable[[float, str | None], None],
+                      should_stop: Callable[[], bool]) -> dict[str, float]:
+    """params, nonzero params, bytes, sparsity and (with ``windows``) perplexity, block by
+    block."""
+    from .. import evaluation as E
+    from .forward import blockwise_perplexity
+
+    model = ckpt.skeleton()
+    m: dict[str, float] = {"params": float(E.param_count(model)), "bytes": float(weight_bytes)}
+    if windows is None:
+        return m
+    st = blockwise_perplexity(ckpt, model, windows, device=device, progress=progress,
+                              should_stop=should_stop)
+    m["nonzero_params"] = float(st.nonzero_params)
+    m["sparsity"] = float(st.sparsity)
+    m["perplexity"] = st.perplexity
+    return m
+
+
+def quantize(plan: StreamPlan, method: Any, cfg: Any, out: Path, device: torch.device,
+             progress: Callable[[float, str | None], None],
+             should_stop: Callable[[], bool]) -> dict[str, float]:
+    res = stream_quantize(plan.source_dir, out, method, cfg, device=device, progress=progress,
+                          should_stop=should_stop)
+    return res.metrics

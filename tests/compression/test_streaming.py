@@ -1,0 +1,280 @@
+"""compression/streaming: lazy checkpoints, the sharded writer, block-by-block quantization and
+measurement, GGUF converted tensor by tensor. Tiny random llamas written as sharded bf16
+safetensors with a tiny shard size; peak memory is measured by benchmarks/large_models.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from modelpress.compression import evaluation as E
+from modelpress.compression.base import CompressionError, Context
+from modelpress.compression.data import default_eval_text, token_chunks
+from modelpress.compression.models import load_pretrained
+from modelpress.compression.pipeline import run_pipeline
+from modelpress.compression.registry import get_method
+from modelpress.compression.streaming import LazyCheckpoint, ShardedWriter, release
+from modelpress.compression.streaming.artifact_source import ArtifactCheckpoint
+from modelpress.compression.streaming.compress import stream_quantize
+from modelpress.compression.streaming.forward import blockwise_perplexity
+
+from ..conftest import make_tiny_llama
+
+
+def _write_bf16(d: Path, tok, **overrides) -> Path:
+    make_tiny_llama(**overrides).to(torch.bfloat16).save_pretrained(d, max_shard_size="100KB")
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return _write_bf16(tmp_path_factory.mktemp("bf16-tied"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def bf16_untied_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return _write_bf16(tmp_path_factory.mktemp("bf16-untied"), tiny_tokenizer,
+                       tie_word_embeddings=False)
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                out[k] = sf.get_tensor(k)
+    return out
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_source_is_sharded_bf16(bf16_dir):
+    idx = json.loads((bf16_dir / "model.safetensors.index.json").read_text())
+    assert len(set(idx["weight_map"].values())) > 2
+    with LazyCheckpoint(bf16_dir) as ck:
+        assert ck.dtype == torch.bfloat16
+        assert ck.alias == {} and "lm_head.weight" not in ck
+
+
+@torch.no_grad()
+def test_lazy_load_gives_from_pretrained_logits(bf16_dir):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([[1, 17, 250, 3, 99, 400, 7]])
+    with LazyCheckpoint(bf16_dir) as ck:
+        model = ck.skeleton()
+        assert all(p.is_meta for p in model.parameters())
+        assert not model.model.rotary_emb.inv_freq.is_meta  # computed, not read
+        assert ck.alias == {"lm_head.weight": "model.embed_tokens.weight"}
+        ck.materialize(model, "")
+        assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+        release(model.model.layers[1])
+        assert all(p.is_meta for p in model.model.layers[1].parameters())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_blockwise_perplexity_equals_whole_model(bf16_dir, bf16_untied_dir, tiny_tokenizer, tied):
+    d = bf16_dir if tied else bf16_untied_dir
+    windows = token_chunks(tiny_tokenizer, default_eval_text(), 6, 64)
+    with LazyCheckpoint(d) as ck:
+        model = ck.skeleton()
+        st = blockwise_perplexity(ck, model, windows, batch_size=4)
+        assert all(p.is_meta for p in model.parameters())
+    whole = load_pretrained(d).model  # float32, as jobs load it
+    ref = E.perplexity(whole, tiny_tokenizer, default_eval_text(), seq_len=64, num_chunks=6)
+    assert math.isclose(st.perplexity, ref, rel_tol=1e-6)
+    assert st.nonzero_params == E.nonzero_count(whole)
+
+
+def test_writer_shards_and_index(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(i + 1, 10, generator=g).to(dt)
+               for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float16] * 4)}
+    tensors["ints"] = torch.arange(12, dtype=torch.int32).reshape(3, 4)
+    tensors["big"] = torch.randn(40, 10, generator=g)  # 1600 bytes: a shard of its own
+    w = ShardedWriter(tmp_path, max_shard_bytes=1000)
+    for k, t in tensors.items():
+        if k == "t3":  # in pieces: its rows one at a time
+            w.add_pieces(k, t.dtype, list(t.shape), list(t))
+        else:
+            w.add(k, t)
+    files = w.close()
+    k = len(files)
+    assert k > 3 and [f.name for f in files] == [
+        f"model-{i:05d}-of-{k:05d}.safetensors" for i in range(1, k + 1)]
+    idx = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(idx["weight_map"]) == set(tensors)
+    assert idx["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                               for t in tensors.values())
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            names = list(sf.keys())
+            assert sf.metadata() == {"format": "pt"}
+            size = sum(sf.get_tensor(n).numel() * sf.get_tensor(n).element_size() for n in names)
+            assert size <= 1000 or len(names) == 1
+            for n in names:
+                assert idx["weight_map"][n] == f.name
+                assert _raw(sf.get_tensor(n)) == _raw(tensors[n])
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_writer_one_shard_and_large_header(tmp_path):
+    """One shard is named model.safetensors (no index); a header past the reserved area (4,000
+    tensors) moves the data once and stays readable."""
+    w = ShardedWriter(tmp_path)
+    tensors = {f"layer.{i}.a_rather_long_parameter_name.weight": torch.full((2,), float(i))
+               for i in range(4000)}
+    for k, t in tensors.items():
+        w.add(k, t)
+    assert [f.name for f in w.close()] == ["model.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    back = _tensors(tmp_path)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in back)
+    with pytest.raises(RuntimeError):
+        w.add("late", torch.zeros(1))
+
+
+def test_writer_rejects_bad_input(tmp_path):
+    w = ShardedWriter(tmp_path / "o", max_shard_bytes=100)
+    w.add("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="twice"):
+        w.add("a", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="needs"):
+        w.add_pieces("b", torch.float32, [4], [torch.zeros(3)])
+    w.abort()
+    assert not list((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("method,params", [("rtn", {"bits": 4, "group_size": 16}),
+                                           ("int8", {}),
+                                           ("rtn", {"bits": 3, "group_size": None,
+                                                    "symmetric": True})])
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_artifact_equals_in_memory(bf16_dir, bf16_untied_dir, tmp_path, method, params,
+                                            tied):
+    src = bf16_dir if tied else bf16_untied_dir
+    m = get_method(method)
+    cfg = m.config.model_validate(params)
+    res = stream_quantize(src, tmp_path / "s", m, cfg, max_shard_bytes=20_000)
+    assert res.metrics["shards"] > 2 and res.metrics["quantized_linears"] == 28
+    whole = load_pretrained(src).model
+    mem = m.apply(whole, cfg, Context())
+    mem.saver(mem.model, tmp_path / "m")
+    a, b = _tensors(tmp_path / "s"), _tensors(tmp_path / "m")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k].dtype, a[k].shape) == (b[k].dtype, b[k].shape), k
+        assert _raw(a[k]) == _raw(b[k]), k
+    ca = json.loads((tmp_path / "s" / "config.json").read_text())
+    cb = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert ca["quantization_config"] == cb["quantization_config"]
+    assert ca["tie_word_embeddings"] == cb["tie_word_embeddings"] == tied
+    assert ca["dtype"] == "bfloat16"  # reloads in the source's dtype (in memory: float32)
+    ids = torch.tensor([[1, 17, 250, 3, 99]])
+    with torch.no_grad():
+        la = load_pretrained(tmp_path / "s", dtype=torch.float32).model(input_ids=ids).logits
+        lb = load_pretrained(tmp_path / "m").model(input_ids=ids).logits
+    assert torch.equal(la, lb)
+
+
+def test_artifact_checkpoint_dequantizes_as_from_pretrained(bf16_dir, tmp_path):
+    m = get_method("rtn")
+    stream_quantize(bf16_dir, tmp_path, m, m.config.model_validate({"bits": 4, "group_size": 32,
+                                                                     "symmetric": False}))
+    loaded = load_pretrained(tmp_path).model.state_dict()
+    with ArtifactCheckpoint(tmp_path) as art:
+        assert "model.layers.2.self_attn.k_proj.weight" in art
+        for name in art.names():
+            assert torch.equal(art.tensor(name).float(), loaded[name].float()), name
+
+
+def _job(src, out, stream, method="rtn", params=None, **kw):
+    return run_pipeline(src, [{"method": method, "params": {"group_size": 16} if params is None else params}], out,
+                        device="cpu", stream=stream, **kw)
+
+
+def test_streamed_job_reports_what_the_in_memory_job_reports(bf16_dir, tmp_path):
+    s = _job(bf16_dir, tmp_path / "s", True)
+    m = _job(bf16_dir, tmp_path / "m", False)
+    rs, rm = s.report, m.report
+    assert rs["stages"][0]["streamed"] and "streamed" in rs["evaluation"]
+    for side in ("before", "after"):
+        for k in ("params", "nonzero_params", "sparsity", "perplexity"):
+            assert math.isclose(rs[side][k], rm[side][k], rel_tol=1e-6), (side, k)
+        assert rs[side]["tokens_per_s"] > 0  # fits in memory: measured
+    assert abs(rs["after"]["bytes"] - rm["after"]["bytes"]) < 200  # the headers' digits
+    # the perplexity in the report is the artifact's, measured independently
+    reloaded = load_pretrained(tmp_path / "s").model
+    tok = load_pretrained(tmp_path / "s").tokenizer
+    seq = min(512, reloaded.config.max_position_embeddings)
+    assert math.isclose(rs["after"]["perplexity"],
+                        E.perplexity(reloaded, tok, default_eval_text(), seq_len=seq,
+                                     num_chunks=16), rel_tol=1e-6)
+    assert (tmp_path / "s" / "tokenizer.json").exists() and (tmp_path / "s" / "report.json").exists()
+
+
+def test_job_streams_above_the_threshold(bf16_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELPRESS_STREAM_ABOVE_BYTES", "1000")
+    monkeypatch.setattr("modelpress.compression.streaming.job._FIT_FRACTION", 0.0)
+    out = _job(bf16_dir, tmp_path / "o", None, method="int8", params={})
+    ev = out.report["evaluation"]
+    assert "threshold" in ev["streamed"]["why"]
+    assert "tokens_per_s" not in out.report["after"] and "not measured" in ev["tokens_per_s_absent"]
+    assert out.report["after"]["perplexity"] > 0
+    monkeypatch.setenv("MODELPRESS_STREAM_ABOVE_BYTES", str(10**12))
+    out = _job(bf16_dir, tmp_path / "p", None, method="int8", params={})
+    assert "streamed" not in out.report["evaluation"]
+
+
+def test_stream_refuses_what_cannot_stream(bf16_dir, tmp_path):
+    with pytest.raises(CompressionError, match="cannot stream"):
+        _job(bf16_dir, tmp_path / "w", True, method="wanda", params={})
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+
+
+def test_streamed_job_cancels_and_leaves_no_shards(bf16_dir, tmp_path):
+    from modelpress.compression.base import Cancelled
+    from modelpress.compression.pipeline import JobHooks
+
+    seen = []
+
+    def should_stop():
+        return any("block 2/" in (lbl or "") for lbl in seen)
+
+    with pytest.raises(Cancelled):
+        _job(bf16_dir, tmp_path / "c", True,
+             hooks=JobHooks(progress=lambda p, lbl: seen.append(lbl), should_stop=should_stop))
+    assert not list((tmp_path / "c").glob("*.safetensors")) if (tmp_path / "c").exists() else True
+    assert not list((tmp_path / "c").glob(".shard-*")) if (tmp_path / "c").exists() else True
+
+
+@pytest.mark.slow
+def test_gguf_converted_tensor_by_tensor_equals_transformers(smollm2_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from modelpress.compression.models import load_gguf
+    from modelpress.compression.streaming.gguf import convert_gguf
+
+    d = convert_gguf(smollm2_gguf, tmp_path / "cache", max_shard_bytes=200 * 10**6)
+    assert len(list(d.glob("*.safetensors"))) == 3 and (d / "tokenizer.json").exists()
+    ref = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent),
+                                               gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    conv = _tensors(d)
+    rsd = ref.state_dict()
+    assert set(conv) == set(rsd) - {"lm_head.weight"}  # tied: stored once
+    assert all(torch.equal(conv[k], rsd[k]) for k in conv)
+    lm = load_gguf(smollm2_gguf)
+    ids = torch.tensor([[1, 504, 2143, 28, 253, 9000]])
+    with torch.no_grad():
+        assert torch.equal(lm.model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    assert lm.tokenizer is not None
