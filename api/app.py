@@ -58,6 +58,17 @@ def _bootstrap_key(app: FastAPI) -> None:
         s.commit()
 
 
+def _warm_imports() -> None:
+    """Import what a submission needs before the first request: transformers' lazy module
+    is not safe to import from many threads at once (50 concurrent first submissions to a
+    fresh process got ``ImportError: cannot import name 'AutoConfig'``: 500s)."""
+    from transformers import AutoConfig, PretrainedConfig  # noqa: F401
+
+    from modelpress.compression.registry import methods
+
+    methods()
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
@@ -65,6 +76,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except Exception:
         log.exception("could not store the bootstrap API key (is the database migrated?)")
         raise
+    await run_in_threadpool(_warm_imports)
     yield
 
 

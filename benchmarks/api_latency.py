@@ -6,12 +6,19 @@ Redis broker database, registers a tiny llama (a tar of a HF directory built her
 * POST /v1/jobs latency (sequential, one keep-alive connection): p50 / p95 / p99
 * GET /v1/jobs/{id} throughput with C concurrent keep-alive connections (a raw asyncio HTTP/1.1
   client: cheap enough that the 2-core machine spends its time in the server, not the client)
+* POST /v1/jobs under load: ``--load-clients`` concurrent keep-alive connections (default 200)
+  each submitting jobs back to back for ``--load-seconds`` (default 30): every response must be a
+  201 (no 5xx, no 429, no timeout); prints throughput and latency under load
 * optionally (``--pickup N``) submit -> worker start latency with a real ``modelpress worker``
 
 Goals (issue 2): POST p99 <= 50 ms, GET >= 1,000 req/s. Everything stays on 127.0.0.1; counts are
 bounded. The database is dropped and the Redis database flushed at the end.
 
     python benchmarks/api_latency.py [--workers 2] [--posts 500] [--gets 6000] [--clients 16]
+                                     [--load-clients 200] [--load-seconds 30]
+
+The per-owner active-job quota is switched off for the run (the jobs stay queued: no worker);
+the per-owner rate limit keeps its default.
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ class Env:
         self.env = {**os.environ, "MODELPRESS_DATABASE_URL": self.db_url,
                     "MODELPRESS_BROKER_URL": self.redis_url, "MODELPRESS_HOME": self.home.name,
                     "MODELPRESS_API_KEY": self.key, "HF_HUB_OFFLINE": "1",
+                    "MODELPRESS_MAX_ACTIVE_JOBS_PER_OWNER": "0",
                     "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def close(self) -> None:
@@ -106,8 +114,18 @@ class Env:
 
 
 def start(argv: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(argv, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """The process's stderr goes to a file (a pipe nobody reads would fill up and block the
+    server as soon as it logs more than 64 KiB)."""
+    log = tempfile.NamedTemporaryFile(prefix="mp-bench-", suffix=".log", delete=False)
+    proc = subprocess.Popen(argv, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=log)
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    log.close()
+    return proc
+
+
+def log_tail(proc: subprocess.Popen, n: int = 3000) -> str:
+    return Path(proc.log_path).read_text(errors="replace")[-n:]  # type: ignore[attr-defined]
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -142,7 +160,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"server exited: {log_tail(proc)}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -150,7 +168,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
             pass
         time.sleep(0.2)
     stop(proc)
-    raise RuntimeError(f"{url} did not come up: {proc.stderr.read().decode()[-2000:]}")
+    raise RuntimeError(f"{url} did not come up: {log_tail(proc)}")
 
 
 # ------------------------------------------------------------------------------ GET load
@@ -183,6 +201,53 @@ async def get_load(port: int, path: str, key: str, total: int, clients: int):
     t0 = time.perf_counter()
     await asyncio.gather(*(_get_worker(port, request, per, lat, errors) for _ in range(clients)))
     return time.perf_counter() - t0, lat, errors
+
+
+# ----------------------------------------------------------------------------- POST load
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return int(head[9:12])
+
+
+async def _post_worker(port: int, request: bytes, deadline: float, lat: list[float],
+                       codes: dict[str, int], timeout_s: float = 60.0) -> None:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError as e:
+        codes[type(e).__name__] = codes.get(type(e).__name__, 0) + 1
+        return
+    try:
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            writer.write(request)
+            try:
+                status = await asyncio.wait_for(_read_response(reader), timeout_s)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, OSError) as e:
+                codes[type(e).__name__] = codes.get(type(e).__name__, 0) + 1
+                return
+            lat.append(time.perf_counter() - t)
+            codes[str(status)] = codes.get(str(status), 0) + 1
+    finally:
+        writer.close()
+
+
+async def post_load(port: int, key: str, body: dict, clients: int, seconds: float):
+    """``clients`` connections submitting jobs back to back for ``seconds``."""
+    data = json.dumps(body).encode()
+    request = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+    lat: list[float] = []
+    codes: dict[str, int] = {}
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_post_worker(port, request, t0 + seconds, lat, codes)
+                           for _ in range(clients)))
+    return time.perf_counter() - t0, lat, codes
 
 
 # --------------------------------------------------------------------------- pickup hook
@@ -250,6 +315,16 @@ def wrk_load(url: str, key: str, clients: int, seconds: int = 10) -> float | Non
     return float(m.group(1)) if m else None
 
 
+def count_jobs(db_url: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(db_url)
+    with eng.connect() as c:
+        n = c.execute(text("SELECT count(*) FROM jobs")).scalar_one()
+    eng.dispose()
+    return n
+
+
 def _sigterm(_sig, _frame):
     raise KeyboardInterrupt  # run the finally blocks: stop the server, drop the database
 
@@ -261,6 +336,9 @@ def main() -> int:
     ap.add_argument("--posts", type=int, default=500)
     ap.add_argument("--gets", type=int, default=6000)
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--load-clients", type=int, default=200,
+                    help="concurrent connections submitting jobs (0: skip the load phase)")
+    ap.add_argument("--load-seconds", type=float, default=30.0)
     ap.add_argument("--pickup", type=int, default=0, help="jobs for the worker pickup measure")
     ap.add_argument("--redis-db", type=int, default=13)
     args = ap.parse_args()
@@ -302,9 +380,15 @@ def main() -> int:
         assert not errors, errors[:5]
 
         wrk_rps = wrk_load(base + f"/v1/jobs/{job_id}", env.key, args.clients)
+        load = None
+        if args.load_clients:
+            load = asyncio.run(post_load(port, env.key, body, args.load_clients,
+                                         args.load_seconds))
+            load_committed = count_jobs(env.db_url)
         pickup = measure_pickup(env, client, model_id, args.pickup) if args.pickup else None
         metrics = client.get("/metrics").text
         client.close()
+        server_log = log_tail(server, 4000)
     finally:
         if server is not None:
             stop(server)
@@ -325,6 +409,13 @@ def main() -> int:
     if wrk_rps is not None:
         rows.append(("GET /v1/jobs/{id} (wrk)", f"10 s c={args.clients}", f"{wrk_rps:.0f} req/s",
                      "", "", "", "goal >= 1000 req/s: " + ("MET" if wrk_rps >= 1000 else "MISSED")))
+    if load is not None:
+        lwall, llat, lcodes = load
+        errs = {k: v for k, v in lcodes.items() if k != "201"}
+        rows.append(("POST /v1/jobs under load", f"{args.load_seconds:g} s c={args.load_clients}",
+                     f"{len(llat) / lwall:.0f} req/s", f"p50 {ms(pct(llat, 50))} ms",
+                     f"p99 {ms(pct(llat, 99))} ms", f"{lcodes.get('201', 0)} x 201",
+                     "goal 0 errors: " + ("MET" if not errs else f"MISSED {errs}")))
     if pickup:
         rows.append(("submit -> worker start", f"n={len(pickup)}",
                      f"p50 {ms(statistics.median(pickup))} ms", f"max {ms(max(pickup))} ms", "", "", ""))
@@ -338,6 +429,13 @@ def main() -> int:
     print(f"\nserver CPU = CPU seconds of the uvicorn processes / requests (excludes PostgreSQL "
           f"and the load generator); machine load average during the run: "
           f"{os.getloadavg()[0]:.1f}")
+    if load is not None and any(k != "201" for k in load[2]):
+        print("\nserver log (tail):\n" + server_log)
+    if load is not None:
+        expected = 60 + args.posts + load[2].get("201", 0)
+        print(f"jobs in the database after the load phase: {load_committed} "
+              f"(201 answers: {expected}; " + ("every one committed once)" if
+                                               load_committed == expected else "MISMATCH)"))
     submitted = [ln for ln in metrics.splitlines() if ln.startswith("modelpress_jobs_submitted_total")]
     print("\n(one worker process's counter) " + "; ".join(submitted))
     return 0

@@ -39,6 +39,7 @@ class _ConfigCache:
         self.size = size
         self._d: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()
 
     def get(self, session: Session, model_id: str) -> Any:
         with self._lock:
@@ -47,7 +48,8 @@ class _ConfigCache:
                 self._d.move_to_end(model_id)
                 return hit
         raw = session.scalar(select(ModelSource.config).where(ModelSource.id == model_id))
-        cfg = rebuild_config(raw or {})
+        with self._build_lock:  # transformers imports a model type's config module lazily:
+            cfg = rebuild_config(raw or {})  # not safe from many threads at once
         with self._lock:
             self._d[model_id] = cfg
             while len(self._d) > self.size:

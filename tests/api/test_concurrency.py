@@ -133,3 +133,46 @@ def test_database_down_is_503_with_retry_after(settings_env, redis_url):
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "unavailable"
     assert int(r.headers["Retry-After"]) >= 1
+
+
+def test_fresh_server_processes_answer_concurrent_first_requests(app_settings, alice, db,
+                                                                 tiny_llama_tar, tmp_path):
+    """``uvicorn --workers 2`` started fresh: the model is registered through one process, then
+    100 concurrent submissions also reach the other, whose first requests used to race on
+    transformers' lazy imports (ImportError: 500s, then reset connections)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MODELPRESS_DATABASE_URL": app_settings.database_url,
+           "MODELPRESS_BROKER_URL": "memory://", "MODELPRESS_HOME": str(tmp_path / "srv")}
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory",
+                             "modelpress.api.app:create_app", "--port", str(port), "--workers",
+                             "2", "--log-level", "warning"], env=env, stdout=log, stderr=log,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.2)
+        owner, headers = alice
+        model_id = _register_model(base, headers, tiny_llama_tar)
+        body = {"model_id": model_id, "method": "magnitude", "params": {"sparsity": 0.5}}
+        responses = asyncio.run(_post_many(base, headers, body, 100, timeout_s=60))
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+        log.close()
+    _check_all_created(responses, db, owner, 100)
