@@ -44,6 +44,7 @@ class ArtifactStore(Protocol):
     def sha256(self, key: str) -> str: ...
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> int: ...
+    def keys(self, prefix: str) -> list[str]: ...
     def ping(self) -> None: ...
 
 
@@ -100,6 +101,14 @@ class LocalStore:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def keys(self, prefix: str) -> list[str]:
+        """The keys of every object under the folder ``prefix`` (temporary uploads excluded)."""
+        root = self.path(prefix.rstrip("/"))
+        if not root.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in root.rglob("*")
+                      if p.is_file() and not p.name.startswith(".upload-"))
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix`` (a folder: ends with '/'); returns how many."""
@@ -203,6 +212,12 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=_check_key(key))
+
+    def keys(self, prefix: str) -> list[str]:
+        """The keys of every object under the folder ``prefix``."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=_check_key(prefix.rstrip("/")) + "/")
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix`` (a folder: ends with '/'); returns how many."""

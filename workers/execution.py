@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -690,6 +691,23 @@ def artifact_key(job_id: str, attempt: int) -> str:
     return f"jobs/{job_id}/a{attempt}-{secrets.token_hex(4)}/model.tar.gz"
 
 
+def _attempt_upload(job_id: str) -> re.Pattern[str]:
+    return re.compile(rf"^jobs/{re.escape(job_id)}/a\d+-[0-9a-f]+/model\.tar\.gz$")
+
+
+def remove_stale_uploads(store: ArtifactStore, job_id: str, published: str) -> list[str]:
+    """After ``published`` became the job's artifact: delete the uploads other attempts left
+    (killed, or unsure whether they had published while the database was down)."""
+    pattern = _attempt_upload(job_id)
+    stale = [k for k in store.keys(f"jobs/{job_id}/") if pattern.match(k) and k != published]
+    for k in stale:
+        try:
+            store.delete(k)
+        except Exception:  # noqa: BLE001 - housekeeping
+            log.exception("could not remove the stale upload %s", k)
+    return stale
+
+
 def discard_upload(store: ArtifactStore, key: str) -> None:
     """Delete an upload of this attempt that did not become the job's artifact. If the database
     says it did (a commit whose answer was lost), or cannot say, keep it."""
@@ -792,6 +810,10 @@ def _publish(att: _Attempt, channel: JobChannel, outcome: Any) -> str:
                    "attempt": claim.attempt})
         transition(s, job, JobState.succeeded, message="succeeded")
     att.uploaded_key = None  # published: keep it
+    try:
+        remove_stale_uploads(att.store, claim.job_id, key)
+    except Exception:  # noqa: BLE001 - housekeeping must not fail a published job
+        log.exception("job %s: listing stale uploads failed", claim.job_id)
     return SUCCEEDED
 
 

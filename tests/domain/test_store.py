@@ -32,6 +32,15 @@ def test_put_get_roundtrip(store, tmp_path):
     store.ping()
 
 
+def test_keys_lists_a_folder(store, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"abc")
+    for k in ("jobs/j1/a1-00/model.tar.gz", "jobs/j1/checkpoints/c.pt", "jobs/j10/x"):
+        store.put_file(k, src)
+    assert store.keys("jobs/j1/") == ["jobs/j1/a1-00/model.tar.gz", "jobs/j1/checkpoints/c.pt"]
+    assert store.keys("jobs/none/") == []
+
+
 def test_rejects_path_escape(tmp_path):
     s = LocalStore(tmp_path)
     with pytest.raises(ValueError):

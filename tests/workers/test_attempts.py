@@ -152,6 +152,24 @@ def test_lost_commit_answer_keeps_the_published_upload(use_stack, model_id):
     assert _job_files(get_settings(), jid) == [art.store_key.split("/", 2)[2]]
 
 
+def test_publishing_removes_uploads_other_attempts_left(use_stack, model_id, tmp_path):
+    """An attempt that died (or could not tell whether it published while the database was
+    down) leaves its upload; the attempt that publishes removes it, and only it."""
+    from modelpress.domain.settings import get_settings
+    from modelpress.domain.store import make_store
+    from modelpress.workers.execution import execute_job
+
+    store = make_store()
+    jid = insert_job(OWNER, model_id, RECIPE)
+    (tmp_path / "old").write_bytes(b"an earlier attempt's archive")
+    store.put_file(f"jobs/{jid}/a1-0badc0de/model.tar.gz", tmp_path / "old")
+    store.put_file(f"jobs/{jid}/checkpoints/distill.pt", tmp_path / "old")
+    assert execute_job(jid, worker_name="w:1", run_pipeline=_stand_in_pipeline) == "succeeded"
+    art = _artifact(jid)
+    assert _job_files(get_settings(), jid) == sorted([art.store_key.split("/", 2)[2],
+                                                      "checkpoints/distill.pt"])
+
+
 def _enospc(*_a, **_k):
     raise OSError(errno.ENOSPC, "No space left on device")
 
