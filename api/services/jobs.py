@@ -77,14 +77,14 @@ def _field_path(prefix: str, loc: tuple[Any, ...]) -> str:
 def parse_strict(method: str, params: dict[str, Any]) -> Any:
     """A method's params as the JSON they came in, validated strictly: a number must be a JSON
     number (``"0.5"`` is refused, not coerced) and finite (Infinity/NaN are refused)."""
-    from modelpress.compression.registry import get_method, parse_params
+    from modelpress.compression.registry import get_method
 
+    config = get_method(method).config  # unknown method -> CompressionError
     try:
         raw = json.dumps(params, allow_nan=False)
     except ValueError:
         raise Unprocessable("params must not hold Infinity or NaN", code="invalid_params") from None
-    parse_params(method, params)  # unknown method -> CompressionError, lax errors first
-    return get_method(method).config.model_validate_json(raw, strict=True)
+    return config.model_validate_json(raw, strict=True)
 
 
 def validate_stages(stages: list[dict[str, Any]], model_config: Any, *, single: bool) -> None:
