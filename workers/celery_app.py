@@ -115,13 +115,19 @@ def _fresh_db_pool_after_fork(**_kw) -> None:
 
 
 @worker_ready.connect
-def _sweep_dead_scratch(**_kw) -> None:
-    """Scratch left by attempts killed on this host (kill -9, OOM) goes at start-up."""
+def _housekeeping_at_start(**_kw) -> None:
+    """Scratch left by attempts killed on this host (kill -9, OOM) goes at start-up, and the
+    model cache drops deleted models' entries and shrinks to its cap."""
     import logging
 
+    from .execution import existing_models
+    from .model_cache import ModelCache
     from .sweeper import sweep_scratch
 
+    s = get_settings()
     try:
-        sweep_scratch(get_settings())
+        sweep_scratch(s)
+        ModelCache(s.resolved_work_dir / "cache" / "models").evict(s.model_cache_max_bytes,
+                                                                   existing_models)
     except Exception:  # noqa: BLE001 - housekeeping must not stop a worker from starting
-        logging.getLogger(__name__).exception("scratch cleanup at start-up failed")
+        logging.getLogger(__name__).exception("housekeeping at start-up failed")

@@ -668,7 +668,7 @@ class _Attempt:
 
     def evict(self) -> None:
         try:
-            self.cache.evict(self.settings.model_cache_max_bytes, _existing_models)
+            self.cache.evict(self.settings.model_cache_max_bytes, existing_models)
         except Exception:  # noqa: BLE001 - eviction is housekeeping
             log.exception("model cache eviction failed")
 
@@ -680,7 +680,7 @@ class _Attempt:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def _existing_models(ids) -> set[str]:
+def existing_models(ids) -> set[str]:
     with session_scope() as s:
         return set(s.scalars(select(ModelSource.id).where(ModelSource.id.in_(list(ids)))))
 
@@ -827,7 +827,8 @@ def _run(att: _Attempt, channel: JobChannel, run_pipeline: Callable[..., Any] | 
     att.store = make_store(att.settings)
     scratch = att.make_scratch()
     src, source, revision, calibration_text, eval_text = _load_inputs(att, channel)
-    hooks = JobHooks(progress=channel.progress, event=lambda k, d: channel.event(k, d),
+    hooks = JobHooks(progress=channel.progress,
+                     event=lambda k, d: channel.event(k, att.redact.json(d)),
                      should_stop=channel.should_stop,
                      checkpoints=StoreCheckpoints(att.store, claim.job_id, scratch / "ckpt"),
                      load_model=_model_loader(att))
