@@ -231,3 +231,19 @@ def test_sweep_removes_scratch_of_dead_attempts_only(use_stack, model_id):
     assert sorted(removed) == sorted(dirs[k].name for k in ("old_attempt", "queued", "no_job"))
     assert dirs["live"].is_dir() and dirs["other"].is_dir()
     assert not any(dirs[k].exists() for k in ("old_attempt", "queued", "no_job"))
+
+
+def test_worker_start_sweeps_dead_scratch_and_deleted_models_cache(use_stack, model_id):
+    from modelpress.domain.settings import get_settings
+    from modelpress.workers.celery_app import _housekeeping_at_start
+
+    work = get_settings().resolved_work_dir
+    dead = work / f"job-{insert_job(OWNER, model_id, RECIPE)}-a1-zz"
+    (dead / "out").mkdir(parents=True)
+    gone = work / "cache" / "models" / "deletedmodel" / "sha"
+    kept = work / "cache" / "models" / model_id / "sha"
+    for d in (gone, kept):
+        (d / "dir").mkdir(parents=True, exist_ok=True)
+        (d / "dir" / "w.safetensors").write_bytes(b"\0" * 10)
+    _housekeeping_at_start()
+    assert not dead.exists() and not gone.exists() and kept.is_dir()
