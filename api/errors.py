@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -144,6 +144,19 @@ def install_handlers(app: FastAPI) -> None:
     async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
         return _unavailable("the database is unavailable; retry shortly")
+
+    # a safety net behind the request guards: a value the database cannot store (out of
+    # range, not text) is the client's error, not the server's
+    @app.exception_handler(DataError)
+    async def _bad_value(_req: Request, exc: DataError) -> JSONResponse:
+        log.info("database refused a value: %s", str(exc.orig).splitlines()[0] if exc.orig else exc)
+        return JSONResponse(error_body("invalid_value", "a value in the request is out of range "
+                                       "or not valid text"), status_code=422)
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _not_text(_req: Request, _exc: UnicodeEncodeError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_value", "a string in the request is not valid "
+                                       "Unicode text"), status_code=422)
 
     @app.exception_handler(DBAPIError)
     async def _db_error(_req: Request, exc: DBAPIError) -> JSONResponse:

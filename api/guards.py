@@ -26,6 +26,7 @@ from .errors import error_body
 
 # a JSON \u0000 escape that is not itself escaped (an even run of backslashes before it)
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 MAX_ECHO_CHARS = 200
 
 
@@ -41,6 +42,33 @@ def _has_nul(scope: Scope) -> bool:
         return True
     qs: bytes = scope.get("query_string", b"")
     return b"\x00" in qs or b"\x00" in unquote_to_bytes(qs)
+
+
+def _lone_surrogate(body: bytes) -> bool:
+    """Whether the JSON holds a string that is not valid Unicode (an unpaired surrogate escape:
+    the database cannot store it). Only parsed when a surrogate escape is present at all."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return False  # not JSON: the route's parser answers that
+
+    def bad(v: Any) -> bool:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+            return False
+        if isinstance(v, dict):
+            return any(bad(k) or bad(x) for k, x in v.items())
+        if isinstance(v, list):
+            return any(bad(x) for x in v)
+        return False
+
+    try:
+        return bad(doc)
+    except RecursionError:
+        return False
 
 
 async def _reply(send: Send, status: int, code: str, message: str) -> None:
@@ -86,6 +114,10 @@ class RequestGuard:
         if ctype.endswith(b"json") and _NUL_ESCAPE.search(body):
             await _reply(send, 422, "validation_error",
                          "NUL characters (\\u0000) are not allowed in request bodies")
+            return
+        if ctype.endswith(b"json") and _SURROGATE_ESCAPE.search(body) and _lone_surrogate(body):
+            await _reply(send, 422, "validation_error",
+                         "unpaired UTF-16 surrogates (\\ud800-\\udfff) are not text")
             return
         await self.app(scope, _replay(bytes(body), receive), send)
 

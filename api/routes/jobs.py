@@ -97,7 +97,7 @@ def delete_job(job_id: str, session: DbSession, owner: CurrentOwner, store: Stor
 @router.get("/{job_id}/events", response_model=EventPage, summary="A job's event log",
             description="Append-only; poll with `after` = the last id you saw.")
 def job_events(job_id: str, session: ReadSession, owner: CurrentOwner,
-               after: Annotated[int | None, Query(ge=0)] = None,
+               after: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> EventPage:
     evs = svc.list_events(session, owner, job_id, after, limit)
     return EventPage(items=[EventOut.model_validate(e) for e in evs],

@@ -287,3 +287,25 @@ def test_no_server_paths_in_responses(client, alice, model_id, db, tmp_path):
     assert job_out["error"]["message"] == "cannot read config.json: bad"
     assert report["source"] == "model" and report["hub"] == "org/name"
     assert report["url"] == "http://example.com/a/b"
+
+
+def test_unpaired_surrogates_and_out_of_range_numbers(client, alice, model_id, counts):
+    from fastapi.testclient import TestClient
+
+    c = TestClient(client.app, raise_server_exceptions=False)
+    h = {**alice[1], "Content-Type": "application/json"}
+    before = counts()
+    for body in ('{"model_id": "\\ud800", "method": "magnitude"}',
+                 '{"model_id": "%s", "method": "magnitude", "eval_dataset_id": "\\udfff"}'
+                 % model_id,
+                 '{"source": "org/x", "name": "a\\udc00"}'):
+        url = "/v1/models" if "source" in body else "/v1/jobs"
+        r = c.post(url, headers=h, content=body)
+        assert r.status_code == 422, (body, r.text)
+    # a paired surrogate is ordinary text (an emoji)
+    r = c.post("/v1/jobs", headers=h, content='{"model_id": "\\ud83d\\ude00", "method": "rtn"}')
+    assert r.status_code == 404
+    job = c.post("/v1/jobs", headers=h, json=_job(model_id)).json()["id"]
+    r = c.get(f"/v1/jobs/{job}/events?after=99999999999999999999", headers=h)
+    assert r.status_code == 422
+    assert counts()["jobs"] == before["jobs"] + 1
