@@ -234,14 +234,15 @@ class _CpuGroup:
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``i``'s output for input ``x``."""
         cx, cver, couts = self.cache
-        if x is cx and x._version == cver:
+        if x is cx and _version(x) == cver:
             out = couts.pop(i, None)
             if out is not None:
                 if not couts:  # every member served: do not keep the input alive until the
                     self.cache = (None, -1, {})  # next call (a long prompt's activations)
                 return out
         if self.kernel is None:
-            self._prepare()
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, whatever the
+                self._prepare()  # grad mode of the first call (later calls may use another)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.float32:
@@ -255,8 +256,15 @@ class _CpuGroup:
             return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
         outs = [part.to(x.dtype).reshape(*shape[:-1], part.shape[-1]).contiguous()
                 for part in torch.split(y, self.n_out, dim=1)]
-        self.cache = (x, x._version, {j: o for j, o in enumerate(outs) if j != i})
+        self.cache = (x, _version(x), {j: o for j, o in enumerate(outs) if j != i})
         return outs[i]
+
+
+def _version(x: torch.Tensor) -> int:
+    """The version counter of ``x`` (bumped by in-place writes), or -2 for a tensor made under
+    ``torch.inference_mode``, which has none: there the group's cache trusts the identity of the
+    input alone (the members of a group read it one after the other, nothing writes it between)."""
+    return -2 if x.is_inference() else x._version
 
 
 class Int8DynamicLinear(nn.Module):
@@ -429,6 +437,39 @@ def runtime_targets(model: nn.Module, quantize_lm_head: bool, keep_float: list[s
     return out
 
 
+def _detach_compressed_tensors(model: nn.Module) -> None:
+    """Undo what compressed-tensors leaves on a model it loaded: a forward pre-hook that, on the
+    first forward, decompresses its Linears and first dispatches every module to its offloading
+    (a Python wrapper around each module's forward, paid on every decoded token), and that
+    offloading where the hook already ran."""
+    for m in model.modules():
+        hook = m.__dict__.pop("ct_decompress_hook", None)
+        if hook is not None:
+            hook.remove()
+    from ..models import _remove_offload
+
+    _remove_offload(model)
+
+
+def _runtime_linear(lin: nn.Linear) -> Int8DynamicLinear:
+    """The int8 runtime Linear of ``lin``: quantized here (a float model), or the integers of
+    an ``int8_dynamic`` artifact (per-channel symmetric ``weight_scale`` on the module), still
+    compressed (int8 ``weight``) or decompressed by compressed-tensors (``weight = q * scale``)."""
+    scale = getattr(lin, "weight_scale", None)
+    if not isinstance(scale, torch.Tensor):
+        return Int8DynamicLinear.from_linear(lin)
+    zero = getattr(lin, "weight_zero_point", None)
+    if scale.numel() != lin.out_features or (isinstance(zero, torch.Tensor) and bool(zero.any())):
+        raise UnsupportedModelError(
+            f"{type(lin).__name__} with weight_scale {tuple(scale.shape)}: the int8 runtime "
+            "takes per-channel symmetric int8 weights (an int8_dynamic artifact)")
+    if lin.weight.dtype != torch.int8:
+        return Int8DynamicLinear.from_linear(lin, scale)
+    dtype = scale.dtype if scale.is_floating_point() else torch.float32
+    return Int8DynamicLinear(lin.weight.detach(), scale.detach().float().reshape(-1), lin.bias,
+                             dtype)
+
+
 def compile_decode(model: nn.Module) -> nn.Module:
     """Let a plain ``model.generate`` run its decode steps through ``torch.compile`` (inductor)
     with a static KV cache, on the CPU too: the generation config asks for both and transformers
@@ -450,14 +491,15 @@ def compile_decode(model: nn.Module) -> nn.Module:
 def to_runtime(model: nn.Module, quantize_lm_head: bool = True,
                keep_float: list[str] | None = None, compile: bool = False) -> nn.Module:
     """Swap Linears for :class:`Int8DynamicLinear` in place. Works on a float model and on one
-    loaded from an ``int8_dynamic`` artifact (whose weights then already sit on the int8 grid;
-    its ``weight_scale`` is reused when compressed-tensors left it on the module). ``compile``:
-    see :func:`compile_decode`."""
+    loaded from an ``int8_dynamic`` artifact by plain ``from_pretrained`` (its Linears still
+    compressed: the stored int8 weights and scales are taken as they are) or decompressed (the
+    weights on the int8 grid: the integers are recovered with the stored scales), in any float
+    dtype. ``compile``: see :func:`compile_decode`."""
+    _detach_compressed_tensors(model)
     targets = runtime_targets(model, quantize_lm_head, keep_float or [])
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, lin in targets.items():
-        scale = getattr(lin, "weight_scale", None)
-        new = Int8DynamicLinear.from_linear(lin, scale if isinstance(scale, torch.Tensor) else None)
+        new = _runtime_linear(lin)
         _set_module(model, name, new)
         if lin is out_emb and hasattr(model.config, "tie_word_embeddings"):
             # the head now has its own int8 weights; the artifact ties it again (float_head)

@@ -1,0 +1,111 @@
+"""Serve an artifact the way its job measured it: one call from a directory to a model.
+
+    import torch
+    from transformers import AutoTokenizer
+    from modelpress import runtime
+
+    model = runtime.load("out/job", dtype=torch.bfloat16)  # any float dtype
+    tok = AutoTokenizer.from_pretrained("out/job")
+    with torch.inference_mode():
+        ids = model.generate(**tok("The lobster", return_tensors="pt"), max_new_tokens=32)
+
+The artifact is loaded with plain ``from_pretrained`` (safetensors only, no remote code) and put
+in the runtime of the method that made it (its ``report.json`` says which, with the job's
+params): for ``int8_dynamic`` the int8 CPU kernels (``int8_dynamic.to_runtime``), for every
+other method the loaded model itself. Without a report, an int8 W8A8 compressed-tensors
+artifact (per-token dynamic activations) is recognised from its ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+INT8_DYNAMIC = "int8_dynamic"
+
+
+def load(artifact: str | Path, dtype: torch.dtype = torch.float32,
+         compile: bool | None = None) -> nn.Module:
+    """The model in ``artifact`` (a local directory) ready to serve, in eval mode, in ``dtype``.
+    ``compile``: decode through ``torch.compile`` (int8_dynamic's ``compile_decode``); None
+    keeps what the job chose. Raises ``FileNotFoundError`` for a directory without a model and
+    ``ValueError`` for an unreadable report."""
+    from modelpress.compression.models import _auto_class, model_kind
+    from transformers import AutoConfig
+
+    path = Path(artifact)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    served = served_method(path, config)
+    model = _auto_class(model_kind(config)).from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=False).eval()
+    if served is None:
+        return model
+    method, cfg = served
+    if compile is not None and hasattr(cfg, "compile_decode"):
+        cfg = cfg.model_copy(update={"compile_decode": compile})
+    if method.name == INT8_DYNAMIC:
+        _float32_scales(model, path)
+    return method.runtime(model, cfg)
+
+
+def served_method(path: Path, config: Any) -> tuple[Any, Any] | None:
+    """(method, validated params) whose runtime serves the artifact, or None when plain
+    ``from_pretrained`` does: the report's last stage, else int8_dynamic with its defaults
+    where ``config.json`` describes its W8A8 format."""
+    from modelpress.compression.base import CompressionError
+    from modelpress.compression.registry import get_method, parse_params
+
+    report = path / "report.json"
+    if report.is_file():
+        try:
+            stage = json.loads(report.read_text())["recipe"][-1]
+            method = get_method(stage["method"])
+            cfg = parse_params(method.name, stage.get("params"))
+        except (CompressionError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"{report}: not a modelpress job report ({e})") from e
+        return (method, cfg) if method.runtime is not None else None
+    if _is_int8_dynamic(getattr(config, "quantization_config", None)):
+        return get_method(INT8_DYNAMIC), parse_params(INT8_DYNAMIC, {})
+    return None
+
+
+def _is_int8_dynamic(qc: Any) -> bool:
+    """compressed-tensors ``int-quantized`` with 8-bit weights and dynamic per-token 8-bit
+    activations (what int8_dynamic writes)."""
+    if hasattr(qc, "to_dict"):
+        qc = qc.to_dict()
+    if not isinstance(qc, dict) or qc.get("format") != "int-quantized":
+        return False
+    groups = list((qc.get("config_groups") or {}).values())
+    return bool(groups) and all(
+        (g.get("weights") or {}).get("num_bits") == 8
+        and (g.get("input_activations") or {}).get("dynamic") is True
+        and (g.get("input_activations") or {}).get("strategy") == "token" for g in groups)
+
+
+def _float32_scales(model: nn.Module, path: Path) -> None:
+    """Put the artifact's float32 weight scales back on the modules: ``from_pretrained`` casts
+    them to the load dtype (bfloat16 keeps 8 bits of each), and the int8 runtime scales its
+    int32 accumulators in float32."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                name, _, leaf = key.rpartition(".")
+                if leaf != "weight_scale":
+                    continue
+                try:
+                    mod = model.get_submodule(name)
+                except AttributeError:  # a name this model class prefixes differently
+                    continue
+                old = getattr(mod, leaf, None)
+                if isinstance(old, torch.Tensor) and old.dtype != torch.float32:
+                    scale = sf.get_tensor(key).float().reshape(old.shape)
+                    setattr(mod, leaf, nn.Parameter(scale, requires_grad=False))

@@ -1,0 +1,224 @@
+"""int8_dynamic served the way a user serves it: ``modelpress compress`` writes the artifact, a
+fresh process loads it with ``modelpress.runtime.load`` (plain ``from_pretrained`` + the int8
+runtime) in float32 / bfloat16 / float16, under ``no_grad`` or ``inference_mode``, and its
+perplexity must be the job's reported one within 1% and its greedy generation the plain
+dequantized model's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelpress.compression.data import default_eval_text
+from modelpress.compression.quantization import int8_dynamic
+
+DTYPES = ["float32", "bfloat16", "float16"]
+MODES = ["no_grad", "inference_mode"]
+
+# What the user's process runs: load, serve, measure (printed as one JSON line).
+CHILD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from modelpress import runtime
+from modelpress.compression.evaluation import perplexity
+from modelpress.compression.quantization.int8_dynamic import Int8DynamicLinear
+
+art, dtype, mode, eval_file, seq_len, chunks, new = sys.argv[1:8]
+dtype = getattr(torch, dtype)
+tok = AutoTokenizer.from_pretrained(art)
+model = runtime.load(art, dtype=dtype)
+prompt = tok(open(eval_file).read()[:200], return_tensors="pt").input_ids[:, :24]
+with getattr(torch, mode)():
+    ppl = perplexity(model, tok, open(eval_file).read(), int(seq_len), int(chunks))
+    out = model.generate(prompt, max_new_tokens=int(new), do_sample=False, pad_token_id=0)
+plain = AutoModelForCausalLM.from_pretrained(art, dtype=dtype).eval()  # dequantized on use
+with torch.no_grad():
+    ref = plain.generate(prompt, max_new_tokens=int(new), do_sample=False, pad_token_id=0)
+print(json.dumps({
+    "ppl": ppl, "out": out[0].tolist(), "ref": ref[0].tolist(),
+    "int8": sum(isinstance(m, Int8DynamicLinear) for m in model.modules()),
+    "dtype": str(next(model.parameters()).dtype), "logits_dtype": str(
+        model(prompt).logits.dtype),
+}))
+"""
+
+
+def compress(source: Path, out: Path, eval_file: Path, *params: str) -> dict:
+    """``modelpress compress --method int8_dynamic``, as a user runs it; its report."""
+    sets = [a for p in params for a in ("--set", p)]
+    subprocess.run([sys.executable, "-m", "modelpress", "compress", str(source), "--method",
+                    "int8_dynamic", "--eval-file", str(eval_file), "-o", str(out), "-q", *sets],
+                   check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads((out / "report.json").read_text())
+
+
+def serve(art: Path, dtype: str, mode: str, eval_file: Path, report: dict,
+          new_tokens: int) -> dict:
+    ev = report["evaluation"]["perplexity"]
+    r = subprocess.run([sys.executable, "-c", CHILD, str(art), dtype, mode, str(eval_file),
+                        str(ev["seq_len"]), str(ev["num_chunks"]), str(new_tokens)],
+                       check=True, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def check_served(got: dict, report: dict, dtype: str, n_int8: int) -> None:
+    assert got["int8"] == n_int8  # every Linear and the head on the int8 kernels
+    assert got["dtype"] == f"torch.{dtype}" and got["logits_dtype"] == f"torch.{dtype}"
+    want = report["after"]["perplexity"]
+    assert abs(got["ppl"] / want - 1) < 0.01, (got["ppl"], want)
+    assert got["out"] == got["ref"], "greedy generation differs from the dequantized model"
+
+
+# ---------------------------------------------------------------- fast: a tiny random llama
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_llama_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("int8-runtime")
+    ev = d / "eval.txt"
+    ev.write_text(default_eval_text()[:20_000])
+    report = compress(tiny_llama_dir, d / "art", ev, "num_samples=2", "seq_len=64")
+    return d / "art", ev, report
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiny_artifact_served_fresh(tiny_artifact, dtype, mode):
+    art, ev, report = tiny_artifact
+    got = serve(art, dtype, mode, ev, report, new_tokens=12)
+    check_served(got, report, dtype, n_int8=4 * 7 + 1)
+
+
+def test_to_runtime_reads_the_compressed_integers(tiny_artifact):
+    """Plain ``from_pretrained`` leaves the Linears compressed (int8 weight + scale) until the
+    first forward: the runtime takes those integers and scales as stored (it used to read the
+    int8 codes as float weights and quantize them again: perplexity 1e8)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    art, _ev, _report = tiny_artifact
+    stored = load_file(str(art / "model.safetensors"))
+    m = AutoModelForCausalLM.from_pretrained(art, dtype=torch.float32)
+    assert m.model.layers[1].mlp.down_proj.weight.dtype == torch.int8  # still compressed
+    int8_dynamic.to_runtime(m)
+    for name in ("mlp.down_proj", "self_attn.k_proj"):
+        lin = m.model.layers[1].get_submodule(name)
+        assert torch.equal(lin.qweight, stored[f"model.layers.1.{name}.weight"])
+        assert torch.equal(lin.w_scale, stored[f"model.layers.1.{name}.weight_scale"].reshape(-1))
+    # compressed-tensors' decompress-on-first-forward hook (it also wraps every module in its
+    # offloading) is gone: a forward leaves the model as it is
+    m(torch.tensor([[5, 6, 7]]))
+    assert not any("ct_decompress_hook" in x.__dict__ for x in m.modules())
+    assert "_original_forward_func" not in m.model.layers[0].__dict__
+
+
+@pytest.mark.parametrize("first_forward", [False, True])
+def test_to_runtime_same_before_or_after_decompression(tiny_artifact, first_forward,
+                                                       monkeypatch):
+    """The documented one-liner gives the same logits whether or not the model ran once first
+    (decompressed by compressed-tensors, dispatched to its offloading)."""
+    from transformers import AutoModelForCausalLM
+
+    from modelpress import runtime
+
+    # one kernel for both models (each group times oneDNN against _int_mm at first use, and
+    # the two round differently)
+    monkeypatch.setattr(int8_dynamic.Int8DynamicLinear, "onednn_ok", False)
+    art, _ev, _report = tiny_artifact
+    ids = torch.tensor([[5, 9, 40, 7, 300, 12]])
+    want = runtime.load(art)(ids).logits
+    m = AutoModelForCausalLM.from_pretrained(art, dtype=torch.float32)
+    if first_forward:
+        with torch.no_grad():
+            m(ids)
+        assert m.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        got = int8_dynamic.to_runtime(m)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "_original_forward_func" not in m.model.layers[0].__dict__  # no offload wrapper
+
+
+def test_groups_serve_every_grad_mode_in_any_order(tiny_llama):
+    """The fused groups' cache works on inference tensors (no version counter) and a group
+    packed under inference_mode serves later no_grad calls (and the other way round)."""
+    int8_dynamic.to_runtime(tiny_llama)
+    ids = torch.tensor([[5, 9, 40, 7, 300, 12]])
+    with torch.inference_mode():
+        a = tiny_llama(ids).logits
+    with torch.no_grad():
+        b = tiny_llama(ids).logits
+    with torch.inference_mode():
+        c = tiny_llama(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(c, b, rtol=0, atol=0)
+    assert not b.is_inference()
+
+
+def test_load_rejects_a_directory_without_a_model(tmp_path):
+    from modelpress import runtime
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        runtime.load(tmp_path)
+
+
+def test_load_rejects_a_broken_report(tiny_artifact, tmp_path):
+    import shutil
+
+    from modelpress import runtime
+
+    art, _ev, _report = tiny_artifact
+    bad = tmp_path / "art"
+    shutil.copytree(art, bad)
+    (bad / "report.json").write_text(json.dumps({"recipe": [{"method": "nope"}]}))
+    with pytest.raises(ValueError, match="not a modelpress job report"):
+        runtime.load(bad)
+
+
+def test_load_without_a_report_recognises_int8_dynamic(tiny_artifact, tmp_path):
+    import shutil
+
+    from modelpress import runtime
+
+    art, _ev, _report = tiny_artifact
+    bare = tmp_path / "art"
+    shutil.copytree(art, bare)
+    (bare / "report.json").unlink()
+    m = runtime.load(bare)
+    assert isinstance(m.model.layers[0].self_attn.q_proj, int8_dynamic.Int8DynamicLinear)
+    assert isinstance(m.lm_head, int8_dynamic.Int8DynamicLinear)
+
+
+# ---------------------------------------------------------------- slow: SmolLM2-135M
+
+
+@pytest.fixture(scope="module")
+def smol_artifact(smollm2_dir, tmp_path_factory):
+    """A job on SmolLM2 whose report measures perplexity on 4 x 512 tokens of the shipped
+    held-out text (the eval file holds just over 2048 tokens)."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("int8-runtime-smol")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok(default_eval_text()[:40_000]).input_ids[: 4 * 512 + 64]
+    ev = d / "eval.txt"
+    ev.write_text(tok.decode(ids))
+    report = compress(smollm2_dir, d / "art", ev, "num_samples=4")
+    assert report["evaluation"]["perplexity"]["seq_len"] == 512
+    return d / "art", ev, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_smollm2_artifact_served_fresh(smol_artifact, dtype, mode):
+    art, ev, report = smol_artifact
+    got = serve(art, dtype, mode, ev, report, new_tokens=24)
+    print(f"{dtype} {mode}: ppl {got['ppl']:.4f} report {report['after']['perplexity']:.4f}")
+    check_served(got, report, dtype, n_int8=30 * 7 + 1)
