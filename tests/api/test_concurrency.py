@@ -176,3 +176,31 @@ def test_fresh_server_processes_answer_concurrent_first_requests(app_settings, a
         proc.wait(30)
         log.close()
     _check_all_created(responses, db, owner, 100)
+
+
+def test_database_restart_is_503_then_recovers(client, alice, model_id, pg_url):
+    """Every pooled connection killed under the API (what a PostgreSQL restart does): the
+    request that finds its connection dead gets 503 + Retry-After, never a 500, and the pool
+    reconnects for the next one."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy import create_engine, text
+
+    c = TestClient(client.app, raise_server_exceptions=False)
+    h = alice[1]
+    body = {"model_id": model_id, "method": "magnitude"}
+    assert c.post("/v1/jobs", headers=h, json=body).status_code == 201
+    assert c.get("/v1/jobs", headers=h).status_code == 200
+    name = pg_url.rsplit("/", 1)[1]
+    admin = create_engine(pg_url.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": name})
+    admin.dispose()
+    codes = []
+    for _ in range(3):
+        r = c.post("/v1/jobs", headers=h, json=body)
+        codes.append(r.status_code)
+        if r.status_code == 503:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "unavailable"
+    assert 500 not in codes and codes[-1] == 201, codes
