@@ -309,3 +309,22 @@ def test_unpaired_surrogates_and_out_of_range_numbers(client, alice, model_id, c
     r = c.get(f"/v1/jobs/{job}/events?after=99999999999999999999", headers=h)
     assert r.status_code == 422
     assert counts()["jobs"] == before["jobs"] + 1
+
+
+def test_expired_keys_are_purged(limited, alice, bob, db, tiny_llama_tar, monkeypatch):
+    from modelpress.api.services import idempotency
+
+    c = limited(idempotency_ttl_s=1)
+    mid = c.post("/v1/models", headers=alice[1],
+                 files={"file": ("t.tar", tiny_llama_tar)}).json()["id"]
+    for i in range(3):
+        c.post("/v1/jobs", headers={**alice[1], "Idempotency-Key": f"old-{i}"}, json=_job(mid))
+    time.sleep(1.2)
+    monkeypatch.setattr(idempotency, "PURGE_SHARE", 1.0)  # this claim purges
+    r = c.post("/v1/datasets", headers={**bob[1], "Idempotency-Key": "new"},
+               files={"file": ("d.txt", b"text " * 10)})
+    assert r.status_code == 201
+    db.rollback()
+    keys = db.scalars(select(orm.IdempotencyKey.key).where(
+        orm.IdempotencyKey.owner.in_([alice[0], bob[0]]))).all()
+    assert keys == ["new"]
