@@ -770,6 +770,7 @@ def _upload_verified(att: _Attempt, channel: JobChannel, model_dir: Path
     assert att.store is not None and att.scratch is not None
     archive = att.scratch / "model.tar.gz"
     channel.progress(99, "uploading artifact")
+    channel.flush_progress()  # not throttled away: the pipeline's "done" was just written
     local_size, local_sha = make_archive(model_dir, att.claim.job_id, archive)
     if archive.stat().st_size != local_size:
         raise OSError(f"archive size mismatch: wrote {local_size} bytes, file has "

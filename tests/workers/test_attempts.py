@@ -105,6 +105,7 @@ def test_zombie_attempt_never_touches_the_published_artifact(use_stack, model_id
         jid, worker_name="host-a:1", run_pipeline=_stand_in_pipeline)))
     a.start()
     assert store.uploaded.wait(60), "attempt A never uploaded"
+    assert job_row(jid).stage == "uploading artifact"  # what an operator sees while it stalls
     assert reap(settings, utcnow() + timedelta(hours=1))["requeued"] == [jid]
 
     assert execute_job(jid, worker_name=b_worker, run_pipeline=_stand_in_pipeline) == "succeeded"
