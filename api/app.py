@@ -22,7 +22,7 @@ from .deps import KeyCache, LazyStore
 from .errors import install_handlers
 from .guards import RequestGuard, TokenBuckets
 from .metrics import ApiMetrics, MetricsMiddleware
-from .routes import datasets, health, jobs, methods, models
+from .routes import datasets, events, health, jobs, methods, models, ui, webhooks
 
 log = logging.getLogger("modelpress.api")
 
@@ -69,6 +69,18 @@ def _warm_imports() -> None:
     methods()
 
 
+def _start_webhooks(app: FastAPI):
+    """The webhook dispatcher thread of this API process (see workers/webhooks.py)."""
+    settings: Settings = app.state.settings
+    if settings.webhook_dispatch_interval_s <= 0:
+        return None
+    from modelpress.workers.webhooks import WebhookLoop
+
+    loop = WebhookLoop(settings, app.state.session_factory, settings.webhook_dispatch_interval_s)
+    loop.start()
+    return loop
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
@@ -77,7 +89,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.exception("could not store the bootstrap API key (is the database migrated?)")
         raise
     await run_in_threadpool(_warm_imports)
+    loop = _start_webhooks(app)
     yield
+    if loop is not None:
+        loop.stop()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -95,8 +110,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limits = TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_burst)
     app.state.metrics = ApiMetrics(lambda: app.state.session_factory)
     install_handlers(app)
-    for r in (models.router, datasets.router, jobs.router, methods.router, health.router):
+    for r in (models.router, datasets.router, jobs.router, events.router, webhooks.router,
+              methods.router, health.router):
         app.include_router(r)
+    ui.install(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_json_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

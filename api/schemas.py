@@ -82,6 +82,9 @@ class JobCreate(Strict):
     keep_intermediate: bool = Field(
         False, description="Keep each stage's intermediate model (and its metrics) in the "
         "downloadable archive, under stages/<i>-<method>/.")
+    callback_url: str | None = Field(
+        None, max_length=2000, description="POST every state change of the job here, signed "
+        "(`Modelpress-Signature`); default: your `PUT /v1/webhooks/default` URL, if any.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"model_id": "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "method": "magnitude",

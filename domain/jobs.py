@@ -41,4 +41,8 @@ def transition(session: Session, job: Job, new: JobState, *, message: str = "",
         job.error_code = error_code
     add_event(session, job.id, "state", message or f"{old.value} -> {new.value}",
               {"from": old.value, "to": new.value, **({"error_code": error_code} if error_code else {})})
+    from .webhooks import enqueue  # the outbox row commits (or not) with the change
+
+    enqueue(session, job, {"from": old.value, "to": new.value, "state": new.value,
+                           "attempt": job.attempt, "error_code": job.error_code})
     return job

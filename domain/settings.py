@@ -86,6 +86,18 @@ class Settings(BaseSettings):
     db_pool_timeout_s: float = Field(
         10.0, description="API: longest wait for a database connection before answering 503.")
 
+    # webhooks (see README "Webhooks")
+    webhook_allow_private: bool = Field(
+        False, description="Allow callback URLs that resolve to loopback, link-local or "
+        "private addresses (refused by default).")
+    webhook_max_attempts: int = Field(8, description="POSTs of one delivery before it fails.")
+    webhook_backoff_s: float = Field(
+        5.0, description="First retry delay of a delivery; doubles per attempt (cap 1 h).")
+    webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook POST.")
+    webhook_dispatch_interval_s: float = Field(
+        1.0, description="How often the API's dispatcher thread looks for due deliveries "
+        "(0: not in the API; the worker's sweep still delivers).")
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:

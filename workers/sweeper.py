@@ -177,6 +177,12 @@ def sweep(settings: Settings | None = None, publish: Callable[[str, str], None] 
         result["scratch_removed"] = sweep_scratch(settings)
     except Exception:  # noqa: BLE001 - housekeeping must not stop the sweep
         log.exception("sweep: scratch cleanup failed")
+    try:
+        from .webhooks import deliver_due
+
+        deliver_due(settings)
+    except Exception:  # noqa: BLE001 - a receiver or DB blip must not stop the sweep
+        log.exception("sweep: webhook delivery failed")
     if any(result.values()):
         log.info("sweep: %s", {k: len(v) for k, v in result.items()})
     return result

@@ -181,6 +181,7 @@ def create_job(session: Session, settings: Settings, owner: str, body: JobCreate
               queue=choose_queue(stages, settings), state=JobState.queued.value, progress=0,
               attempt=0, cancel_requested=False, created_at=now, updated_at=now)
     session.add(job)
+    _attach_webhook(session, settings, owner, job.id, body.callback_url)
     add_event(session, job.id, "submitted", f"submitted to the {job.queue} queue",
               {"stages": [s["method"] for s in stages], "queue": job.queue})
     session.flush()
@@ -188,6 +189,16 @@ def create_job(session: Session, settings: Settings, owner: str, body: JobCreate
     set_committed_value(job, "artifact", None)
     after_commit(session, lambda: dispatch(session, job))
     return job
+
+
+def _attach_webhook(session: Session, settings: Settings, owner: str, job_id: str,
+                    url: str | None) -> None:
+    from modelpress.domain.webhooks import CallbackUrlError, attach
+
+    try:
+        attach(session, owner, job_id, url, allow_private=settings.webhook_allow_private)
+    except CallbackUrlError as e:
+        raise Unprocessable(str(e), code="invalid_callback_url") from None
 
 
 def _async_commit(session: Session) -> None:
