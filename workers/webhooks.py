@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 import httpx
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from modelpress.domain.models import Job, WebhookDelivery, WebhookOwner, utcnow
 from modelpress.domain.settings import Settings, get_settings
@@ -55,10 +55,16 @@ def backoff_s(settings: Settings, attempts: int) -> float:
 
 
 def claim(session: Session, settings: Settings, now: datetime, limit: int) -> list[Claimed]:
+    """Due rows, each the oldest pending one of its job: a job's changes arrive in order (a
+    later one waits while an earlier one is being retried)."""
+    earlier = aliased(WebhookDelivery)
     stmt = (select(WebhookDelivery, WebhookOwner.secret)
             .join(Job, Job.id == WebhookDelivery.job_id)
             .join(WebhookOwner, WebhookOwner.owner == Job.owner)
-            .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+            .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now,
+                   ~select(earlier.id).where(earlier.job_id == WebhookDelivery.job_id,
+                                             earlier.status == "pending",
+                                             earlier.id < WebhookDelivery.id).exists())
             .order_by(WebhookDelivery.id).limit(limit)
             .with_for_update(of=WebhookDelivery, skip_locked=True))
     lease = now + timedelta(seconds=settings.webhook_timeout_s * 3 + 5)

@@ -34,7 +34,8 @@ def live_api(settings_env, pg_url, redis_url, published):
 
     settings = settings_env(database_url=pg_url, broker_url=redis_url,
                             api_key="mp_bootstrap_test_key", webhook_allow_private="true",
-                            webhook_backoff_s="0.3", webhook_dispatch_interval_s="0.2")
+                            webhook_backoff_s="0.3", webhook_dispatch_interval_s="0.2",
+                            webhook_max_attempts="4")
     port = _free_port()
     server, t = serve(create_app(), port)
     yield f"http://127.0.0.1:{port}", settings
