@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import Text, cast, delete, or_, select
 from sqlalchemy.orm import Session
 
 from modelpress.domain.jobs import transition
@@ -81,8 +81,11 @@ def _delete_users(session: Session, store: ArtifactStore, what: str, jobs: list[
 def delete_model(session: Session, store: ArtifactStore, owner: str, model_id: str,
                  cascade: bool) -> None:
     m = get_model(session, owner, model_id)
-    _delete_users(session, store, "model",
-                  _jobs_using(session, owner, Job.model_id == m.id), cascade)
+    # a job uses a model as its source, or names it in a stage's params (a distillation
+    # teacher: ``*_model_id``); ids are 32 random hex digits, so a text match is exact enough
+    users = _jobs_using(session, owner, Job.model_id == m.id,
+                        cast(Job.recipe, Text).contains(m.id))
+    _delete_users(session, store, "model", users, cascade)
     idempotency.forget(session, owner, m.id)
     session.execute(delete(ModelSource).where(ModelSource.id == m.id))
     _purge_later(session, store, [m.store_key] if m.store_key else [], [f"models/{m.id}/"])

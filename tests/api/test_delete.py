@@ -154,3 +154,17 @@ def test_s3_delete_prefix(s3_endpoint):
     assert store.delete_prefix("jobs/a/") == 2
     assert store.head("jobs/a/x") is None and store.head("jobs/a/sub/y") is None
     assert store.head("jobs/ab/z") is not None  # a sibling sharing the name's start survives
+
+
+def test_model_named_as_a_teacher_is_in_use(client, alice, model_id, db, tiny_llama_tar):
+    teacher = client.post("/v1/models", headers=alice[1],
+                          files={"file": ("t.tar", tiny_llama_tar)}).json()["id"]
+    r = client.post("/v1/jobs", headers=alice[1], json={
+        "model_id": model_id, "method": "distill",
+        "params": {"teacher_model_id": teacher, "steps": 1}})
+    assert r.status_code == 201, r.text
+    r = client.delete(f"/v1/models/{teacher}", headers=alice[1])
+    assert r.status_code == 409 and "1 job(s)" in r.json()["error"]["message"]
+    assert client.delete(f"/v1/models/{teacher}?cascade=true",
+                         headers=alice[1]).status_code == 204
+    assert _rows(db, orm.Job, model_id=model_id) == 0
