@@ -6,6 +6,8 @@
     modelpress migrate
     modelpress keys create --owner NAME [--name LABEL]
     modelpress compress ...                  offline compression (see `modelpress compress --help`)
+    modelpress models|jobs|compare|methods   against a running service (MODELPRESS_URL; see
+                                             `modelpress jobs --help`, modelpress.cli_remote)
 
 Everything is configured through MODELPRESS_* environment variables
 (:mod:`modelpress.domain.settings`); with none set, state lives under ./var (SQLite database,
@@ -281,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("compress", help="compress a model offline (all options: "
                    "`modelpress compress --help`)", add_help=False)
+    from .cli_remote import add_commands  # models, jobs, compare, methods: against a service
+
+    add_commands(sub)
     return p
 
 

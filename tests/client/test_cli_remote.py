@@ -1,0 +1,96 @@
+"""The CLI against a running service (`modelpress up`: API, worker, sweep): upload with a
+progress bar, submit --wait on a real (tiny) model, download with the SHA-256 checked, list,
+events, compare, methods; exit codes 2 (bad input) and 3 (quality gate, on SmolLM2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import tarfile
+
+import pytest
+
+from ..e2e.conftest import clean_env, free_port, procs, python  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def service(procs, tmp_path):
+    home = tmp_path / "home"
+    port = free_port()
+    up = procs("up", [python(), "-m", "modelpress", "up", "--port", str(port)],
+               clean_env(MODELPRESS_HOME=str(home)), cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    up.wait_http(base + "/healthz", timeout=180)
+    return base, (home / "api-key").read_text().strip(), up
+
+
+def cli(service, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    base, key, _ = service
+    return subprocess.run([python(), "-m", "modelpress", *args, "--url", base, "--api-key", key],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=clean_env())
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_submit_wait_download_and_exit_codes(service, tiny_llama_dir, tmp_path):
+    r = cli(service, "models", "upload", str(tiny_llama_dir), "--name", "tiny", "--progress")
+    assert r.returncode == 0, r.stderr
+    assert "upload" in r.stderr and "tiny" in r.stdout, "a bytes bar, then the model's row"
+    models = json.loads(cli(service, "models", "list", "--json").stdout)
+    assert [m["name"] for m in models] == ["tiny"]
+    mid = models[0]["id"]
+    methods = json.loads(cli(service, "methods", "--json").stdout)
+    assert {"magnitude", "rtn"} <= {m["name"] for m in methods}
+
+    out = tmp_path / "out.tar.gz"
+    r = cli(service, "jobs", "submit", mid, "--method", "magnitude", "--set", "sparsity=0.5",
+            "--wait", "-o", str(out), "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr, service[2].text()[-3000:])
+    job = json.loads(r.stdout)
+    assert job["state"] == "succeeded" and job["progress"] == 100
+    assert sha256(out) == job["artifact"]["sha256"] and out.stat().st_size == job["artifact"]["bytes"]
+    with tarfile.open(out) as tf:
+        assert any(n.endswith("config.json") for n in tf.getnames())
+
+    again = tmp_path / "again.tar.gz"
+    r = cli(service, "jobs", "download", job["id"], "-o", str(again), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sha256"] == sha256(again) == sha256(out)
+
+    r = cli(service, "jobs", "events", job["id"], "--follow", "--json")
+    evs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e["data"]["to"] for e in evs if e["kind"] == "state"] == ["running", "succeeded"]
+    listed = json.loads(cli(service, "jobs", "list", "--json").stdout)
+    assert [j["id"] for j in listed] == [job["id"]]
+    comp = json.loads(cli(service, "compare", mid, "--json").stdout)
+    assert [row["job_id"] for row in comp["rows"]] == [job["id"]]
+
+    r = cli(service, "jobs", "submit", mid, "--method", "magnitude", "--set", "sparsity=7")
+    assert r.returncode == 2 and "invalid_params" in r.stderr
+    r = cli(service, "jobs", "show", "no-such-job")
+    assert r.returncode == 2 and "not_found" in r.stderr
+    r = cli(service, "jobs", "submit", mid, "--recipe", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "cannot read recipe" in r.stderr
+    assert json.loads(cli(service, "jobs", "list", "--json").stdout)[0]["id"] == job["id"], \
+        "refused submissions made no job"
+
+
+@pytest.mark.slow
+def test_cli_on_smollm2_succeeds_and_a_failed_gate_exits_3(service, smollm2_gguf, tmp_path):
+    r = cli(service, "models", "upload", str(smollm2_gguf), "--json")
+    assert r.returncode == 0, r.stderr
+    mid = json.loads(r.stdout)["id"]
+    out = tmp_path / "int8.tar.gz"
+    r = cli(service, "jobs", "submit", mid, "--method", "rtn", "--set", "bits=8", "--wait",
+            "-o", str(out), "--json", timeout=1500)
+    assert r.returncode == 0, (r.stderr, service[2].text()[-3000:])
+    job = json.loads(r.stdout)
+    assert sha256(out) == job["artifact"]["sha256"]
+    r = cli(service, "jobs", "submit", mid, "--method", "magnitude", "--set", "sparsity=0.8",
+            "--max-ppl-increase", "1.1", "--wait", "--json", timeout=1500)
+    gated = json.loads(r.stdout)
+    assert (r.returncode, gated["state"], gated["error"]["code"]) == (3, "failed", "quality_gate")
