@@ -198,3 +198,11 @@ def scrub_paths(value: Any) -> Any:
     if isinstance(value, list):
         return [scrub_paths(v) for v in value]
     return value
+
+
+def display_name(name: str | None, fallback: str) -> str:
+    """An explicit name is checked (422 when it does not fit); the fallback (an upload's file
+    name, a hub id) is made to fit: NULs dropped, cut to the column."""
+    if name:
+        return check_name(name)
+    return fallback.replace("\x00", "")[:MAX_NAME_CHARS] or "upload"

@@ -12,7 +12,7 @@ from modelpress.domain.store import CHUNK, ArtifactStore
 
 from ..deps import on_rollback
 from ..errors import NotFound, Unprocessable
-from ..guards import check_name, clip
+from ..guards import clip, display_name
 from ..uploads import UploadedFile
 
 
@@ -53,7 +53,7 @@ def register_dataset(session: Session, store: ArtifactStore, owner: str, upload:
     key = f"datasets/{ds_id}/data.txt"
     store.put_file(key, upload.path)
     on_rollback(session, lambda: store.delete(key))
-    row = Dataset(id=ds_id, owner=owner, name=check_name(name or upload.filename),
+    row = Dataset(id=ds_id, owner=owner, name=display_name(name, upload.filename),
                   store_key=key,
                   bytes=upload.bytes, sha256=upload.sha256)
     session.add(row)

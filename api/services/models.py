@@ -21,7 +21,7 @@ from modelpress.domain.store import ArtifactStore
 
 from ..deps import on_rollback
 from ..errors import NotFound, PayloadTooLarge, Unprocessable
-from ..guards import check_name, clip
+from ..guards import clip, display_name
 from ..uploads import UploadedFile
 
 GGUF_MAGIC = b"GGUF"
@@ -171,7 +171,7 @@ def register_upload(session: Session, store: ArtifactStore, owner: str, upload: 
     key = f"models/{model_id}/{key_name}"
     store.put_file(key, upload.path)
     on_rollback(session, lambda: store.delete(key))
-    row = ModelSource(id=model_id, owner=owner, name=check_name(name or upload.filename),
+    row = ModelSource(id=model_id, owner=owner, name=display_name(name, upload.filename),
                       kind=kind,
                       store_key=key, bytes=upload.bytes, sha256=upload.sha256,
                       model_type=model_type, architecture=arch, config=cfg)
@@ -200,7 +200,7 @@ def register_hub(session: Session, owner: str, source: str, revision: str | None
         raise Unprocessable(f"cannot fetch the config of {source!r}: {_short(e)}",
                             code="invalid_model") from e
     model_type, arch, cfg = _config_facts(config)
-    row = ModelSource(owner=owner, name=check_name(name or source), kind="hub", source=source,
+    row = ModelSource(owner=owner, name=display_name(name, source), kind="hub", source=source,
                       revision=revision, model_type=model_type, architecture=arch, config=cfg)
     session.add(row)
     session.flush()

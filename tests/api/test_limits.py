@@ -328,3 +328,10 @@ def test_expired_keys_are_purged(limited, alice, bob, db, tiny_llama_tar, monkey
     keys = db.scalars(select(orm.IdempotencyKey.key).where(
         orm.IdempotencyKey.owner.in_([alice[0], bob[0]]))).all()
     assert keys == ["new"]
+
+
+def test_long_upload_file_name_is_cut_not_refused(client, alice):
+    fn = "f" * 700 + ".txt"
+    r = client.post("/v1/datasets", headers=alice[1], files={"file": (fn, b"some text")})
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == fn[:500]
