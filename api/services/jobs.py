@@ -257,6 +257,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         ts, job_id = raw.split("|", 1)
+        if len(job_id) > 32 or not job_id.isalnum() or not job_id.isascii():
+            raise ValueError(job_id)
         return datetime.fromisoformat(ts), job_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise Unprocessable("invalid cursor", code="invalid_cursor") from None

@@ -335,3 +335,14 @@ def test_long_upload_file_name_is_cut_not_refused(client, alice):
     r = client.post("/v1/datasets", headers=alice[1], files={"file": (fn, b"some text")})
     assert r.status_code == 201, r.text
     assert r.json()["name"] == fn[:500]
+
+
+def test_nul_inside_a_decoded_cursor(client, alice):
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    c = TestClient(client.app, raise_server_exceptions=False)
+    cur = base64.urlsafe_b64encode(b"2020-01-01T00:00:00+00:00|a\x00b").decode().rstrip("=")
+    r = c.get(f"/v1/jobs?cursor={cur}", headers=alice[1])
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_cursor", r.text
