@@ -1,7 +1,8 @@
 """``modelpress compress``: run a compression recipe offline, exactly as a worker runs a job.
 
     modelpress compress SOURCE (--method NAME [--set KEY=VALUE]... | --recipe FILE)
-        [--calibration-file FILE] [--eval-file FILE] [--max-ppl-increase R] --output DIR
+        [--calibration-file FILE] [--eval-file FILE] [--max-ppl-increase R]
+        [--stream auto|always|never] --output DIR
 
 Exit codes: 0 done, 2 bad input (unknown method, bad params, unreadable files, ...),
 3 the quality gate (--max-ppl-increase) was missed (the artifact and report are still written),
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl-increase", type=float, metavar="R",
                    help="quality gate: perplexity after / before must be <= R (1.10 = +10%%)")
     p.add_argument("--device", help="cpu, cuda or auto (default: MODELPRESS_DEVICE or auto)")
+    p.add_argument("--stream", choices=["auto", "always", "never"], default="auto",
+                   help="run block by block, never holding the whole model (int8, rtn, gptq, "
+                   "awq on a safetensors or GGUF source): auto = when the model in float32 is "
+                   "above MODELPRESS_STREAM_ABOVE_BYTES (default: half this machine's memory)")
     p.add_argument("--keep-intermediate", action="store_true",
                    help="also save each stage's model under OUTPUT/stages/")
     p.add_argument("--checkpoint-dir", help="resumable training state (distill); rerun with the "
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_pipeline(args.source, stages, Path(args.output), revision=args.revision,
                                calibration_text=cal, eval_text=ev,
                                max_ppl_increase=args.max_ppl_increase, hooks=hooks,
-                               device=args.device, keep_intermediate=args.keep_intermediate)
+                               device=args.device, keep_intermediate=args.keep_intermediate,
+                               stream={"auto": None, "always": True, "never": False}[args.stream])
     except ValidationError as e:
         return err(f"invalid params: {e}")
     except (CompressionError, FileNotFoundError) as e:

@@ -461,8 +461,8 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
         check()
         plan = streaming_plan(source, methods, stream, work)
         if plan is not None:
-            run = _run_streamed(plan, parsed, methods, configs, output_dir, ev_text, dev, prog,
-                                hooks, check, metrics)
+            run = _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text,
+                                dev, prog, hooks, check, metrics, work)
         else:
             run = _run_in_memory(source, revision, parsed, methods, configs, output_dir,
                                  cal_text, ev_text, dev, gpu, prog, hooks, check, metrics, work,
@@ -699,8 +699,8 @@ def _eval_windows(tok: Any, text: str, max_positions: int | None) -> torch.Tenso
                            "(needs at least 64 tokens)")
 
 
-def _run_streamed(plan, parsed, methods, configs, output_dir, ev_text, dev, prog, hooks, check,
-                  metrics) -> _Run:
+def _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text, dev, prog, hooks,
+                  check, metrics, work) -> _Run:
     """One block in memory at a time (:mod:`streaming`): ``before`` and ``after`` perplexity by a
     block-sequential forward over the eval windows; speed only where the model fits."""
     from .models import CAUSAL, model_kind
@@ -736,7 +736,8 @@ def _run_streamed(plan, parsed, methods, configs, output_dir, ev_text, dev, prog
                           "(block by block)", "params": cfg.model_dump(mode="json")})
     t0 = time.monotonic()
     stage_metrics = J.quantize(plan, method, cfg, output_dir, dev,
-                               prog.span(_STAGES[0], _STAGES[1], label), check_stop(check))
+                               prog.span(_STAGES[0], _STAGES[1], label), check_stop(check),
+                               tokenizer=tok, calibration_text=cal_text, scratch=work / "blocks")
     duration = time.monotonic() - t0
     stage_metrics["duration_s"] = duration
     for k, v in stage_metrics.items():

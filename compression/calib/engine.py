@@ -223,7 +223,8 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, ctx: Context, visit: 
                    after: Callable[[Step], None] | None = None) -> None:
     """For every block: onload -> ``visit`` (observe, change) -> propagate the changed block's
     outputs to the next block -> ``after`` (e.g. pack what the method attached) -> offload."""
-    source = source or InMemoryBlocks(model)
+    # a streamed model (a meta skeleton) carries its own source: streaming.blocks
+    source = source or getattr(model, "_modelpress_block_source", None) or InMemoryBlocks(model)
     fam = family_of(model)
     n = len(find_blocks(model)[1])
     inputs = capture_inputs(model, source, tokens, ctx.device, batch_size)

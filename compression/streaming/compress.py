@@ -29,6 +29,10 @@ from .writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 #: methods that quantize each Linear from its own weights only (no calibration): they run on
 #: one block exactly as on the whole model
 WEIGHT_ONLY = frozenset({"int8", "rtn"})
+#: calibrated methods that change each block on its own (the calibration engine's block loop,
+#: nothing read from the whole model): they run on a streamed skeleton (:mod:`.blocks`)
+CALIBRATED = frozenset({"gptq", "awq"})
+STREAMABLE = WEIGHT_ONLY | CALIBRATED
 _PIECE_ELEMS = 2**24  # elements per piece of a dense tensor copied from the source
 
 
@@ -124,6 +128,60 @@ def stream_quantize(source: str | Path, out_dir: str | Path, method: Any, cfg: M
     return StreamResult(files=files, metrics={
         "quantized_linears": float(linears), "compress_seconds": time.perf_counter() - t0,
         "shards": float(len(files))})
+
+
+def stream_calibrated(source: str | Path, out_dir: str | Path, method: Any, cfg: MethodConfig,
+                      *, scratch: Path, tokenizer: Any, calibration_text: str | None,
+                      device: torch.device | str = "cpu",
+                      progress: Callable[[float, str | None], None] = lambda *_: None,
+                      should_stop: Callable[[], bool] = lambda: False,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> StreamResult:
+    """Run the calibrated ``method`` on the calibration engine over a streamed skeleton (each
+    block read, changed, kept in a scratch file), then write the sharded artifact block by block
+    in the format the method's saver declares."""
+    from .blocks import BLOCK_SOURCE_ATTR, StreamedBlocks
+
+    if method.name not in CALIBRATED:
+        raise CompressionError(f"method {method.name!r} cannot stream block by block yet; "
+                               f"streaming methods: {sorted(STREAMABLE)}")
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    with LazyCheckpoint(source) as ckpt:
+        method.check_model(cfg, ckpt.config)
+        model = ckpt.skeleton()
+        blocks = StreamedBlocks(ckpt, model, scratch)
+        setattr(model, BLOCK_SOURCE_ATTR, blocks)
+        ctx = Context(device=dev, tokenizer=tokenizer, calibration_text=calibration_text,
+                      work_dir=Path(scratch), should_stop=should_stop,
+                      progress=lambda f, m: progress(0.9 * (f or 0.0), m))
+        try:
+            result = method.apply(model, cfg, ctx)
+        finally:
+            delattr(model, BLOCK_SOURCE_ATTR)
+        options = getattr(result.saver, "options", None)
+        if options is None:
+            raise CompressionError(f"method {method.name!r} has no streamable saver")
+        writer = ShardedWriter(out_dir, max_shard_bytes)
+        try:
+            for i in range(len(blocks)):
+                block = blocks.load_final(i, "cpu")
+                root = _BlockRoot(model.config, f"{blocks.prefix}.{i}", block)
+                for name, t in iter_compressed_tensors(root, options["fmt"],
+                                                       options["dense_dtype"],
+                                                       options["float_head"]):
+                    writer.add(name, t)
+                release(block)
+                progress(0.9 + 0.1 * (i + 1) / len(blocks), f"block {i + 1} written")
+            _write_outside(ckpt, model, blocks.prefix, writer, DTYPES[options["dense_dtype"]])
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        write_compressed_config(model, Path(out_dir), options["fmt"], options["activations"],
+                                options["float_head"])
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items()}
+    metrics.update({"compress_seconds": time.perf_counter() - t0, "shards": float(len(files))})
+    return StreamResult(files=files, metrics=metrics)
 
 
 def _stream_blocks(ckpt: LazyCheckpoint, model: nn.Module, blocks_name: str, n: int,

@@ -148,27 +148,24 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
                          should_stop: Callable[[], bool] = lambda: False) -> BlockwiseStats:
     """Perplexity of the skeleton ``model`` whose weights ``ckpt`` materializes (a
     :class:`LazyCheckpoint` or an artifact reader) over ``windows`` (``[n, seq_len]``), and the
-    nonzero counts of every weight seen on the way."""
+    nonzero counts of every weight seen on the way. At most one of: the embeddings, one block,
+    the output head is in memory at a time (with the activations)."""
     dev = torch.device(device)
     blocks_name, blocks = decoder_blocks(model)
     stats = BlockwiseStats(perplexity=float("nan"))
     seen: set[str] = set()
-    outside = outside_prefixes(model, blocks_name)
-    head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-    tied = f"{head_name}.weight" in ckpt.alias
-    for p in outside:  # stored dtype: embeddings/head outputs are upcast where they are used
-        if not (tied and p == head_name):
-            _count(stats, ckpt.materialize(model, p, dev), p, ckpt, seen)
     head = model.get_output_embeddings()
-    if tied:  # one copy of a tied weight
-        head.weight = model.get_input_embeddings().weight
-        _count(stats, head, head_name, ckpt, seen)
-    _move_buffers(model, blocks_name, dev)
-    # the output head is not a pruned/quantized Linear: not in the sparsity
-    stats.linear_zeros -= int((head.weight == 0).sum().item())
-    stats.linear_total -= head.weight.numel()
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    tied = f"{head_name}.weight" in ckpt.alias
+    before = [p for p in outside_prefixes(model, blocks_name) if p != head_name]
     try:
+        for p in before:  # stored dtype: the embeddings' output is upcast
+            _count(stats, ckpt.materialize(model, p, dev), p, ckpt, seen)
+        _move_buffers(model, blocks_name, dev)
         caps = _capture(model, blocks[0], windows, batch_size, dev)
+        emb = model.get_input_embeddings()
+        if not tied:
+            release(emb)
         for i, block in enumerate(blocks):
             ckpt.materialize(model, f"{blocks_name}.{i}", dev, dtype=torch.float32)
             _count(stats, block, f"{blocks_name}.{i}", ckpt, seen)
@@ -177,19 +174,31 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
             progress((i + 1) / (len(blocks) + 1), f"block {i + 1}/{len(blocks)}")
             if should_stop():
                 raise Cancelled("job cancelled")
-        base = model.get_submodule(blocks_name.rpartition(".")[0])
-        norm = getattr(base, "norm")
-        nll, count, w = 0.0, 0, 0
-        for cap in caps:
-            h = norm(_hidden(cap))
-            for j in range(h.shape[0]):
-                ids = windows[w].to(dev)
-                nll += _nll(h[j], head.weight, head.bias, ids)
-                count += ids.numel() - 1
-                w += 1
-        stats.perplexity = math.exp(nll / count)
+        if tied:  # one copy of a tied weight
+            head.weight = emb.weight
+        else:
+            ckpt.materialize(model, head_name, dev)
+        _count(stats, head, head_name, ckpt, seen)
+        # the output head is not a pruned/quantized Linear: not in the sparsity
+        stats.linear_zeros -= int((head.weight == 0).sum().item())
+        stats.linear_total -= head.weight.numel()
+        stats.perplexity = _loss(model, blocks_name, head, caps, windows, dev)
     finally:
-        for p in outside:
+        for p in [*before, head_name]:
             release(model.get_submodule(p))
     progress(1.0, "perplexity measured")
     return stats
+
+
+def _loss(model: nn.Module, blocks_name: str, head: nn.Module, caps: list, windows: torch.Tensor,
+          dev: torch.device) -> float:
+    norm = getattr(model.get_submodule(blocks_name.rpartition(".")[0]), "norm")
+    nll, count, w = 0.0, 0, 0
+    for cap in caps:
+        h = norm(_hidden(cap))
+        for j in range(h.shape[0]):
+            ids = windows[w].to(dev)
+            nll += _nll(h[j], head.weight, head.bias, ids)
+            count += ids.numel() - 1
+            w += 1
+    return math.exp(nll / count)

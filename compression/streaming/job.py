@@ -1,7 +1,8 @@
 """A job that never holds its model whole: measure the source block by block, quantize it block
 by block into a sharded artifact, measure the artifact block by block.
 
-Which jobs stream (:func:`streaming_plan`): one weight-only quantization stage (int8, rtn) on
+Which jobs stream (:func:`streaming_plan`): one quantization stage that works block by block
+(int8, rtn; gptq, awq on the calibration engine: ``compress.STREAMABLE``) on
 a local safetensors directory (a GGUF source is first converted tensor by tensor) whose float32
 size is above ``MODELPRESS_STREAM_ABOVE_BYTES`` (default: half this machine's memory), or any
 such job when the caller asks for streaming. Speed is measured only when the model fits in
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from ..base import CompressionError
-from .compress import WEIGHT_ONLY, stream_quantize
+from .compress import STREAMABLE, WEIGHT_ONLY, stream_calibrated, stream_quantize
 from .source import LazyCheckpoint, is_streamable
 
 STREAM_ENV = "MODELPRESS_STREAM_ABOVE_BYTES"
@@ -71,8 +72,8 @@ def streaming_plan(source: str | Path, methods: list[Any], stream: bool | None,
     if stream is False:
         return None
     why_not = None
-    if len(methods) != 1 or methods[0].name not in WEIGHT_ONLY:
-        why_not = (f"only a single-stage {sorted(WEIGHT_ONLY)} recipe streams block by block; "
+    if len(methods) != 1 or methods[0].name not in STREAMABLE:
+        why_not = (f"only a single-stage {sorted(STREAMABLE)} recipe streams block by block; "
                    f"got {[m.name for m in methods]}")
     s = str(source)
     if why_not is None and not (s.endswith(".gguf") or is_streamable(s)):
@@ -132,8 +133,14 @@ def measure_blockwise(ckpt: LazyCheckpoint, windows: torch.Tensor | None, device
 
 
 def quantize(plan: StreamPlan, method: Any, cfg: Any, out: Path, device: torch.device,
-             progress: Callable[[float, str | None], None],
-             should_stop: Callable[[], bool]) -> dict[str, float]:
-    res = stream_quantize(plan.source_dir, out, method, cfg, device=device, progress=progress,
-                          should_stop=should_stop)
+             progress: Callable[[float, str | None], None], should_stop: Callable[[], bool], *,
+             tokenizer: Any = None, calibration_text: str | None = None,
+             scratch: Path | None = None) -> dict[str, float]:
+    if method.name in WEIGHT_ONLY:
+        res = stream_quantize(plan.source_dir, out, method, cfg, device=device,
+                              progress=progress, should_stop=should_stop)
+    else:
+        res = stream_calibrated(plan.source_dir, out, method, cfg, scratch=scratch,
+                                tokenizer=tokenizer, calibration_text=calibration_text,
+                                device=device, progress=progress, should_stop=should_stop)
     return res.metrics

@@ -383,3 +383,16 @@ def test_int8_dynamic_job_measures_its_int8_runtime(tiny_llama_dir, tmp_path, mo
     tok = AutoTokenizer.from_pretrained(outcome.output_dir)
     assert r["after"]["perplexity"] == pytest.approx(E.perplexity(served, tok, EVAL), rel=1e-3)
     assert r["after"]["tokens_per_s"] > 0
+
+
+def test_cli_stream_always_and_refusal(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    code = cli_main([str(tiny_llama_dir), "--method", "rtn", "--set", "group_size=16",
+                     "--stream", "always", "--output", str(out), "-q"])
+    assert code == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["stages"][0]["streamed"] is True and r["evaluation"]["streamed"]["why"] == "asked for"
+    assert r["after"]["perplexity"] > 0 and r["summary"]["compression_ratio"] > 3
+    code = cli_main([str(tiny_llama_dir), "--method", "magnitude", "--stream", "always",
+                     "--output", str(tmp_path / "m"), "-q"])
+    assert code == 2 and "cannot stream" in capsys.readouterr().err
