@@ -101,7 +101,6 @@ class CompressionResult:
 
 
 Family = Literal["pruning", "quantization", "distillation"]
-Architecture = Literal["llama", "bert"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,8 @@ class Method:
     needs_calibration: bool = False
     #: "gpu": runs on the gpu queue when a GPU worker exists; "cpu": always fine on CPU
     prefers_gpu: bool = False
-    #: model_type values supported (``config.model_type``); None = any
+    #: model_type values supported (``config.model_type``); None = any. Calibrated methods take
+    #: theirs from the family table (:func:`.calib.families.supporting`)
     architectures: frozenset[str] | None = None
     #: the method packs weights (quantization): it must be the last stage of a recipe
     terminal: bool = False

@@ -66,6 +66,47 @@ def make_tiny_bert(**overrides):
     return BertModel(BertConfig(**cfg)).eval()
 
 
+#: per model_type, what a tiny random decoder of that family needs beyond the shared shape
+TINY_CAUSAL = {
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {"query_pre_attn_scalar": 16, "sliding_window": 64},
+    "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 64},
+    "phi3": {},
+}
+
+
+def make_tiny_causal(model_type: str, **overrides):
+    """A tiny random causal LM of ``model_type`` (hidden 64, 2 layers, GQA 4/2 heads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+               eos_token_id=2, pad_token_id=3, **TINY_CAUSAL[model_type])
+    cfg.update(overrides)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory, tiny_tokenizer):
+    """``tiny_causal_dir(model_type)``: a tiny random causal LM of that family saved as a Hugging
+    Face directory with the tiny tokenizer (made once per session)."""
+    made: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in made:
+            d = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            make_tiny_causal(model_type).save_pretrained(d)
+            tiny_tokenizer.save_pretrained(d)
+            made[model_type] = d
+        return made[model_type]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

@@ -127,7 +127,9 @@ FAMILIES: dict[str, Family] = {
         groups=(
             Group(("attention.self.query", "attention.self.key", "attention.self.value"), None),
             Group(("attention.output.dense",), "attention.self.value"),
-            Group(("intermediate.dense",), "attention.output.LayerNorm"),
+            # post-LN: attention.output.LayerNorm's output is also the residual stream, so a
+            # scale cannot fold into it
+            Group(("intermediate.dense",), None),
             Group(("output.dense",), None),  # GELU between intermediate and output: no fold
         ),
         attention=None,  # transformers 5 BERT cannot load a model with fewer heads
