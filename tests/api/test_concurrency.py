@@ -100,7 +100,7 @@ def test_concurrent_submissions_postgres(app_settings, published, db, alice, tin
 
 
 def test_concurrent_submissions_embedded(settings_env, published, tiny_llama_dir):
-    """Embedded mode (SQLite, a pool of 15 connections): 100 concurrent submissions."""
+    """Embedded mode (SQLite, a pool of 15 connections): 200 concurrent submissions."""
     from modelpress.api.app import create_app
     from modelpress.domain.db import session_factory
     from modelpress.domain.keys import create_key
@@ -116,8 +116,8 @@ def test_concurrent_submissions_embedded(settings_env, published, tiny_llama_dir
         with ServerThread(create_app()) as base:
             model_id = _register_model(base, headers, make_tar(tiny_llama_dir))
             body = {"model_id": model_id, "method": "magnitude", "params": {"sparsity": 0.5}}
-            responses = asyncio.run(_post_many(base, headers, body, 100, timeout_s=60))
-        _check_all_created(responses, db, owner, 100)
+            responses = asyncio.run(_post_many(base, headers, body, 200, timeout_s=60))
+        _check_all_created(responses, db, owner, 200)
 
 
 def test_database_down_is_503_with_retry_after(settings_env, redis_url):
