@@ -386,9 +386,12 @@ class Client(_Api):
             cursor = page.next_cursor
 
     def stream_events(self, job_id: str, after: int | None = None,
-                      on_progress: Callable[[dict], None] | None = None) -> Iterator[EventOut]:
+                      on_progress: Callable[[dict], None] | None = None,
+                      until: float | None = None) -> Iterator[EventOut]:
         """The job's events as they happen (Server-Sent Events), reconnecting with
-        Last-Event-ID after a dropped connection, until the job's terminal state."""
+        Last-Event-ID after a dropped connection, until the server ends the stream (after the
+        job's terminal state) or ``until`` (time.monotonic(); checked at every event and
+        keep-alive)."""
         last = after
         for attempt in range(self.retries + 1):
             headers = {"Accept": "text/event-stream"}
@@ -405,6 +408,8 @@ class Client(_Api):
                         raise api_error(r)
                     sse = SseParser()
                     for line in r.iter_lines():
+                        if until is not None and time.monotonic() > until:
+                            return
                         if (got := sse.feed(line)) is None:
                             continue
                         kind, data, _ = got
@@ -424,27 +429,33 @@ class Client(_Api):
              on_event: Callable[[EventOut], None] | None = None,
              on_progress: Callable[[dict], None] | None = None,
              poll_s: float = 2.0) -> JobOut:
-        """Block until the job is finished; returns it. Follows the event stream; polls if the
-        stream is unavailable. ``timeout`` -> TimeoutError."""
+        """Block until the job is finished; returns it. Follows the event stream (again from
+        the last event if the server ends it early); polls while the stream is unavailable.
+        ``timeout`` seconds -> TimeoutError."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            for ev in self.stream_events(job_id, on_progress=on_progress):
-                if on_event:
-                    on_event(ev)
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-        except (httpx.TransportError, ApiError) as e:
-            if isinstance(e, ApiError) and e.status == 404:
-                raise
+        last: int | None = None
         while True:
+            streamed = True
+            try:
+                for ev in self.stream_events(job_id, after=last, on_progress=on_progress,
+                                             until=deadline):
+                    last = ev.id
+                    if on_event:
+                        on_event(ev)
+            except (httpx.TransportError, ApiError) as e:
+                if isinstance(e, ApiError) and e.status not in RETRY_STATUS:
+                    raise
+                streamed = False
             job = self.get_job(job_id)
             if job.state in TERMINAL:
                 return job
-            if on_progress:
-                on_progress({"state": job.state, "progress": job.progress, "stage": job.stage})
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s")
-            time.sleep(poll_s)
+            if not streamed:
+                if on_progress:
+                    on_progress({"state": job.state, "progress": job.progress,
+                                 "stage": job.stage})
+                time.sleep(poll_s)
 
     def download(self, job_id: str, dest: str | os.PathLike,
                  progress: Progress | None = None) -> Path:
@@ -566,6 +577,65 @@ class AsyncClient(_Api):
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
 
+    async def iter_jobs(self, **filters: Any) -> AsyncIterator[JobOut]:
+        cursor = None
+        while True:
+            page = await self.list_jobs(cursor=cursor, **filters)
+            for j in page.items:
+                yield j
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    async def download(self, job_id: str, dest: str | os.PathLike,
+                       progress: Progress | None = None) -> Path:
+        """As :meth:`Client.download`: resumable, SHA-256 checked."""
+        dest = Path(dest)
+        part = dest.with_name(dest.name + ".part")
+        etag_file = dest.with_name(dest.name + ".etag")
+        for attempt in range(self.retries + 1):
+            etag = etag_file.read_text() if etag_file.exists() else None
+            try:
+                sha = await self._download_once(job_id, part, etag_file, etag, progress)
+                break
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+                await asyncio.sleep(self._delay(attempt, None))
+        try:
+            await asyncio.to_thread(_check_sha, part, sha)
+        except ChecksumMismatch:
+            part.unlink(missing_ok=True)
+            etag_file.unlink(missing_ok=True)
+            raise
+        part.replace(dest)
+        etag_file.unlink(missing_ok=True)
+        return dest
+
+    async def _download_once(self, job_id: str, part: Path, etag_file: Path,
+                             etag: str | None, progress: Progress | None) -> str | None:
+        headers = _resume_headers(part, etag)
+        async with self.http.stream("GET", f"/v1/jobs/{job_id}/artifact", headers=headers,
+                                    follow_redirects=True, timeout=httpx.Timeout(60.0)) as r:
+            if r.status_code not in (200, 206):
+                await r.aread()
+                raise api_error(r)
+            sha = r.headers.get("x-checksum-sha256")
+            if r.headers.get("etag"):
+                etag_file.write_text(r.headers["etag"])
+            done = part.stat().st_size if r.status_code == 206 else 0
+            total = done + int(r.headers.get("content-length") or 0)
+            with open(part, "ab" if r.status_code == 206 else "wb") as f:
+                async for chunk in r.aiter_bytes(CHUNK):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+        if sha:
+            return sha
+        art = (await self.get_job(job_id)).artifact
+        return art.sha256 if art else None
+
     async def stream_events(self, job_id: str, after: int | None = None,
                             on_progress: Callable[[dict], None] | None = None
                             ) -> AsyncIterator[EventOut]:
@@ -602,25 +672,35 @@ class AsyncClient(_Api):
 
     async def wait(self, job_id: str, timeout: float | None = None,
                    on_event: Callable[[EventOut], None] | None = None,
+                   on_progress: Callable[[dict], None] | None = None,
                    poll_s: float = 2.0) -> JobOut:
-        """Until the job is finished: follows the event stream, then polls (also the fallback
-        when the stream is unavailable). ``timeout`` -> TimeoutError."""
+        """As :meth:`Client.wait`: follows the event stream, polls while it is unavailable;
+        ``timeout`` seconds -> TimeoutError."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        last: int | None = None
 
         async def follow() -> None:
-            async for ev in self.stream_events(job_id):
+            nonlocal last
+            async for ev in self.stream_events(job_id, after=last, on_progress=on_progress):
+                last = ev.id
                 if on_event:
                     on_event(ev)
 
-        try:
-            await asyncio.wait_for(follow(), timeout)
-        except (httpx.TransportError, ApiError, asyncio.TimeoutError) as e:
-            if isinstance(e, ApiError) and e.status == 404:
-                raise
         while True:
+            streamed = True
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(follow(), left)
+            except asyncio.TimeoutError:
+                pass
+            except (httpx.TransportError, ApiError) as e:
+                if isinstance(e, ApiError) and e.status not in RETRY_STATUS:
+                    raise
+                streamed = False
             job = await self.get_job(job_id)
             if job.state in TERMINAL:
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s")
-            await asyncio.sleep(poll_s)
+            if not streamed:
+                await asyncio.sleep(poll_s)

@@ -160,3 +160,41 @@ def test_async_client_uploads_submits_and_waits(live_api, owner_key, tiny_llama_
     m, sent, done, page = asyncio.run(run())
     assert m.model_type == "llama" and sent
     assert done.state == "failed" and [j.id for j in page.items] == [done.id]
+
+
+def test_wait_times_out_on_a_job_that_never_finishes(client, model, monkeypatch):
+    from modelpress.api.routes import events
+
+    monkeypatch.setattr(events, "HEARTBEAT_S", 0.3)  # the server runs in this process
+    job = client.submit(model.id, method="rtn", params={"bits": 8})
+    lines: list[str] = []
+    t0 = time.monotonic()
+    with client.http.stream("GET", f"/v1/jobs/{job.id}/events/stream") as resp:
+        for line in resp.iter_lines():
+            lines.append(line)
+            if time.monotonic() - t0 > 1.5:
+                break
+    assert ": keep-alive" in lines, "an idle stream sends keep-alive comments"
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        client.wait(job.id, timeout=1.0)
+    assert time.monotonic() - t0 < 5
+
+
+def test_async_download_resumes_and_checks(live_api, owner_key, client, model, tmp_path):
+    job = client.submit(model.id, method="rtn", params={"bits": 8})
+    move(job.id, "running", "succeeded")
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    sha = _fake_artifact(job.id, live_api[1], data)
+    (tmp_path / "x.part").write_bytes(data[:777])
+    (tmp_path / "x.etag").write_text(f'"{sha}"')
+
+    async def run():
+        async with AsyncClient(live_api[0], owner_key[1]) as c:
+            seen = []
+            await c.download(job.id, tmp_path / "x", progress=lambda a, b: seen.append(a))
+            return seen, [j.id async for j in c.iter_jobs(limit=1)]
+
+    seen, ids = asyncio.run(run())
+    assert (tmp_path / "x").read_bytes() == data and seen[0] > 777
+    assert ids == [job.id]
