@@ -146,14 +146,27 @@ def _owned_model_refs(session: Session, owner: str, stages: list[dict[str, Any]]
                     raise NotFound(f"stage {i} ({clip(st['method'])}): {k} {clip(v)}: model not found")
 
 
+#: below ``limit - QUOTA_EXACT_MARGIN`` active jobs the quota is counted without a lock; nearer
+#: the limit (PostgreSQL) submissions take a per-owner advisory lock and count again, so
+#: concurrent submissions cannot pass it (more in flight at once than the margin would be needed)
+QUOTA_EXACT_MARGIN = 200
+
+
+def _count_active(session: Session, owner: str) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.owner == owner, Job.state.in_((JobState.queued.value, JobState.running.value))))
+
+
 def check_quota(session: Session, settings: Settings, owner: str) -> None:
-    """An owner may have at most ``max_active_jobs_per_owner`` queued + running jobs. Counted
-    without a lock: submissions in flight at the same moment may pass it by their number."""
+    """An owner may have at most ``max_active_jobs_per_owner`` queued + running jobs."""
     limit = settings.max_active_jobs_per_owner
     if limit <= 0:
         return
-    active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.owner == owner, Job.state.in_((JobState.queued.value, JobState.running.value))))
+    active = _count_active(session, owner)
+    if active >= limit - QUOTA_EXACT_MARGIN and session.get_bind().dialect.name == "postgresql":
+        # held until this transaction ends: the next submitter counts this one's job
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtext("mp-quota:" + owner))))
+        active = _count_active(session, owner)
     if active >= limit:
         raise TooManyRequests(f"you have {active} queued or running jobs (the limit is {limit}); "
                               "wait for some to finish or cancel them", retry_after_s=30,

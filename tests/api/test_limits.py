@@ -346,3 +346,24 @@ def test_nul_inside_a_decoded_cursor(client, alice):
     cur = base64.urlsafe_b64encode(b"2020-01-01T00:00:00+00:00|a\x00b").decode().rstrip("=")
     r = c.get(f"/v1/jobs?cursor={cur}", headers=alice[1])
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_cursor", r.text
+
+
+def test_job_quota_holds_under_concurrent_submissions(settings_env, pg_url, redis_url,
+                                                      published, alice, db, tiny_llama_tar):
+    settings_env(database_url=pg_url, broker_url=redis_url, max_active_jobs_per_owner=5)
+    from modelpress.api.app import create_app
+
+    owner, h = alice
+    with ServerThread(create_app()) as base:
+        mid = httpx.post(f"{base}/v1/models", headers=h, timeout=60,
+                         files={"file": ("t.tar", tiny_llama_tar)}).json()["id"]
+
+        async def many():
+            async with httpx.AsyncClient(base_url=base, timeout=60, headers=h) as c:
+                return await asyncio.gather(*(c.post("/v1/jobs", json=_job(mid))
+                                              for _ in range(30)))
+
+        rs = asyncio.run(many())
+    codes = sorted(r.status_code for r in rs)
+    assert codes == [201] * 5 + [429] * 25, codes
+    assert _jobs_of(db, owner) == 5
