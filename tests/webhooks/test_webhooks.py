@@ -108,3 +108,23 @@ def test_refused_callback_urls_are_422_and_write_nothing(client, model, live_api
             check_url(f"http://{ip}/hook", allow_private=False)
     assert check_url("http://127.0.0.1/hook", allow_private=True)
     assert check_url("http://93.184.216.34/hook", allow_private=False)
+
+
+def test_deleting_a_job_removes_its_webhook_rows(client, model):
+    from sqlalchemy import func, select
+
+    from modelpress.domain.db import session_scope
+    from modelpress.domain.models import JobWebhook, WebhookDelivery
+
+    rx = Receiver(statuses=[500] * 100)
+    job = client.submit(model.id, method="rtn", params={"bits": 8}, callback_url=rx.url)
+    move(job.id, "running")
+    rx.wait_for(1)
+    client.delete_job(job.id)
+    with session_scope() as s:
+        left = [s.scalar(select(func.count()).select_from(t).where(t.job_id == job.id))
+                for t in (JobWebhook, WebhookDelivery)]
+    assert left == [0, 0]
+    n = len(rx.got)
+    time.sleep(1.5)  # past the backoff: the deleted job's delivery is not retried
+    assert len(rx.got) == n
