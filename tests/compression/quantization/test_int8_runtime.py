@@ -1,8 +1,8 @@
 """int8_dynamic served the way a user serves it: ``modelpress compress`` writes the artifact, a
 fresh process loads it with ``modelpress.runtime.load`` (plain ``from_pretrained`` + the int8
 runtime) in float32 / bfloat16 / float16, under ``no_grad`` or ``inference_mode``, and its
-perplexity must be the job's reported one within 1% and its greedy generation the plain
-dequantized model's."""
+perplexity must be the job's reported one within 1% and its greedy generation what the plain
+dequantized model would choose (up to near ties flipped by the int8 activations)."""
 
 from __future__ import annotations
 
@@ -37,11 +37,16 @@ prompt = tok(open(eval_file).read()[:200], return_tensors="pt").input_ids[:, :24
 with getattr(torch, mode)():
     ppl = perplexity(model, tok, open(eval_file).read(), int(seq_len), int(chunks))
     out = model.generate(prompt, max_new_tokens=int(new), do_sample=False, pad_token_id=0)
-plain = AutoModelForCausalLM.from_pretrained(art, dtype=dtype).eval()  # dequantized on use
+# the plain dequantized model (float weights) reads the runtime's generation: its own greedy
+# choice at each step, and how far below it (logits) the runtime's token is
+plain = AutoModelForCausalLM.from_pretrained(art, dtype=dtype).eval()
 with torch.no_grad():
-    ref = plain.generate(prompt, max_new_tokens=int(new), do_sample=False, pad_token_id=0)
+    logits = plain(out).logits[0, prompt.shape[1] - 1:-1].float()
+gen = out[0, prompt.shape[1]:]
+gap = logits.max(-1).values - logits.gather(-1, gen[:, None])[:, 0]
 print(json.dumps({
-    "ppl": ppl, "out": out[0].tolist(), "ref": ref[0].tolist(),
+    "ppl": ppl, "new": len(gen), "agree": (logits.argmax(-1) == gen).float().mean().item(),
+    "max_gap": gap.max().item(), "spread": (logits.max(-1).values - logits.mean(-1)).mean().item(),
     "int8": sum(isinstance(m, Int8DynamicLinear) for m in model.modules()),
     "dtype": str(next(model.parameters()).dtype), "logits_dtype": str(
         model(prompt).logits.dtype),
@@ -73,7 +78,11 @@ def check_served(got: dict, report: dict, dtype: str, n_int8: int) -> None:
     assert got["dtype"] == f"torch.{dtype}" and got["logits_dtype"] == f"torch.{dtype}"
     want = report["after"]["perplexity"]
     assert abs(got["ppl"] / want - 1) < 0.01, (got["ppl"], want)
-    assert got["out"] == got["ref"], "greedy generation differs from the dequantized model"
+    # greedy generation is the plain dequantized model's: its own choice at >= 90% of the steps
+    # and, where per-token int8 activations flip a near tie, a token within a small fraction of
+    # its logit spread (a wrong runtime's tokens are far down: the spread itself)
+    assert got["new"] > 0 and got["agree"] >= 0.9, got
+    assert got["max_gap"] < 0.1 * got["spread"], got
 
 
 # ---------------------------------------------------------------- fast: a tiny random llama
@@ -222,3 +231,33 @@ def test_smollm2_artifact_served_fresh(smol_artifact, dtype, mode):
     got = serve(art, dtype, mode, ev, report, new_tokens=24)
     print(f"{dtype} {mode}: ppl {got['ppl']:.4f} report {report['after']['perplexity']:.4f}")
     check_served(got, report, dtype, n_int8=30 * 7 + 1)
+
+
+def test_tokens_per_second_is_the_median_after_a_warm_up(monkeypatch):
+    """The job's report measures decode speed as benchmarks/int8_decode.py does per process:
+    a warm-up, then the median of 3 runs (not the best: a best-of favours a quiet moment)."""
+    from modelpress.compression import evaluation
+
+    clock = [0.0]
+    durations = [100.0, 2.0, 8.0, 4.0]  # warm-up, then 64 tokens in 2 s, 8 s, 4 s
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return clock[0]
+
+    class Model(torch.nn.Module):
+        config = type("C", (), {"vocab_size": 100})()
+        generation_config = None
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, prompt, max_new_tokens, **_):
+            clock[0] += durations.pop(0)
+            return torch.zeros(1, prompt.shape[1] + max_new_tokens, dtype=torch.long)
+
+    monkeypatch.setattr(evaluation, "time", FakeTime)
+    assert evaluation.tokens_per_second(Model()) == pytest.approx(64 / 4.0)
+    assert durations == []
