@@ -143,7 +143,8 @@ def _owned_model_refs(session: Session, owner: str, stages: list[dict[str, Any]]
                 found = session.scalar(select(ModelSource.id).where(
                     ModelSource.id == v, ModelSource.owner == owner))
                 if found is None:
-                    raise NotFound(f"stage {i} ({clip(st['method'])}): {k} {clip(v)}: model not found")
+                    raise NotFound(f"stage {i} ({clip(st['method'])}): {k} {clip(v)}: "
+                                   "model not found")
 
 
 #: below ``limit - QUOTA_EXACT_MARGIN`` active jobs the quota is counted without a lock; nearer
