@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..base import CompressionError, Context, MethodConfig
+from ..device import return_freed_memory
 from ..quantization.artifact import DTYPES, iter_compressed_tensors, write_compressed_config
 from .source import LazyCheckpoint, decoder_blocks, release
 from .writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
@@ -206,6 +207,7 @@ def _stream_blocks(ckpt: LazyCheckpoint, model: nn.Module, blocks_name: str, n: 
             writer.add(name, t)
         del result, root, ctx
         release(block)
+        return_freed_memory()
         progress((i + 1) / n, f"block {i + 1}/{n} written")
         if should_stop():
             from ..base import Cancelled

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from ..base import Cancelled
+from ..device import return_freed_memory
+from ..evaluation import zeros
 from .source import decoder_blocks, outside_prefixes, release
 
-_HEAD_ROWS_ELEMS = 2**26  # elements of the head's weight upcast at a time (256 MB)
+_HEAD_ROWS_ELEMS = 2**24  # elements of the head's weight upcast at a time (64 MB)
 
 
 class _Captured(Exception):
@@ -117,13 +119,24 @@ def _hidden(cap: tuple[tuple, dict]) -> torch.Tensor:
 
 def _nll(hidden: torch.Tensor, head_w: torch.Tensor, head_b: torch.Tensor | None,
          targets: torch.Tensor) -> float:
-    """Summed next-token loss of one window, logits in float32 from row pieces of the head."""
+    """Summed next-token loss of one window in float32, the head's rows a piece at a time: a
+    running log-sum-exp instead of the whole ``[seq, vocab]`` logits (Llama-3's 128k vocabulary:
+    263 MB per 512 tokens, and as much again for their softmax)."""
+    x, tgt = hidden[:-1], targets[1:]
     rows = max(1, _HEAD_ROWS_ELEMS // head_w.shape[1])
-    logits = torch.cat([hidden @ head_w[a : a + rows].float().T
-                        for a in range(0, head_w.shape[0], rows)], dim=-1)
-    if head_b is not None:
-        logits += head_b.float()
-    return torch.nn.functional.cross_entropy(logits[:-1], targets[1:], reduction="sum").item()
+    run_max = torch.full((x.shape[0],), -math.inf, device=x.device)
+    run_sum = torch.zeros(x.shape[0], device=x.device)
+    picked = torch.zeros(x.shape[0], device=x.device)
+    for a in range(0, head_w.shape[0], rows):
+        z = x @ head_w[a : a + rows].float().T
+        if head_b is not None:
+            z += head_b[a : a + rows].float()
+        new_max = torch.maximum(run_max, z.amax(1))
+        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(1)
+        run_max = new_max
+        inside = (tgt >= a) & (tgt < a + z.shape[1])
+        picked[inside] = z[inside, tgt[inside] - a]
+    return (run_max + torch.log(run_sum) - picked).sum().item()
 
 
 def _count(stats: BlockwiseStats, module: nn.Module, prefix: str, ckpt: Any,
@@ -137,7 +150,7 @@ def _count(stats: BlockwiseStats, module: nn.Module, prefix: str, ckpt: Any,
             stats.nonzero_params += int(torch.count_nonzero(p).item())
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            stats.linear_zeros += int((m.weight == 0).sum().item())
+            stats.linear_zeros += zeros(m.weight)
             stats.linear_total += m.weight.numel()
 
 
@@ -171,6 +184,7 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
             _count(stats, block, f"{blocks_name}.{i}", ckpt, seen)
             _run_block(block, caps)
             release(block)
+            return_freed_memory()
             progress((i + 1) / (len(blocks) + 1), f"block {i + 1}/{len(blocks)}")
             if should_stop():
                 raise Cancelled("job cancelled")
@@ -180,7 +194,7 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
             ckpt.materialize(model, head_name, dev)
         _count(stats, head, head_name, ckpt, seen)
         # the output head is not a pruned/quantized Linear: not in the sparsity
-        stats.linear_zeros -= int((head.weight == 0).sum().item())
+        stats.linear_zeros -= zeros(head.weight)
         stats.linear_total -= head.weight.numel()
         stats.perplexity = _loss(model, blocks_name, head, caps, windows, dev)
     finally:
