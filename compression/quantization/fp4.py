@@ -1,0 +1,159 @@
+"""FP4 (E2M1) weight quantization: NVFP4 (groups of 16, E4M3 scales under an fp32 per-tensor
+global scale; weight-only W4A16 or with NVFP4 activations W4A4) and MXFP4 (groups of 32,
+power-of-two E8M0 scales, weight-only). Numerics in :mod:`.fpformats`; the artifact writer and
+the in-memory contract (:class:`.fp8.FPWeight`) are shared with :mod:`.fp8`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..base import CalibrationConfig, CompressionError, CompressionResult, Context, Method, MethodConfig
+from ..calib.engine import Step, calibration_tokens, run_sequential
+from ..calib.families import supporting
+from . import fpformats as F
+from .artifact import DenseDtype
+from .common import dense_dtype_field, model_in_features, target_linears
+from .fp8 import FP_ATTR, FPWeight, _input_amax, _prefix, attach_fp, fp_saver
+
+#: candidate fractions of a group's max mapped onto E2M1's 6 in the NVFP4 scale search
+NVFP4_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _args(preset: str, part: str) -> dict[str, Any]:
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    return PRESET_SCHEMES[preset][part].model_dump(exclude_none=True, mode="json")
+
+
+def _check_groups(in_features: dict[str, int], g: int, name: str) -> None:
+    bad = sorted({f for f in in_features.values() if f % g})
+    if bad:
+        raise CompressionError(f"{name} quantizes groups of {g} input features; in_features "
+                               f"{bad} are not multiples of {g}")
+
+
+# ------------------------------------------------------------------------------------ NVFP4
+
+
+class NVFP4Config(CalibrationConfig):
+    activations: Literal["none", "dynamic"] = Field(
+        "none", description="'none': weight-only W4A16 (NVFP4A16); 'dynamic': W4A4 (NVFP4), "
+        "activations in groups of 16 with dynamic E4M3 scales under a per-tensor global scale "
+        "calibrated on data (max |input| over the calibration tokens).")
+    scale_search: bool = Field(
+        True, description="Per group, try shrinking the max mapped to 6 (1.0 .. 0.75 of it) and "
+        "keep the scale with the smallest squared rounding error (after the scale itself is "
+        "rounded to E4M3); off: plain min/max (llm-compressor's default observer).")
+    num_samples: int = Field(16, ge=1, le=4096, description="Calibration sequences (W4A4).")
+    batch_size: int = Field(2, ge=1, le=256, description="Calibration sequences per forward.")
+    dense_dtype: DenseDtype = dense_dtype_field()
+
+
+def _nvfp4_weight(lin: nn.Linear, cfg: NVFP4Config, input_gs: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, FPWeight]:
+    w = lin.weight.detach()
+    codes, scale, gs = F.nvfp4_quantize(w, search=NVFP4_SEARCH if cfg.scale_search else (1.0,))
+    deq = F.nvfp4_dequant(codes, scale, gs)
+    tensors = {"weight_packed": F.pack_e2m1(codes), "weight_scale": scale.to(torch.float8_e4m3fn),
+               "weight_global_scale": gs.float()}
+    if input_gs is None:
+        return deq, FPWeight("nvfp4-pack-quantized", tensors, _args("NVFP4A16", "weights"))
+    tensors["input_global_scale"] = input_gs.float().cpu()
+    act = lambda x, _g=input_gs.to(w.device): F.fake_nvfp4_act(x, _g)  # noqa: E731
+    return deq, FPWeight("nvfp4-pack-quantized", tensors, _args("NVFP4", "weights"),
+                         _args("NVFP4", "input_activations"), act)
+
+
+@torch.no_grad()
+def apply_nvfp4(model: nn.Module, cfg: NVFP4Config, ctx: Context) -> CompressionResult:
+    t0 = time.perf_counter()
+    lins = target_linears(model, 16)
+    if cfg.activations == "none":
+        for i, (name, lin) in enumerate(lins.items()):
+            attach_fp(lin, *_nvfp4_weight(lin, cfg, None))
+            ctx.progress((i + 1) / len(lins), f"quantized {name}")
+    else:
+        def visit(step: Step) -> None:
+            amax = _input_amax(step)
+            pre = _prefix(model, step)
+            for name, lin in step.linears().items():
+                if pre + name in lins:
+                    attach_fp(lin, *_nvfp4_weight(lin, cfg, F.nvfp4_global_scale(amax[name])))
+
+        run_sequential(model, calibration_tokens(model, cfg, ctx), ctx, visit,
+                       batch_size=cfg.batch_size, label="nvfp4 block")
+        missing = [n for n, m in lins.items() if getattr(m, FP_ATTR, None) is None]
+        if missing:
+            raise CompressionError(f"no calibration inputs reached {missing[:3]}")
+    return CompressionResult(
+        model=model, packed=True, format="compressed-tensors", saver=fp_saver(cfg.dense_dtype),
+        metrics={"quantized_linears": float(len(lins)),
+                 "compress_seconds": time.perf_counter() - t0})
+
+
+def _validate_nvfp4(cfg: NVFP4Config, model_config: Any) -> None:
+    _check_groups(model_in_features(model_config), 16, "nvfp4")
+    mt = getattr(model_config, "model_type", None)
+    if cfg.activations != "none" and mt not in supporting("causal"):
+        raise CompressionError(f"nvfp4 W4A4 calibrates through the family table; model type "
+                               f"{mt!r} is not one of {sorted(supporting('causal'))}")
+
+
+# ------------------------------------------------------------------------------------ MXFP4
+
+
+class MXFP4Config(MethodConfig):
+    scale_search: bool = Field(
+        True, description="Per group, try the OCP exponent (floor(log2 max) - 2, the max may "
+        "clip) and one above (no clipping) and keep the smaller squared error; off: OCP only.")
+    dense_dtype: DenseDtype = dense_dtype_field()
+
+
+@torch.no_grad()
+def apply_mxfp4(model: nn.Module, cfg: MXFP4Config, ctx: Context) -> CompressionResult:
+    t0 = time.perf_counter()
+    lins = target_linears(model, 32)
+    for i, (name, lin) in enumerate(lins.items()):
+        codes, exps = F.mxfp4_quantize(lin.weight.detach(), cfg.scale_search)
+        fw = FPWeight("mxfp4-pack-quantized",
+                      {"weight_packed": F.pack_e2m1(codes), "weight_scale": exps},
+                      _args("MXFP4A16", "weights"))
+        attach_fp(lin, F.mxfp4_dequant(codes, exps), fw)
+        ctx.progress((i + 1) / len(lins), f"quantized {name}")
+    return CompressionResult(
+        model=model, packed=True, format="compressed-tensors", saver=fp_saver(cfg.dense_dtype),
+        metrics={"quantized_linears": float(len(lins)),
+                 "compress_seconds": time.perf_counter() - t0})
+
+
+def _validate_mxfp4(cfg: MXFP4Config, model_config: Any) -> None:
+    _check_groups(model_in_features(model_config), 32, "mxfp4")
+
+
+NVFP4 = Method(
+    name="nvfp4",
+    config=NVFP4Config,
+    apply=apply_nvfp4,
+    description="NVFP4: FP4 E2M1 weights in groups of 16 with E4M3 group scales and an fp32 "
+    "global scale (optional per-group scale search); weight-only (W4A16) or with NVFP4 "
+    "activations (W4A4, calibrated global activation scale); nvfp4-pack-quantized artifact.",
+    family="quantization",
+    terminal=True,
+    validate=_validate_nvfp4,
+)
+
+MXFP4 = Method(
+    name="mxfp4",
+    config=MXFP4Config,
+    apply=apply_mxfp4,
+    description="MXFP4 weight-only: FP4 E2M1 weights in groups of 32 with power-of-two E8M0 "
+    "scales; mxfp4-pack-quantized artifact.",
+    family="quantization",
+    terminal=True,
+    validate=_validate_mxfp4,
+)
