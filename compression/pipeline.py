@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from . import evaluation as E
+from .measure import job as MJ
 from .base import (
     Cancelled,
     CheckpointStore,
@@ -308,10 +309,13 @@ def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
              reference: nn.Module | None, gpu: torch.device | None, weight_bytes: int,
              progress: Callable[[float, str | None], None],
              check: Callable[[], None],
-             runtime: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, float]:
-    """The standard metrics of ``model`` (on CPU; GPU speed too when ``gpu``). With ``runtime``
-    the counts are taken on ``model`` as loaded (weights by their logical size) and quality and
-    speed on ``runtime(model)`` (the form that serves it)."""
+             runtime: Callable[[nn.Module], nn.Module] | None = None,
+             plan: MJ.MeasurePlan | None = None, phase: str = "before",
+             speed_against: nn.Module | None = None) -> dict[str, float]:
+    """The standard metrics of ``model``. With ``runtime`` the counts are taken on ``model`` as
+    loaded (weights by their logical size) and quality and speed on ``runtime(model)`` (the
+    form that serves it). Quality as ``plan`` says (:mod:`measure.job`); speed only with
+    ``speed_against`` (the dense model), in interleaved rounds of both (GPU too when ``gpu``)."""
     from .models import CAUSAL
 
     m: dict[str, float] = {}
@@ -323,23 +327,18 @@ def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
         model = runtime(model)
     progress(0.1, "evaluating quality" if tokenizer is not None else "counted")
     check()
-    if tokenizer is not None:
+    plan = plan or MJ.MeasurePlan()
+    if tokenizer is not None and plan.mode != "none":
         if kind == CAUSAL:
-            m["perplexity"] = _perplexity(model, tokenizer, eval_text)
+            m.update(MJ.quality(plan, model, tokenizer, eval_text, _perplexity, phase))
         elif reference is not None:
             m["embedding_fidelity"] = E.embedding_fidelity(model, reference, tokenizer, eval_text)
         else:
             m["embedding_fidelity"] = 1.0
-    progress(0.6, "measuring speed (cpu)")
-    check()
-    m["tokens_per_s"] = _speed(model, kind)
-    progress(0.85, "measuring speed (gpu)" if gpu is not None else "measured speed")
-    if gpu is not None:
+    if speed_against is not None:
+        progress(0.6, "measuring speed (interleaved rounds, dense and compressed)")
         check()
-        g = copy.deepcopy(model).to(gpu)
-        m["tokens_per_s_gpu"] = _speed(g, kind)
-        del g
-        torch.cuda.empty_cache()
+        m.update(MJ.speed(plan, speed_against, model, kind == CAUSAL, gpu, check))
     progress(1.0, "measured")
     return m
 
@@ -415,7 +414,13 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
                  device: str | None = None,
                  keep_intermediate: bool = False,
                  measure_stages: bool = False,
-                 stream: bool | None = None) -> PipelineOutcome:
+                 stream: bool | None = None,
+                 measure: str = "full",
+                 baseline_cache: str | Path | None = None,
+                 tasks_text: str | None = None,
+                 prompts_text: str | None = None,
+                 max_accuracy_drop: float | None = None,
+                 max_mean_kl: float | None = None) -> PipelineOutcome:
     """Load SOURCE, measure ``before``, run the stages in order, save the final model to
     ``output_dir``, measure ``after`` on the artifact reloaded with plain ``from_pretrained``,
     write ``report.json`` and return the outcome.
@@ -425,6 +430,10 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
     ``stream``: run the job block by block without ever holding the whole model
     (:mod:`streaming.job`): None decides by the model's size, True forces it (an error where
     the recipe or source cannot stream), False never.
+    ``measure``: ``full`` / ``quality`` / ``none`` (:mod:`measure.job`); ``baseline_cache``: a
+    folder where the source model's numbers are kept and reused by later jobs on the same
+    model, data, device and settings; ``tasks_text`` / ``prompts_text``: the user's task and
+    prompt sets (JSONL), gated by ``max_accuracy_drop`` / ``max_mean_kl``.
     Raises ``base.Cancelled`` when ``hooks.should_stop()`` turns true."""
     from .data import default_calibration_text, default_eval_text
     from .device import choose_device
@@ -443,6 +452,11 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
     if max_ppl_increase is not None and not (max_ppl_increase > 0 and math.isfinite(max_ppl_increase)):
         raise RecipeError(f"max_ppl_increase must be a positive ratio (1.10 = at most +10%), "
                           f"got {max_ppl_increase}")
+    if measure == "none" and max_ppl_increase is not None:
+        raise RecipeError("measure='none' measures no perplexity, so max_ppl_increase cannot apply")
+    mplan = MJ.make_plan(measure, cache_dir=baseline_cache, tasks_text=tasks_text,
+                        prompts_text=prompts_text, max_accuracy_drop=max_accuracy_drop,
+                        max_mean_kl=max_mean_kl)
     parsed = _as_stages(stages)
     configs = validate_recipe(parsed)
     methods = [get_method(st.method) for st in parsed]
@@ -466,18 +480,26 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
         else:
             run = _run_in_memory(source, revision, parsed, methods, configs, output_dir,
                                  cal_text, ev_text, dev, gpu, prog, hooks, check, metrics, work,
-                                 keep_intermediate, measure_stages)
+                                 keep_intermediate, measure_stages, mplan)
         before, after, kind = run.before, run.after, run.kind
         peak.stop()
         wall = time.monotonic() - t_start
         after["compression_ratio"] = before["bytes"] / after["bytes"] if after["bytes"] else float("nan")
-        if "tokens_per_s" in after and before.get("tokens_per_s"):
-            after["speedup"] = after["tokens_per_s"] / before["tokens_per_s"]
-        if "tokens_per_s_gpu" in after and before.get("tokens_per_s_gpu"):
-            after["speedup_gpu"] = after["tokens_per_s_gpu"] / before["tokens_per_s_gpu"]
+        for sfx in ("", "_gpu"):  # interleaved rounds: the dense numbers are from the same rounds
+            if f"dense_tokens_per_s{sfx}" in after:
+                before[f"tokens_per_s{sfx}"] = after.pop(f"dense_tokens_per_s{sfx}")
+                metrics.append(("before", f"tokens_per_s{sfx}", before[f"tokens_per_s{sfx}"],
+                                "tokens/s"))
+                v = mplan.details.get(f"speed{sfx}", {})
+                if v.get("measurable"):
+                    after[f"speedup{sfx}"] = v["speedup"]
+            elif f"tokens_per_s{sfx}" in after and before.get(f"tokens_per_s{sfx}"):
+                after[f"speedup{sfx}"] = after[f"tokens_per_s{sfx}"] / before[f"tokens_per_s{sfx}"]
         if "perplexity" in after and "perplexity" in before:
             after["ppl_ratio"] = after["perplexity"] / before["perplexity"]
             after["accuracy_loss"] = after["ppl_ratio"] - 1.0
+        if "perplexity_other" in after and "perplexity_other" in before:
+            after["ppl_ratio_other"] = after["perplexity_other"] / before["perplexity_other"]
         elif "embedding_fidelity" in after:
             after["accuracy_loss"] = 1.0 - after["embedding_fidelity"]
         after["wall_time_s"] = wall
@@ -488,8 +510,12 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
             metrics.append(("after", k, v, UNITS.get(k)))
 
         gate, gate_passed = _gate(max_ppl_increase, before, after)
+        gate, gate_passed = _more_gates(gate, gate_passed, MJ.gates(mplan, before, after))
         summary_keys = ("compression_ratio", "speedup", "speedup_gpu", "ppl_ratio",
-                        "accuracy_loss", "wall_time_s", "peak_rss_bytes", "peak_gpu_bytes")
+                        "ppl_ratio_other", "accuracy_loss", "wall_time_s", "peak_rss_bytes",
+                        "peak_gpu_bytes")
+        if "task_accuracy" in after and "task_accuracy" in before:
+            after["accuracy_drop"] = before["task_accuracy"] - after["task_accuracy"]
         report = {
             "report_version": REPORT_VERSION,
             "source": str(source),
@@ -511,6 +537,7 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
                 "after_measured_on": run.after_measured_on,
                 "tokens_per_s": "greedy decode, batch 1, KV cache, CPU"
                 if kind == CAUSAL_KIND else "encoder forward tokens/s, CPU",
+                **MJ.evaluation_notes(mplan),
                 **run.notes,
             },
             "device": _device_info(dev),
@@ -551,9 +578,25 @@ def _gate(max_ppl_increase: float | None, before: dict, after: dict
     return gate, passed
 
 
+def _more_gates(gate: dict[str, Any] | None, passed: bool, more: list[dict[str, Any]]
+                ) -> tuple[dict[str, Any] | None, bool]:
+    """The perplexity gate with the task and prompt gates: ``gate['gates']`` lists those, and
+    the reason names every miss."""
+    if not more:
+        return gate, passed
+    gate = dict(gate or {})
+    gate["gates"] = more
+    reasons = [g["reason"] for g in ([gate] if "reason" in gate else []) + more if "reason" in g]
+    passed = passed and all(g["passed"] for g in more)
+    gate["passed"] = passed
+    if reasons:
+        gate["reason"] = "; ".join(reasons)
+    return gate, passed
+
+
 def _run_in_memory(source, revision, parsed, methods, configs, output_dir, cal_text, ev_text,
                    dev, gpu, prog, hooks, check, metrics, work, keep_intermediate,
-                   measure_stages) -> _Run:
+                   measure_stages, plan: MJ.MeasurePlan) -> _Run:
     """The whole model in memory: load, measure, run every stage, save, reload, measure."""
     from .models import CAUSAL, load_pretrained, load_source, save_model
 
@@ -569,16 +612,27 @@ def _run_in_memory(source, revision, parsed, methods, configs, output_dir, cal_t
     prog(_LOAD[1], "model loaded")
     check()
 
-    # ---- before
-    before_bytes = _source_weight_bytes(str(source), model, work)
-    before = _measure(model, tok, kind, ev_text, reference=None, gpu=gpu,
-                      weight_bytes=before_bytes, progress=prog.span(*_BEFORE, "measuring before"),
-                      check=check)
+    # ---- before (the source's numbers from the baseline cache where measured already)
+    before = MJ.lookup_before(plan, str(source), revision, ev_text, dev)
+    if before is None:
+        before_bytes = _source_weight_bytes(str(source), model, work)
+        before = _measure(model, tok, kind, ev_text, reference=None, gpu=gpu,
+                          weight_bytes=before_bytes,
+                          progress=prog.span(*_BEFORE, "measuring before"), check=check,
+                          plan=plan, phase="before")
+        MJ.store_before(plan, before)
+    else:
+        prog(_BEFORE[1], "source model's numbers reused from the baseline cache")
+        hooks.event("stage", {"message": "source model's numbers reused from the baseline cache",
+                              "phase": "before", "key": plan.details["baseline"]["key"]})
+    if kind == CAUSAL:
+        MJ.dense_behaviour(plan, model, tok)
     for k, v in before.items():
         metrics.append(("before", k, v, UNITS.get(k)))
     hooks.event("metrics", {"stage": "before", "metrics": before})
 
-    need_original = kind != CAUSAL or any(m.family == "distillation" for m in methods)
+    need_original = (kind != CAUSAL or plan.mode == "full"
+                     or any(m.family == "distillation" for m in methods))
     original = copy.deepcopy(model).eval() if need_original else None
     if original is not None:
         original.requires_grad_(False)
@@ -664,7 +718,7 @@ def _run_in_memory(source, revision, parsed, methods, configs, output_dir, cal_t
 
     # ---- save, reload, after
     prog(_AFTER[0], "saving")
-    if kind == CAUSAL:
+    if kind == CAUSAL and plan.mode != "full":
         original = None  # the teacher is no longer needed: free it before reloading
     model = model.to("cpu")
     save_model(model, tok, output_dir, saver=result.saver)
@@ -677,7 +731,9 @@ def _run_in_memory(source, revision, parsed, methods, configs, output_dir, cal_t
                      weight_bytes=_top_weight_bytes(output_dir),
                      progress=prog.span(_AFTER[0] + 1, 99.0, "measuring after"), check=check,
                      # quality and speed of what serves the artifact (e.g. int8 kernels)
-                     runtime=(lambda m: last.runtime(m, last_cfg)) if last.runtime else None)
+                     runtime=(lambda m: last.runtime(m, last_cfg)) if last.runtime else None,
+                     plan=plan, phase="after",
+                     speed_against=original if plan.mode == "full" else None)
     del reloaded, original
     on = "the saved artifact reloaded with from_pretrained" + (
         f"; quality and speed on it put in {last.name}'s runtime (what serves it)"

@@ -1,0 +1,91 @@
+"""Speed as repeated, interleaved rounds of the dense and the compressed model.
+
+Each round times one run of each model, alternating which goes first, so a change in the
+machine's load hits both alike. The report gives each model's median and spread (min..max over
+the rounds), the threads used and the load average around the rounds, and states a speed-up
+only when the two spreads do not overlap; otherwise the verdict is "not measurable on this
+machine now"."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+NOT_MEASURABLE = "not measurable on this machine now"
+
+
+@torch.no_grad()
+def decode_rate(model: nn.Module, new_tokens: int = 32, prompt_len: int = 16) -> float:
+    """One timed greedy decode at batch 1 with the KV cache: generated tokens per second."""
+    dev = next(model.parameters()).device
+    prompt = torch.arange(1, prompt_len + 1, device=dev).remainder(model.config.vocab_size)
+    prompt = prompt.unsqueeze(0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return (out.shape[1] - prompt_len) / (time.perf_counter() - t)
+
+
+@torch.no_grad()
+def encoder_rate(model: nn.Module, seq_len: int = 128, batch: int = 8) -> float:
+    dev = next(model.parameters()).device
+    vocab = getattr(model.config, "vocab_size", 2000)
+    ids = torch.arange(batch * seq_len, device=dev).remainder(vocab - 1).add(1).view(batch, -1)
+    t = time.perf_counter()
+    model(input_ids=ids)
+    return ids.numel() / (time.perf_counter() - t)
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def spread(rates: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def verdict(dense: dict[str, float], compressed: dict[str, float]) -> dict[str, Any]:
+    """``speedup`` (compressed median / dense median) only when the spreads are disjoint."""
+    ratio = compressed["median"] / dense["median"]
+    overlap = compressed["min"] <= dense["max"] and dense["min"] <= compressed["max"]
+    if overlap:
+        return {"measurable": False, "verdict": NOT_MEASURABLE, "median_ratio": ratio}
+    word = "faster" if ratio > 1 else "slower"
+    return {"measurable": True, "speedup": ratio,
+            "verdict": f"{ratio:.2f}x ({word}; spreads do not overlap)"}
+
+
+def interleaved(dense: nn.Module, compressed: nn.Module, rate: Callable[[nn.Module], float],
+                rounds: int = 5, check: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """``rounds`` interleaved timings of both models after one warm-up run each."""
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    load_before = _load()
+    rate(dense)
+    rate(compressed)
+    d_rates: list[float] = []
+    c_rates: list[float] = []
+    for i in range(rounds):
+        check()
+        order = [(dense, d_rates), (compressed, c_rates)]
+        for model, out in (order if i % 2 == 0 else order[::-1]):
+            out.append(rate(model))
+    d, c = spread(d_rates), spread(c_rates)
+    return {"method": f"{rounds} interleaved rounds (order alternating) after a warm-up; "
+                      "median and min..max per model",
+            "rounds": rounds, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average_before": load_before, "load_average_after": _load(),
+            "dense": {**d, "rates": d_rates}, "compressed": {**c, "rates": c_rates},
+            **verdict(d, c)}
