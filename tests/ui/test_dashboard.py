@@ -64,15 +64,37 @@ def test_submit_through_the_form_and_watch_it_succeed(service, browser, tiny_lla
 
     wait.until(lambda d: "#/jobs/" in d.current_url)
     job_id = browser.current_url.rsplit("/", 1)[1]
+
+    def state_text(css: str):
+        def get(d):
+            try:
+                return d.find_element(By.CSS_SELECTOR, css).text
+            except Exception:  # noqa: BLE001 - re-rendered between find and text
+                return None
+        return get
+
+    # the job page follows the job live: queued -> running without a reload
+    on_job = state_text("#job-summary [data-role=state]")
+    WebDriverWait(browser, 120, poll_frequency=0.2).until(
+        lambda d: on_job(d) in ("running", "succeeded", "failed"))
+    assert on_job(browser) == "running", "loading and evaluating the model takes seconds"
+    # ...and so does the jobs list: running -> succeeded without a reload
+    browser.get(base + "/ui#/jobs")
+    row = state_text(f"#job-{job_id} [data-role=state]")
+    WebDriverWait(browser, 30).until(lambda d: row(d) is not None)
+    first = row(browser)
     WebDriverWait(browser, 300, poll_frequency=0.5).until(
-        lambda d: d.find_element(By.CSS_SELECTOR, "#job-summary [data-role=state]").text
-        in ("succeeded", "failed", "cancelled"))
+        lambda d: row(d) in ("succeeded", "failed", "cancelled"))
+    assert first == "running" and row(browser) == "succeeded", (first, up.text()[-3000:])
+    browser.save_screenshot(str(tmp_path / "jobs.png"))
+    browser.get(base + f"/ui#/jobs/{job_id}")
+    WebDriverWait(browser, 300, poll_frequency=0.5).until(
+        lambda d: on_job(d) in ("succeeded", "failed", "cancelled"))
+    WebDriverWait(browser, 30).until(EC.presence_of_element_located((By.ID, "download")))
     shot = tmp_path / "job-succeeded.png"
     browser.save_screenshot(str(shot))
-    state = browser.find_element(By.CSS_SELECTOR, "#job-summary [data-role=state]").text
-    assert state == "succeeded", up.text()[-3000:]
+    assert on_job(browser) == "succeeded", up.text()[-3000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
-    WebDriverWait(browser, 30).until(EC.presence_of_element_located((By.ID, "download")))
     kinds = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#events tr td:nth-child(3)")]
     assert kinds[0] == "submitted" and kinds.count("state") == 2, kinds
     assert browser.find_element(By.CSS_SELECTOR, "#metrics").text
