@@ -123,6 +123,8 @@ class Claim:
     max_ppl_increase: float | None
     attempt: int
     keep_intermediate: bool = False
+    #: measure, tasks/prompts dataset ids, max_accuracy_drop, max_mean_kl (Job.measure_options)
+    measure_options: dict[str, Any] | None = None
 
 
 def claim_job(job_id: str, worker: str) -> Claim | str:
@@ -144,7 +146,7 @@ def claim_job(job_id: str, worker: str) -> Claim | str:
         job.worker = worker
         return Claim(job.id, worker, job.owner, job.model_id, list(job.recipe or []),
                      job.calibration_dataset_id, job.eval_dataset_id, job.max_ppl_increase,
-                     job.attempt, bool(job.keep_intermediate))
+                     job.attempt, bool(job.keep_intermediate), dict(job.measure_options or {}))
 
 
 # --------------------------------------------------------------------------- heartbeat & hooks
@@ -494,6 +496,12 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+#: the compression modules that read a model's files (GGUF, safetensors, config)
+MODEL_READERS = frozenset({"modelpress.compression.models",
+                           "modelpress.compression.streaming.gguf",
+                           "modelpress.compression.streaming.source"})
+
+
 def error_code_for(exc: BaseException) -> str:
     """Map an exception to the job's error_code."""
     if is_disk_full(exc):
@@ -517,7 +525,7 @@ def error_code_for(exc: BaseException) -> str:
     if isinstance(exc, (UnsupportedModelError, SourceError)):
         return "invalid_model"
     if isinstance(exc, CompressionError):
-        # Raised while loading the model (compression.models) -> the model is the problem;
+        # Raised while reading the model (MODEL_READERS) -> the model is the problem;
         # anywhere else (recipe validation, a method's own checks) -> the params are.
         tb = exc.__traceback__
         last_mp = None
@@ -526,7 +534,7 @@ def error_code_for(exc: BaseException) -> str:
             if mod.startswith("modelpress.compression"):
                 last_mp = mod
             tb = tb.tb_next
-        return "invalid_model" if last_mp == "modelpress.compression.models" else "invalid_params"
+        return "invalid_model" if last_mp in MODEL_READERS else "invalid_params"
     return "error"
 
 
@@ -747,6 +755,19 @@ def _load_inputs(att: _Attempt, channel: JobChannel):
     return src, source, revision, calibration_text, eval_text
 
 
+def _options_text(att: _Attempt, dataset_id: str | None) -> str | None:
+    """The text of a job's task or prompt set (None when it names none)."""
+    if not dataset_id:
+        return None
+    with session_scope() as s:
+        ds = s.get(Dataset, dataset_id)
+        if ds is None:
+            raise CompressionError(f"dataset {dataset_id} no longer exists")
+        s.expunge(ds)
+    assert att.store is not None
+    return dataset_text(att.store, ds, att.scratch)
+
+
 def _model_loader(att: _Attempt):
     def load_model(model_id: str):
         from modelpress.compression.models import load_source
@@ -834,11 +855,18 @@ def _run(att: _Attempt, channel: JobChannel, run_pipeline: Callable[..., Any] | 
                      checkpoints=StoreCheckpoints(att.store, claim.job_id, scratch / "ckpt"),
                      load_model=_model_loader(att))
     t0 = time.monotonic()
+    opts = claim.measure_options or {}
     outcome = run_pipeline(source, claim.recipe, scratch / "out" / claim.job_id,
                            revision=revision, calibration_text=calibration_text,
                            eval_text=eval_text, max_ppl_increase=claim.max_ppl_increase,
                            hooks=hooks, device=str(choose_device(att.settings.device)),
-                           keep_intermediate=claim.keep_intermediate)
+                           keep_intermediate=claim.keep_intermediate,
+                           measure=opts.get("measure", "full"),
+                           baseline_cache=att.settings.resolved_work_dir / "cache" / "baselines",
+                           tasks_text=_options_text(att, opts.get("tasks_dataset_id")),
+                           prompts_text=_options_text(att, opts.get("prompts_dataset_id")),
+                           max_accuracy_drop=opts.get("max_accuracy_drop"),
+                           max_mean_kl=opts.get("max_mean_kl"))
     channel.flush_progress()
     if channel.should_stop():
         raise Cancelled("job cancelled")

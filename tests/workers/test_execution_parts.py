@@ -118,3 +118,14 @@ def test_one_line_and_jsonable():
     assert len(one_line(RuntimeError("x" * 5000))) == 1000
     assert jsonable({"a": float("nan"), "b": [1.5, float("inf")], "c": Path("/x")}) == {
         "a": None, "b": [1.5, None], "c": "/x"}
+
+
+def test_unreadable_gguf_is_invalid_model(tmp_path):
+    """The GGUF reader (streaming.gguf, behind compression.models) blames the model."""
+    from modelpress.compression.models import load_source
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00garbage" * 1000)
+    with pytest.raises(Exception) as ei:
+        load_source(bad)
+    assert error_code_for(ei.value) == "invalid_model"
