@@ -82,6 +82,22 @@ class JobCreate(Strict):
     keep_intermediate: bool = Field(
         False, description="Keep each stage's intermediate model (and its metrics) in the "
         "downloadable archive, under stages/<i>-<method>/.")
+    measure: Literal["full", "quality", "none"] = Field(
+        "full", description="What to measure: quality and speed (`full`), quality only "
+        "(`quality`), or sizes and counts only (`none`). The source model's numbers are "
+        "measured once per model, data, device and settings and reused.")
+    tasks_dataset_id: str | None = Field(
+        None, description="Uploaded task set (JSONL: {question, choices, gold} or {prompt, "
+        "expected}) scored before and after by log-likelihood.")
+    prompts_dataset_id: str | None = Field(
+        None, description="Uploaded prompt set (JSONL: {prompt}): per-prompt KL, top-1 "
+        "agreement and greedy continuations before and after.")
+    max_accuracy_drop: float | None = Field(
+        None, ge=0.0, le=1.0, allow_inf_nan=False, description="Gate: fail the job if task "
+        "accuracy falls by more than this (0.02 = 2 points). Needs tasks_dataset_id.")
+    max_mean_kl: float | None = Field(
+        None, ge=0.0, allow_inf_nan=False, description="Gate: fail the job if the mean KL "
+        "(nats) on the prompt set exceeds this. Needs prompts_dataset_id.")
     callback_url: str | None = Field(
         None, max_length=2000, description="POST every state change of the job here, signed "
         "(`Modelpress-Signature`); default: your `PUT /v1/webhooks/default` URL, if any.")
@@ -101,7 +117,23 @@ class JobCreate(Strict):
             raise ValueError("give exactly one of `method` (with optional `params`) or `recipe`")
         if self.recipe is not None and self.params is not None:
             raise ValueError("`params` goes with `method`; with `recipe` give each stage's params")
+        if self.max_accuracy_drop is not None and self.tasks_dataset_id is None:
+            raise ValueError("`max_accuracy_drop` needs `tasks_dataset_id`")
+        if self.max_mean_kl is not None and self.prompts_dataset_id is None:
+            raise ValueError("`max_mean_kl` needs `prompts_dataset_id`")
+        if self.measure == "none" and any(v is not None for v in (
+                self.max_ppl_increase, self.max_accuracy_drop, self.max_mean_kl)):
+            raise ValueError("`measure: none` measures no quality, so no quality gate applies")
         return self
+
+    def measure_options(self) -> dict[str, Any] | None:
+        """What the job row keeps in ``measure_options`` (None: all defaults)."""
+        opts = {k: getattr(self, k) for k in ("tasks_dataset_id", "prompts_dataset_id",
+                                               "max_accuracy_drop", "max_mean_kl")
+                if getattr(self, k) is not None}
+        if self.measure != "full":
+            opts["measure"] = self.measure
+        return opts or None
 
     def stages(self) -> list[dict[str, Any]]:
         if self.recipe is not None:
@@ -142,6 +174,11 @@ class JobOut(BaseModel):
     eval_dataset_id: str | None = None
     max_ppl_increase: float | None = None
     keep_intermediate: bool = False
+    measure: str = "full"
+    tasks_dataset_id: str | None = None
+    prompts_dataset_id: str | None = None
+    max_accuracy_drop: float | None = None
+    max_mean_kl: float | None = None
     queue: str
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: int

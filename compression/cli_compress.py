@@ -106,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save each stage's model under OUTPUT/stages/")
     p.add_argument("--checkpoint-dir", help="resumable training state (distill); rerun with the "
                    "same folder to resume")
+    p.add_argument("--measure", choices=["full", "quality", "none"], default="full",
+                   help="what to measure: quality and speed (full), quality only, or sizes only")
+    p.add_argument("--baseline-cache", metavar="DIR",
+                   help="keep the source model's numbers here and reuse them in later runs "
+                   "(default: MODELPRESS_BASELINE_CACHE or ~/.cache/modelpress/baselines; "
+                   "'off' for none)")
+    p.add_argument("--tasks", metavar="JSONL", help="task set scored before and after "
+                   "(multiple choice or prompt + expected completion)")
+    p.add_argument("--prompts", metavar="JSONL", help="prompt set: behaviour diff before/after")
+    p.add_argument("--max-accuracy-drop", type=float, metavar="D",
+                   help="fail when task accuracy falls by more than D (0.02 = 2 points)")
+    p.add_argument("--max-mean-kl", type=float, metavar="K",
+                   help="fail when the mean KL on the prompt set exceeds K nats")
     p.add_argument("--output", "-o", required=True, help="output directory (must be empty)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     return p
@@ -138,6 +151,8 @@ def summary_lines(report: dict) -> list[str]:
     row("sparsity", "sparsity", flt)
     row("perplexity", "perplexity", flt)
     row("embedding fidelity", "embedding_fidelity", flt)
+    row("perplexity (other text)", "perplexity_other", flt)
+    row("task accuracy", "task_accuracy", flt)
     row("tokens/s (cpu)", "tokens_per_s", lambda v: "-" if v is None else f"{v:.1f}")
     row("tokens/s (gpu)", "tokens_per_s_gpu", lambda v: "-" if v is None else f"{v:.1f}")
     extras = []
@@ -145,6 +160,10 @@ def summary_lines(report: dict) -> list[str]:
         extras.append(f"compression {s['compression_ratio']:.2f}x")
     if "speedup" in s:
         extras.append(f"speed-up {s['speedup']:.2f}x")
+    elif (report.get("evaluation") or {}).get("speed"):
+        extras.append(f"speed-up {report['evaluation']['speed']['verdict']}")
+    if (report.get("evaluation") or {}).get("baseline", {}).get("reused"):
+        extras.append("source numbers reused from the baseline cache")
     if "accuracy_loss" in s and s["accuracy_loss"] is not None:
         extras.append(f"accuracy loss {100 * s['accuracy_loss']:+.1f}%")
     if "wall_time_s" in s:
@@ -156,10 +175,20 @@ def summary_lines(report: dict) -> list[str]:
     if gate:
         if gate.get("skipped"):
             lines.append(f"quality gate: {gate['skipped']}")
+        elif "max_ppl_increase" not in gate:
+            lines.append("quality gate: " + ("passed" if gate["passed"]
+                                             else f"MISSED: {gate.get('reason', '')}"))
         else:
             lines.append(f"quality gate (max_ppl_increase {gate['max_ppl_increase']:g}): "
                          + ("passed" if gate["passed"] else f"MISSED: {gate.get('reason', '')}"))
     return lines
+
+
+def _baseline_dir(args: argparse.Namespace) -> Path | None:
+    d = args.baseline_cache or os.environ.get("MODELPRESS_BASELINE_CACHE")
+    if d == "off":
+        return None
+    return Path(d).expanduser() if d else Path.home() / ".cache" / "modelpress" / "baselines"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInput("--max-ppl-increase must be a positive ratio, e.g. 1.10")
         cal = _read_text(args.calibration_file, "calibration file")
         ev = _read_text(args.eval_file, "eval file")
+        tasks = _read_text(args.tasks, "task set")
+        prompts = _read_text(args.prompts, "prompt set")
         validate_recipe(stages)
     except BadInput as e:
         return err(str(e))
@@ -228,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                                calibration_text=cal, eval_text=ev,
                                max_ppl_increase=args.max_ppl_increase, hooks=hooks,
                                device=args.device, keep_intermediate=args.keep_intermediate,
-                               stream={"auto": None, "always": True, "never": False}[args.stream])
+                               stream={"auto": None, "always": True, "never": False}[args.stream],
+                               measure=args.measure, baseline_cache=_baseline_dir(args),
+                               tasks_text=tasks, prompts_text=prompts,
+                               max_accuracy_drop=args.max_accuracy_drop,
+                               max_mean_kl=args.max_mean_kl)
     except ValidationError as e:
         return err(f"invalid params: {e}")
     except (CompressionError, FileNotFoundError) as e:

@@ -89,6 +89,9 @@ class Job(Base):
     #: keep each stage's intermediate model in the artifact (under stages/<i>-<method>/)
     keep_intermediate: Mapped[bool] = mapped_column(Boolean, default=False,
                                                     server_default=false())
+    #: measure ("full" when absent), tasks_dataset_id, prompts_dataset_id, max_accuracy_drop,
+    #: max_mean_kl: what the job measures and gates on (api JobCreate.measure_options)
+    measure_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     queue: Mapped[str] = mapped_column(String(20), default="cpu")
     state: Mapped[str] = mapped_column(String(20), default=JobState.queued.value)
     progress: Mapped[int] = mapped_column(Integer, default=0)

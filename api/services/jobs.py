@@ -134,6 +134,33 @@ def _owned_dataset(session: Session, owner: str, ds_id: str | None, what: str) -
         raise NotFound(f"{what} dataset {clip(ds_id)} not found")
 
 
+def _check_jsonl_dataset(session: Session, settings: Settings, owner: str, ds_id: str | None,
+                         what: str) -> None:
+    """A task or prompt set must be the caller's and parse as one (422 naming the bad line)."""
+    import tempfile
+    from pathlib import Path
+
+    from modelpress.compression.base import CompressionError
+    from modelpress.compression.measure import prompts, tasks
+    from modelpress.domain.store import make_store
+
+    if ds_id is None:
+        return
+    ds = session.scalar(select(Dataset).where(Dataset.id == ds_id, Dataset.owner == owner))
+    if ds is None:
+        raise NotFound(f"{what} dataset {clip(ds_id)} not found")
+    with tempfile.TemporaryDirectory(prefix="modelpress-jsonl-") as d:
+        try:
+            raw = make_store(settings).get_file(ds.store_key, Path(d) / "set.jsonl").read_bytes()
+            (tasks.parse_tasks if what == "task" else prompts.parse_prompts)(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise Unprocessable(f"{what} dataset {clip(ds_id)} is not UTF-8 text",
+                                code="invalid_dataset") from None
+        except CompressionError as e:
+            raise Unprocessable(f"{what} dataset {clip(ds_id)}: {e}",
+                                code="invalid_dataset") from None
+
+
 def _owned_model_refs(session: Session, owner: str, stages: list[dict[str, Any]]) -> None:
     """Params that name another registered model (a distillation teacher or student:
     ``*_model_id``) must name one of the caller's own models."""
@@ -183,6 +210,8 @@ def create_job(session: Session, settings: Settings, owner: str, body: JobCreate
         raise NotFound(f"model {clip(body.model_id)} not found")
     _owned_dataset(session, owner, body.calibration_dataset_id, "calibration")
     _owned_dataset(session, owner, body.eval_dataset_id, "evaluation")
+    _check_jsonl_dataset(session, settings, owner, body.tasks_dataset_id, "task")
+    _check_jsonl_dataset(session, settings, owner, body.prompts_dataset_id, "prompt")
     stages = body.stages()
     _owned_model_refs(session, owner, stages)
     validate_stages(stages, config_cache.get(session, model_id), single=body.method is not None)
@@ -191,7 +220,7 @@ def create_job(session: Session, settings: Settings, owner: str, body: JobCreate
               params=body.params if body.method is not None else None, recipe=stages,
               calibration_dataset_id=body.calibration_dataset_id,
               eval_dataset_id=body.eval_dataset_id, max_ppl_increase=body.max_ppl_increase,
-              keep_intermediate=body.keep_intermediate,
+              keep_intermediate=body.keep_intermediate, measure_options=body.measure_options(),
               queue=choose_queue(stages, settings), state=JobState.queued.value, progress=0,
               attempt=0, cancel_requested=False, created_at=now, updated_at=now)
     session.add(job)
@@ -373,6 +402,13 @@ def to_out(job: Job, base_url: str) -> JobOut:
     return _out(job, metrics, artifact, job.report is not None)
 
 
+def _measure_fields(opts: dict[str, Any] | None) -> dict[str, Any]:
+    opts = opts or {}
+    return {"measure": opts.get("measure", "full"),
+            **{k: opts.get(k) for k in ("tasks_dataset_id", "prompts_dataset_id",
+                                        "max_accuracy_drop", "max_mean_kl")}}
+
+
 def _out(j: Any, metrics: list[MetricOut], artifact: ArtifactOut | None,
          has_report: bool) -> JobOut:
     """JobOut from a Job or a row mapping with the same keys."""
@@ -385,6 +421,7 @@ def _out(j: Any, metrics: list[MetricOut], artifact: ArtifactOut | None,
         recipe=get("recipe"), calibration_dataset_id=get("calibration_dataset_id"),
         eval_dataset_id=get("eval_dataset_id"), max_ppl_increase=get("max_ppl_increase"),
         keep_intermediate=bool(get("keep_intermediate")),
+        **_measure_fields(get("measure_options")),
         queue=get("queue"), state=get("state"), progress=get("progress"), stage=get("stage"),
         attempt=get("attempt"), cancel_requested=get("cancel_requested"), error=error,
         metrics=metrics, artifact=artifact, has_report=has_report,
