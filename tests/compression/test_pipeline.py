@@ -89,7 +89,10 @@ def test_report_matches_independent_measurement(magnitude_run, tiny_llama_dir):
     assert s["compression_ratio"] == pytest.approx(src_disk / disk, rel=1e-6)
     assert s["ppl_ratio"] == pytest.approx(ppl / ppl0, rel=0.01)
     assert s["accuracy_loss"] == pytest.approx(s["ppl_ratio"] - 1, abs=1e-9)
-    assert s["speedup"] == pytest.approx(a["tokens_per_s"] / b["tokens_per_s"], rel=1e-6)
+    sp = report["evaluation"]["speed"]  # interleaved rounds: a speed-up only when measurable
+    assert ("speedup" in s) == sp["measurable"]
+    if sp["measurable"]:
+        assert s["speedup"] == pytest.approx(a["tokens_per_s"] / b["tokens_per_s"], rel=1e-6)
     assert s["wall_time_s"] > 0 and s["peak_rss_bytes"] > 50e6
     assert report["gate"]["passed"] is True and report["gate"]["max_ppl_increase"] == 1000.0
     assert report["recipe"] == [{"method": "magnitude", "params": {"sparsity": 0.5}}]
@@ -103,7 +106,7 @@ def test_report_matches_independent_measurement(magnitude_run, tiny_llama_dir):
     for name in ("params", "nonzero_params", "bytes", "sparsity", "perplexity", "tokens_per_s"):
         assert rows[("before", name)] == pytest.approx(b[name])
         assert rows[("after", name)] == pytest.approx(a[name])
-    for name in ("compression_ratio", "speedup", "ppl_ratio", "wall_time_s", "peak_rss_bytes"):
+    for name in ("compression_ratio", "ppl_ratio", "wall_time_s", "peak_rss_bytes"):
         assert ("after", name) in rows
     assert rows[("0:magnitude", "duration_s")] > 0
 
