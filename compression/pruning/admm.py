@@ -39,8 +39,8 @@ from .masks import nm_mask, row_topk_mask
 class ADMMConfig(calibrated.CalibratedPruningConfig):
     sequential: bool = Field(
         False, description="Prune the Linears of a block in execution order, each group "
-        "calibrated on inputs produced by the already pruned ones (slightly better, ~25% slower "
-        "on SmolLM2); off: one calibration pass per block.")
+        "calibrated on inputs produced by the already pruned ones (a calibration pass per group "
+        "instead of per block: slower); off: one calibration pass per block.")
     iterations: int = Field(8, ge=1, le=500, description="ADMM iterations per Linear.")
     ramp_iterations: int = Field(5, ge=1, le=500, description="Iterations over which the "
                                  "sparsity grows (cubic ramp) to the target; the rest refine "

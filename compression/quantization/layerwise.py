@@ -42,9 +42,8 @@ class WeightCalibConfig(GroupFieldsMixin, CalibrationConfig):
     symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric grid.")
     mse_clip: bool = Field(
         True, description="Search each group's clipping range (min/max shrunk in steps, lowest "
-        "rounding error) instead of plain min/max. SmolLM2 w4 g64 held-out ppl, min/max -> "
-        "search: gptq symmetric 35.81 -> 34.68 (33.81 at batch 8), asymmetric 33.97 -> 33.36; "
-        "awq symmetric 36.40 -> 35.90, asymmetric 35.33 -> 35.09.")
+        "rounding error) instead of plain min/max: outliers are clipped so the rest of the "
+        "group gets a finer grid.")
     refit_scales: bool = Field(
         True, description="After rounding, re-solve each row's group scales by least squares "
         "for the chosen integers against the calibration Hessian (lower output error, same "

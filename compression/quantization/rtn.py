@@ -21,7 +21,8 @@ class RTNConfig(GroupFieldsMixin, MethodConfig):
     symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric grid.")
     mse_clip: bool = Field(
         False, description="Search each group's clipping range for the smallest squared rounding "
-        "error instead of plain min/max (on SmolLM2 min/max measured better at 4 bits).")
+        "error instead of plain min/max (clips outliers; off by default: plain min/max keeps "
+        "every weight in range).")
     dense_dtype: DenseDtype = dense_dtype_field()
 
 

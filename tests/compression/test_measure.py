@@ -230,3 +230,17 @@ def test_gate_options_are_checked_up_front(tmp_path):
                         max_accuracy_drop=0.05)
     g = MJ.gates(plan, {"task_accuracy": 0.8}, {"task_accuracy": 0.7})
     assert g[0]["passed"] is False and "fell 0.1000" in g[0]["reason"]
+
+
+def test_method_descriptions_say_what_a_parameter_does_not_what_it_measured():
+    import re
+
+    from modelpress.compression.registry import methods
+
+    measured = re.compile(r"SmolLM|\bppl\b|held-out perplexity \d|\d+\.\d+ ?->|\d+(\.\d+)?% "
+                          r"(slower|faster)|measured on")
+    for name, m in methods().items():
+        texts = {"description": m.description}
+        texts.update({k: f.description or "" for k, f in m.config.model_fields.items()})
+        for k, t in texts.items():
+            assert not measured.search(t), f"{name}.{k}: {t}"
