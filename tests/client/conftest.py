@@ -10,6 +10,8 @@ import uuid
 
 import pytest
 
+from ..e2e.conftest import clean_env, free_port, procs, python  # noqa: F401 (procs: fixture)
+
 
 def serve(app, port: int):
     import uvicorn
@@ -48,7 +50,8 @@ def published(monkeypatch):
     import modelpress.workers.dispatch as dispatch
 
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(dispatch, "publish_job", lambda job_id, queue: calls.append((job_id, queue)))
+    monkeypatch.setattr(dispatch, "publish_job",
+                        lambda job_id, queue: calls.append((job_id, queue)))
     return calls
 
 
@@ -85,3 +88,15 @@ def move(job_id: str, *states: str, progress: int | None = None) -> None:
             transition(s, job, JobState(st))
             if progress is not None:
                 job.progress = progress
+
+
+@pytest.fixture
+def service(procs, tmp_path):  # noqa: F811
+    """`modelpress up` (API, worker, sweep; SQLite) in a temp home: (base URL, key, Proc)."""
+    home = tmp_path / "home"
+    port = free_port()
+    up = procs("up", [python(), "-m", "modelpress", "up", "--port", str(port)],
+               clean_env(MODELPRESS_HOME=str(home)), cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    up.wait_http(base + "/healthz", timeout=180)
+    return base, (home / "api-key").read_text().strip(), up

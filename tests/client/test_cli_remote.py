@@ -11,18 +11,7 @@ import tarfile
 
 import pytest
 
-from ..e2e.conftest import clean_env, free_port, procs, python  # noqa: F401 (fixture)
-
-
-@pytest.fixture
-def service(procs, tmp_path):
-    home = tmp_path / "home"
-    port = free_port()
-    up = procs("up", [python(), "-m", "modelpress", "up", "--port", str(port)],
-               clean_env(MODELPRESS_HOME=str(home)), cwd=tmp_path)
-    base = f"http://127.0.0.1:{port}"
-    up.wait_http(base + "/healthz", timeout=180)
-    return base, (home / "api-key").read_text().strip(), up
+from ..e2e.conftest import clean_env, python
 
 
 def cli(service, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -52,7 +41,8 @@ def test_cli_submit_wait_download_and_exit_codes(service, tiny_llama_dir, tmp_pa
     assert r.returncode == 0, (r.stdout, r.stderr, service[2].text()[-3000:])
     job = json.loads(r.stdout)
     assert job["state"] == "succeeded" and job["progress"] == 100
-    assert sha256(out) == job["artifact"]["sha256"] and out.stat().st_size == job["artifact"]["bytes"]
+    assert sha256(out) == job["artifact"]["sha256"]
+    assert out.stat().st_size == job["artifact"]["bytes"]
     with tarfile.open(out) as tf:
         assert any(n.endswith("config.json") for n in tf.getnames())
 
@@ -80,17 +70,16 @@ def test_cli_submit_wait_download_and_exit_codes(service, tiny_llama_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_cli_on_smollm2_succeeds_and_a_failed_gate_exits_3(service, smollm2_gguf, tmp_path):
+def test_cli_on_smollm2_a_failed_quality_gate_exits_3(service, smollm2_gguf):
+    """One job on the real model (each job measures the model before and after: minutes on a
+    CPU): 80% magnitude pruning with a 1.1x perplexity gate fails the gate -> exit code 3."""
     r = cli(service, "models", "upload", str(smollm2_gguf), "--json")
     assert r.returncode == 0, r.stderr
     mid = json.loads(r.stdout)["id"]
-    out = tmp_path / "int8.tar.gz"
-    r = cli(service, "jobs", "submit", mid, "--method", "rtn", "--set", "bits=8", "--wait",
-            "-o", str(out), "--json", timeout=1500)
-    assert r.returncode == 0, (r.stderr, service[2].text()[-3000:])
-    job = json.loads(r.stdout)
-    assert sha256(out) == job["artifact"]["sha256"]
     r = cli(service, "jobs", "submit", mid, "--method", "magnitude", "--set", "sparsity=0.8",
-            "--max-ppl-increase", "1.1", "--wait", "--json", timeout=1500)
+            "--max-ppl-increase", "1.1", "--wait", "--json", timeout=1100)
     gated = json.loads(r.stdout)
-    assert (r.returncode, gated["state"], gated["error"]["code"]) == (3, "failed", "quality_gate")
+    got = (r.returncode, gated["state"], gated["error"]["code"])
+    assert got == (3, "failed", "quality_gate"), (r.stderr, service[2].text()[-3000:])
+    ppl = {m["stage"]: m["value"] for m in gated["metrics"] if m["name"] == "perplexity"}
+    assert ppl["after"] > 1.1 * ppl["before"]

@@ -10,7 +10,6 @@ import os
 import threading
 import time
 
-import httpx
 import pytest
 
 from modelpress.client import ApiError, AsyncClient, ChecksumMismatch, SseParser
