@@ -297,14 +297,6 @@ def _top_weight_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
 
 
-def _speed(model: nn.Module, kind: str) -> float:
-    from .models import CAUSAL
-
-    if kind == CAUSAL:
-        return E.tokens_per_second(model)
-    return E.encoder_throughput(model)
-
-
 def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
              reference: nn.Module | None, gpu: torch.device | None, weight_bytes: int,
              progress: Callable[[float, str | None], None],
