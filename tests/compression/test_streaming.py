@@ -273,7 +273,21 @@ def test_gguf_converted_tensor_by_tensor_equals_transformers(smollm2_gguf, tmp_p
     rsd = ref.state_dict()
     assert set(conv) == set(rsd) - {"lm_head.weight"}  # tied: stored once
     assert all(torch.equal(conv[k], rsd[k]) for k in conv)
-    lm = load_gguf(smollm2_gguf)
+    import transformers
+
+    calls = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *a, **k):
+        calls.append(k)
+        return real(cls, *a, **k)
+
+    transformers.AutoModelForCausalLM.from_pretrained = classmethod(spy)
+    try:
+        lm = load_gguf(smollm2_gguf)
+    finally:
+        transformers.AutoModelForCausalLM.from_pretrained = classmethod(real)
+    assert calls and not any("gguf_file" in k for k in calls)  # never a whole GGUF load
     ids = torch.tensor([[1, 504, 2143, 28, 253, 9000]])
     with torch.no_grad():
         assert torch.equal(lm.model(input_ids=ids).logits, ref(input_ids=ids).logits)
@@ -313,3 +327,12 @@ def test_streamed_gptq_job(bf16_dir, tmp_path):
                         rel_tol=1e-6)
     assert s.report["stages"][0]["metrics"]["calibration_tokens"] == 256
     assert not list((tmp_path / "s").glob("block-*"))
+
+
+@pytest.mark.slow
+def test_streamed_gguf_job(smollm2_gguf, tmp_path):
+    out = _job(smollm2_gguf, tmp_path / "o", True, method="rtn", params={"group_size": 64})
+    r = out.report
+    assert r["stages"][0]["streamed"] and r["model_type"] == "llama"
+    assert 1.0 < r["summary"]["ppl_ratio"] < 1.5 and r["summary"]["compression_ratio"] > 3
+    assert (tmp_path / "o" / "tokenizer.json").exists()
