@@ -250,6 +250,11 @@ class ComparisonRow(BaseModel):
     perplexity: float | None = None
     embedding_fidelity: float | None = None
     tokens_per_s: float | None = None
+    perplexity_other: float | None = Field(
+        None, description="Perplexity on the shipped text of another domain (KJV Genesis).")
+    task_accuracy: float | None = Field(None, description="Accuracy on the job's task set.")
+    prompt_mean_kl: float | None = Field(
+        None, description="Mean KL(dense || compressed) on the job's prompt set, in nats.")
     pareto: bool = Field(False, description="On the size/quality Pareto frontier.")
 
 

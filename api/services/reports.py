@@ -76,7 +76,8 @@ def comparison(session: Session, owner: str, model_id: str) -> Comparison:
             artifact_bytes=job.artifact.bytes if job.artifact is not None else None,
             perplexity=after.get("perplexity"),
             embedding_fidelity=after.get("embedding_fidelity"),
-            tokens_per_s=after.get("tokens_per_s")))
+            tokens_per_s=after.get("tokens_per_s"), perplexity_other=after.get("perplexity_other"),
+            task_accuracy=after.get("task_accuracy"), prompt_mean_kl=after.get("prompt_mean_kl")))
         before = _metrics(job, "before")
         if baseline is None and before:
             baseline = ComparisonRow(
@@ -86,7 +87,8 @@ def comparison(session: Session, owner: str, model_id: str) -> Comparison:
                 params=before.get("params"), nonzero_params=before.get("nonzero_params"),
                 bytes=before.get("bytes"), perplexity=before.get("perplexity"),
                 embedding_fidelity=before.get("embedding_fidelity"),
-                tokens_per_s=before.get("tokens_per_s"))
+                tokens_per_s=before.get("tokens_per_s"),
+                perplexity_other=before.get("perplexity_other"))
     quality = None
     if any(r.perplexity is not None for r in rows):
         quality = "perplexity"

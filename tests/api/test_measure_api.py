@@ -99,3 +99,28 @@ def test_foreign_task_set_is_404(client, alice, bob, model_id, published):
     r = client.post("/v1/jobs", headers=alice[1], json=dict(
         model_id=model_id, method="magnitude", tasks_dataset_id=t))
     assert r.status_code == 404 and "task dataset" in r.json()["error"]["message"]
+
+
+def test_comparison_shows_task_accuracy_kl_and_the_other_text(client, alice, model_id, db,
+                                                              published):
+    from modelpress.domain.jobs import transition
+    from modelpress.domain.models import Metric
+    from modelpress.domain.states import JobState
+
+    job_id = client.post("/v1/jobs", headers=alice[1], json={
+        "model_id": model_id, "method": "magnitude"}).json()["id"]
+    db.rollback()
+    job = db.get(Job, job_id)
+    transition(db, job, JobState.running)
+    transition(db, job, JobState.succeeded)
+    before = {"bytes": 100.0, "perplexity": 20.0, "perplexity_other": 9.0, "task_accuracy": 0.75}
+    after = {"bytes": 50.0, "perplexity": 21.0, "ppl_ratio": 1.05, "perplexity_other": 9.5,
+             "task_accuracy": 0.7, "prompt_mean_kl": 0.03}
+    for stage, m in (("before", before), ("after", after)):
+        for name, v in m.items():
+            db.add(Metric(job_id=job_id, stage=stage, name=name, value=v))
+    db.commit()
+    comp = client.get(f"/v1/models/{model_id}/comparison", headers=alice[1]).json()
+    row = comp["rows"][0]
+    assert (row["task_accuracy"], row["prompt_mean_kl"], row["perplexity_other"]) == (0.7, 0.03, 9.5)
+    assert comp["baseline"]["perplexity_other"] == 9.0
