@@ -57,7 +57,9 @@ def block_outlier_ratios(model: nn.Module, tokens: torch.Tensor, ctx: Context, m
                             for k in names])
         ratios.append(((scores > m * scores.mean()).float().mean()).item())
 
-    run_sequential(model, tokens, ctx, visit, batch_size=batch_size, label="OWL: measured block")
+    # no progress of its own: the pruning pass that follows reports the stage's 0..1
+    run_sequential(model, tokens, ctx, visit, batch_size=batch_size, label="OWL: measured block",
+                   progress=(0.0, 0.0))
     return ratios
 
 
