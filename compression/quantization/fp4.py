@@ -135,6 +135,14 @@ def _validate_mxfp4(cfg: MXFP4Config, model_config: Any) -> None:
     _check_groups(model_in_features(model_config), 32, "mxfp4")
 
 
+def fp4_runtime(model: nn.Module, _cfg: Any = None) -> nn.Module:
+    """compressed-tensors decompresses FP4 weights to bfloat16 whatever dtype the rest of the
+    model was loaded in (the artifact's config says bfloat16, but a caller may load it in
+    float32): one dtype for the whole model, the embeddings'."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return model if emb is None else model.to(emb.weight.dtype)
+
+
 NVFP4 = Method(
     name="nvfp4",
     config=NVFP4Config,
@@ -145,6 +153,7 @@ NVFP4 = Method(
     family="quantization",
     terminal=True,
     validate=_validate_nvfp4,
+    runtime=fp4_runtime,
 )
 
 MXFP4 = Method(
@@ -156,4 +165,5 @@ MXFP4 = Method(
     family="quantization",
     terminal=True,
     validate=_validate_mxfp4,
+    runtime=fp4_runtime,
 )

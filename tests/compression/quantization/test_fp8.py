@@ -90,3 +90,15 @@ def test_fp8_refusals():
                                       LlamaConfig(hidden_size=576, intermediate_size=1536))
     with pytest.raises(Exception):
         parse_params("fp8", {"block": [128]})
+
+
+def test_fp8_dynamic_on_an_encoder(tiny_bert, tmp_path):
+    """The data-free variants need no family table: BERT too, reloaded bit-exact."""
+    from transformers import AutoModel
+
+    res = compress(tiny_bert, parse_params("fp8", {"dense_dtype": "float32"}), Context())
+    res.saver(res.model, tmp_path)
+    back = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        y, ref = back(input_ids=IDS).last_hidden_state, res.model(input_ids=IDS).last_hidden_state
+    assert torch.equal(y, ref)
