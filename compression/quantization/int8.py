@@ -1,7 +1,8 @@
 """Weight-only int8 (per output channel or per group), stored as int8 in the artifact.
 
-Plain symmetric per-channel rounding costs SmolLM2 about +0.4% perplexity; an asymmetric grid
-with a per-channel clipping search (min squared error) brings that under 0.1%."""
+The default is plain symmetric per-channel rounding: the asymmetric grid with a clipping search
+(the old default) looked better on the WikiText eval text it was chosen on but was worse on
+text of another domain (docs/benchmarks.md, "Measurement, issue 17")."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from .qtensor import quantize_weight
 
 class Int8Config(GroupFieldsMixin, MethodConfig):
     group_size: int | None = group_size_field(None)
-    symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric grid.")
+    symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric grid.")
     mse_clip: bool = Field(
-        True, description="Search each channel's (group's) clipping range for the smallest "
-        "squared rounding error instead of plain min/max.")
+        False, description="Search each channel's (group's) clipping range for the smallest "
+        "squared weight rounding error instead of plain min/max (clips outliers; off: every "
+        "weight stays in range).")
     dense_dtype: DenseDtype = dense_dtype_field()
 
 
@@ -56,8 +58,9 @@ METHOD = Method(
     name="int8",
     config=Int8Config,
     apply=apply,
-    description="Weight-only int8 per output channel (or per group) with an asymmetric grid and "
-    "clipping search; int8 weights in a compressed-tensors artifact.",
+    description="Weight-only int8 per output channel (or per group), symmetric round-to-nearest "
+    "by default (asymmetric grid and clipping search optional); int8 weights in a "
+    "compressed-tensors artifact.",
     family="quantization",
     terminal=True,
     validate=_validate,

@@ -52,7 +52,7 @@ def test_int8_smollm2_ppl_and_size(smol, tmp_path):
     ppl = _ppl(reloaded, tok)
     print(f"int8: ppl {ppl:.4f} dense {dense_ppl:.4f} ratio {ppl / dense_ppl:.5f} "
           f"bytes {weight_bytes(tmp_path) / weight_bytes(d):.4f} x fp32")
-    # measured 0.9978 x dense (int8 asym per channel + clipping search), 0.304 x fp32 bytes
+    # symmetric per-channel rounding (the default): 0.998 x dense on this text (8 x 512 tokens)
     assert ppl <= dense_ppl * 1.002, (ppl, dense_ppl)
     assert weight_bytes(tmp_path) <= 0.45 * weight_bytes(d)
 
