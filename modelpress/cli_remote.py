@@ -156,7 +156,9 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
         body["recipe"] = load_recipe(args.recipe)
     else:
         body["method"], body["params"] = args.method, parse_set(args.set or [])
-    for k in ("max_ppl_increase", "calibration_dataset_id", "eval_dataset_id", "callback_url"):
+    for k in ("max_ppl_increase", "calibration_dataset_id", "eval_dataset_id", "callback_url",
+              "measure", "tasks_dataset_id", "prompts_dataset_id", "max_accuracy_drop",
+              "max_mean_kl"):
         if getattr(args, k) is not None:
             body[k] = getattr(args, k)
     if args.keep_intermediate:
@@ -327,6 +329,12 @@ def add_commands(sub) -> None:
     s.add_argument("--calibration-dataset-id")
     s.add_argument("--eval-dataset-id")
     s.add_argument("--callback-url", help="webhook for the job's state changes")
+    s.add_argument("--measure", choices=["full", "quality", "none"],
+                   help="what to measure (default full: quality and speed)")
+    s.add_argument("--tasks-dataset-id")
+    s.add_argument("--prompts-dataset-id")
+    s.add_argument("--max-accuracy-drop", type=float, help="gate (needs --tasks-dataset-id)")
+    s.add_argument("--max-mean-kl", type=float, help="gate (needs --prompts-dataset-id)")
     s.add_argument("--keep-intermediate", action="store_true")
     s.add_argument("--wait", action="store_true", help="follow the job until it finishes")
     s.add_argument("--timeout-wait", type=float, default=None, help="with --wait: give up after")

@@ -71,15 +71,35 @@ def test_cli_submit_wait_download_and_exit_codes(service, tiny_llama_dir, tmp_pa
 
 @pytest.mark.slow
 def test_cli_on_smollm2_a_failed_quality_gate_exits_3(service, smollm2_gguf):
-    """One job on the real model (each job measures the model before and after: minutes on a
-    CPU): 80% magnitude pruning with a 1.1x perplexity gate fails the gate -> exit code 3."""
+    """One job on the real model (quality measured before and after, no speed rounds: minutes
+    on a CPU): 80% magnitude pruning with a 1.1x perplexity gate fails the gate -> exit code 3."""
     r = cli(service, "models", "upload", str(smollm2_gguf), "--json")
     assert r.returncode == 0, r.stderr
     mid = json.loads(r.stdout)["id"]
     r = cli(service, "jobs", "submit", mid, "--method", "magnitude", "--set", "sparsity=0.8",
-            "--max-ppl-increase", "1.1", "--wait", "--json", timeout=1100)
+            "--max-ppl-increase", "1.1", "--measure", "quality", "--wait", "--json",
+            timeout=1100)
     gated = json.loads(r.stdout)
     got = (r.returncode, gated["state"], gated["error"]["code"])
     assert got == (3, "failed", "quality_gate"), (r.stderr, service[2].text()[-3000:])
     ppl = {m["stage"]: m["value"] for m in gated["metrics"] if m["name"] == "perplexity"}
     assert ppl["after"] > 1.1 * ppl["before"]
+
+
+def test_submit_flags_make_the_job_body(tmp_path):
+    from modelpress.cli import build_parser
+    from modelpress.cli_remote import _submit_body
+
+    args = build_parser().parse_args(
+        ["jobs", "submit", "m1", "--method", "magnitude", "--set", "sparsity=0.5",
+         "--set", "scope=global", "--measure", "quality", "--max-ppl-increase", "1.2",
+         "--callback-url", "https://example.com/hook"])
+    assert _submit_body(args) == {"method": "magnitude",
+                                  "params": {"sparsity": 0.5, "scope": "global"},
+                                  "measure": "quality", "max_ppl_increase": 1.2,
+                                  "callback_url": "https://example.com/hook"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- method: magnitude\n  params: {sparsity: 0.3}\n- method: rtn\n")
+    args = build_parser().parse_args(["jobs", "submit", "m1", "--recipe", str(recipe)])
+    assert _submit_body(args) == {"recipe": [{"method": "magnitude", "params": {"sparsity": 0.3}},
+                                             {"method": "rtn"}]}
