@@ -28,7 +28,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SMOL_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-models" / "smollm2-135m-fp32"
-CAL = {"num_samples": 16, "seq_len": 512}
+#: calibration and held-out sizes (env CAL_SAMPLES, CAL_SEQ, EVAL_CHUNKS: smaller on a busy machine)
+CAL = {"num_samples": int(os.environ.get("CAL_SAMPLES", "16")),
+       "seq_len": int(os.environ.get("CAL_SEQ", "512"))}
 ROWS = {
     "wanda": ("wanda", {"sparsity": 0.5, **CAL}),
     "sparsegpt": ("sparsegpt", {"sparsity": 0.5, **CAL}),
@@ -36,7 +38,7 @@ ROWS = {
     "awq": ("awq", {"bits": 4, "group_size": 64, **CAL}),
     "int8_dynamic": ("int8_dynamic", {**CAL}),
 }
-EVAL_CHUNKS = 8
+EVAL_CHUNKS = int(os.environ.get("EVAL_CHUNKS", "8"))
 
 
 def _smollm2_dir() -> Path:
@@ -90,7 +92,8 @@ def run_row(name: str, q) -> None:
         digest = _digest(tensors)
         model = AutoModelForCausalLM.from_pretrained(td).eval()
         ppl = perplexity(model, lm.tokenizer, ev, seq_len=512, num_chunks=EVAL_CHUNKS)
-    q.put({"name": name, "ppl": ppl, "compress_s": seconds, "sha": digest,
+    q.put({"name": name, "cal": f"{CAL['num_samples']}x{CAL['seq_len']}",
+           "eval_chunks": EVAL_CHUNKS, "ppl": ppl, "compress_s": seconds, "sha": digest,
            "code": str(Path(modelpress.compression.__file__).parent)})
 
 
