@@ -53,9 +53,14 @@ def _bootstrap_key(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     if settings.api_key is None:
         return
+    from sqlalchemy.exc import IntegrityError
+
     with app.state.session_factory() as s:
         create_key(s, "admin", settings.api_key.get_secret_value(), name="bootstrap")
-        s.commit()
+        try:
+            s.commit()
+        except IntegrityError:  # another API worker process registered the same key first
+            s.rollback()
 
 
 def _warm_imports() -> None:
