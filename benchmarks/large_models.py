@@ -2,9 +2,9 @@
 
 Each row is one job (``run_pipeline(..., stream=True)``) in its own process, so its peak RSS is
 its own (sampled by the job, and the process's ``ru_maxrss``). The models are written first by
-``benchmarks/make_random_model.py`` under /work/bigmodels (never in the repo):
+``benchmarks/make_random_model.py`` under .cache/bigmodels (git-ignored) or $MODELPRESS_BIGMODELS:
 
-    python benchmarks/make_random_model.py llama-3.1-8b /work/bigmodels/llama-3.1-8b-random
+    python benchmarks/make_random_model.py llama-3.1-8b .cache/bigmodels/llama-3.1-8b-random
     python benchmarks/large_models.py --sizes 8b --methods int8 rtn
     python benchmarks/large_models.py --table results.json      # table + plot of saved rows
 
@@ -32,7 +32,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-BIG = Path(os.environ.get("MODELPRESS_BIGMODELS", "/work/bigmodels"))
+BIG = Path(os.environ.get("MODELPRESS_BIGMODELS",
+                         Path(__file__).resolve().parents[1] / ".cache" / "bigmodels"))
 SIZES = {"135m": BIG / "smollm2-135m-random", "1b": BIG / "llama-3.2-1b-random",
          "8b": BIG / "llama-3.1-8b-random"}
 METHODS = {

@@ -1,8 +1,8 @@
 """Write a random-weight model with a real model's config, shard by shard (never whole in
 memory), plus a tokenizer (SmolLM2's: its 49,152 ids are all below every config's vocab size).
 
-    python benchmarks/make_random_model.py llama-3.1-8b /work/bigmodels/llama-3.1-8b-random
-    python benchmarks/make_random_model.py llama-3.2-1b /work/bigmodels/llama-3.2-1b-random
+    python benchmarks/make_random_model.py llama-3.1-8b .cache/bigmodels/llama-3.1-8b-random
+    python benchmarks/make_random_model.py llama-3.2-1b .cache/bigmodels/llama-3.2-1b-random
 
 Weights: normal(0, 0.02) (each tensor from its own seeded generator, in row pieces), norms 1,
 stored as bfloat16 in safetensors shards of at most 5 GB with ``model.safetensors.index.json``.
