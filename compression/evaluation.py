@@ -114,26 +114,34 @@ def tokens_per_second(model: nn.Module, tokenizer: Any = None, new_tokens: int =
     """Greedy decode speed at batch 1 with the KV cache: the median of ``repeats`` runs after a
     warm-up (what ``benchmarks/int8_decode.py`` reports per process; a best-of on a shared CPU
     favours whichever model met a quiet moment)."""
-    dev = model_device(model)
-    vocab = model.config.vocab_size
-    prompt = torch.arange(1, prompt_len + 1, device=dev).remainder(vocab).unsqueeze(0)
+    prompt = decode_prompt(model, prompt_len)
     # warm-up; a model that compiles its decode (static cache) compiles once per length, so it
     # warms up at the measured length
     gc = getattr(model, "generation_config", None)
     warm = new_tokens if getattr(gc, "compile_config", None) is not None else 4
     model.generate(prompt, max_new_tokens=warm, min_new_tokens=warm, do_sample=False,
                    pad_token_id=0)
-    rates = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        rates.append((out.shape[1] - prompt_len) / (time.perf_counter() - t))
-    return statistics.median(rates)
+    return statistics.median(timed_decode(model, prompt, new_tokens) for _ in range(repeats))
+
+
+def decode_prompt(model: nn.Module, prompt_len: int = 16) -> torch.Tensor:
+    """A fixed ``[1, prompt_len]`` prompt of token ids on the model's device."""
+    vocab = model.config.vocab_size
+    return torch.arange(1, prompt_len + 1, device=model_device(model)).remainder(vocab)[None]
+
+
+@torch.no_grad()
+def timed_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    """One greedy decode of exactly ``new_tokens`` after ``prompt`` with the KV cache: tokens/s."""
+    cuda = prompt.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0)
+    if cuda:
+        torch.cuda.synchronize()
+    return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
 
 
 @torch.no_grad()

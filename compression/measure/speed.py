@@ -16,23 +16,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..evaluation import decode_prompt, timed_decode
+
 NOT_MEASURABLE = "not measurable on this machine now"
 
 
 @torch.no_grad()
 def decode_rate(model: nn.Module, new_tokens: int = 32, prompt_len: int = 16) -> float:
     """One timed greedy decode at batch 1 with the KV cache: generated tokens per second."""
-    dev = next(model.parameters()).device
-    prompt = torch.arange(1, prompt_len + 1, device=dev).remainder(model.config.vocab_size)
-    prompt = prompt.unsqueeze(0)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=0)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return (out.shape[1] - prompt_len) / (time.perf_counter() - t)
+    return timed_decode(model, decode_prompt(model, prompt_len), new_tokens)
 
 
 @torch.no_grad()

@@ -348,6 +348,11 @@ def write_compressed_config(model: nn.Module, out: Path, fmt: str, activations: 
         cfg.tie_word_embeddings = bool(getattr(head[1], "tied_input_embeddings", False))
     elif out_emb is not None and getattr(out_emb, QUANT_ATTR, None) is not None:
         cfg.tie_word_embeddings = False  # the head is stored (quantized) on its own
+    save_configs(model, cfg, out)
+
+
+def save_configs(model: nn.Module, cfg: Any, out: Path) -> None:
+    """Write ``cfg`` (the artifact's config.json) and the model's generation config, if any."""
     cfg.save_pretrained(out)
     gen = getattr(model, "generation_config", None)
     if gen is not None:

@@ -25,7 +25,7 @@ from ..base import CalibrationConfig, CompressionError, CompressionResult, Conte
 from ..calib.engine import Step, calibration_tokens, observe, run_sequential
 from ..calib.families import supporting
 from . import fpformats as F
-from .artifact import DTYPES, DenseDtype, write_safetensors
+from .artifact import DTYPES, DenseDtype, save_configs, write_safetensors
 from .common import dense_dtype_field, target_linears
 
 FP_ATTR = "_modelpress_fpweight"
@@ -135,13 +135,7 @@ def save_fp(model: nn.Module, out_dir: str | Path, dense_dtype: DenseDtype = "fl
         # compressed-tensors decompresses FP4 weights to bfloat16 whatever the model's dtype:
         # only a bfloat16 model runs them after plain from_pretrained
         cfg.dtype = torch.bfloat16
-    cfg.save_pretrained(out)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        try:
-            gen.save_pretrained(out)
-        except Exception:  # noqa: BLE001 - a generation config is optional
-            pass
+    save_configs(model, cfg, out)
 
 
 def fp_saver(dense_dtype: DenseDtype, kv_cache: bool = False):
