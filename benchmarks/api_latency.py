@@ -100,9 +100,8 @@ class Env:
                     "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def close(self) -> None:
-        from sqlalchemy import text
-
         import redis
+        from sqlalchemy import text
 
         redis.Redis.from_url(self.redis_url).flushdb()
         with self.admin.connect() as c:
@@ -227,7 +226,7 @@ async def _post_worker(port: int, request: bytes, deadline: float, lat: list[flo
             writer.write(request)
             try:
                 status = await asyncio.wait_for(_read_response(reader), timeout_s)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, OSError) as e:
+            except (TimeoutError, asyncio.IncompleteReadError, OSError) as e:
                 codes[type(e).__name__] = codes.get(type(e).__name__, 0) + 1
                 return
             lat.append(time.perf_counter() - t)
@@ -254,9 +253,8 @@ async def post_load(port: int, key: str, body: dict, clients: int, seconds: floa
 def measure_pickup(env: Env, client: httpx.Client, model_id: str, n: int) -> list[float] | None:
     """Submit -> the worker starts the job (Job.started_at - the moment the POST was sent), with a real
     ``modelpress worker``. Returns None when the worker cannot start."""
-    from sqlalchemy import create_engine, text
-
     import redis
+    from sqlalchemy import create_engine, text
 
     eng = create_engine(env.db_url)
     # the latency runs left hundreds of queued jobs: drop them so each pickup sees an idle worker

@@ -64,15 +64,14 @@ def other_domain_text() -> str:
 
 
 def _llmc(model, tok, ids, scheme: str, observer: str | None, out: Path) -> None:
+    import uuid
+
+    import datasets.fingerprint
     from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    import uuid
-
-    import datasets.fingerprint
 
     # datasets 5.2 (llm-compressor's pin) cannot hash its own arrow schema with this Python's
     # dill ("Can't pickle MonthDayNano"): fingerprints are only cache keys, make them random
@@ -95,8 +94,7 @@ def run_row(name: str, chunks: int, cal: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from modelpress.compression.base import Context
-    from modelpress.compression.data import default_calibration_text, default_eval_text
-    from modelpress.compression.data import token_chunks
+    from modelpress.compression.data import default_calibration_text, default_eval_text, token_chunks
     from modelpress.compression.evaluation import perplexity
     from modelpress.compression.models import load_pretrained, save_model, weight_bytes
     from modelpress.compression.registry import get_method, parse_params

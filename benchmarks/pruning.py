@@ -35,7 +35,11 @@ import torch  # noqa: E402
 from modelpress.compression import Context, MethodConfig, compress  # noqa: E402
 from modelpress.compression.data import default_calibration_text, default_eval_text, token_chunks  # noqa: E402
 from modelpress.compression.evaluation import (  # noqa: E402
-    linear_sparsity, nonzero_count, param_count, perplexity, tokens_per_second,
+    linear_sparsity,
+    nonzero_count,
+    param_count,
+    perplexity,
+    tokens_per_second,
 )
 from modelpress.compression.models import load_gguf, load_pretrained, save_model, weight_bytes  # noqa: E402
 from modelpress.compression.pruning.admm import ADMMConfig  # noqa: E402

@@ -88,10 +88,10 @@ def _rss_mb() -> float:
 
 
 def _llmcompressor(model, tok, symmetric: bool, out: Path, dampening: float = 0.01) -> None:
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.gptq import GPTQModifier
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
 
     from modelpress.compression.data import default_calibration_text, token_chunks
 

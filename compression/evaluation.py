@@ -16,7 +16,6 @@ from torch import nn
 
 from .data import token_chunks
 
-
 #: parameters a quantized (compressed-tensors) model carries besides its weights: quantization
 #: metadata, not model parameters
 QUANT_AUX_SUFFIXES = ("_scale", "_zero_point", "_shape", "_g_idx", "_global_scale")
@@ -187,7 +186,7 @@ class PeakMemory:
         self.peak_rss_bytes = max(self.peak_rss_bytes, self._rss())
         return self.peak_rss_bytes
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         import threading
 
         self.sample()

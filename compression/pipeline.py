@@ -19,17 +19,17 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from . import evaluation as E
-from .measure import job as MJ
 from .base import (
     Cancelled,
     CheckpointStore,
@@ -39,6 +39,7 @@ from .base import (
     Method,
     MethodConfig,
 )
+from .measure import job as MJ
 from .registry import get_method
 
 MAX_STAGES = 8
@@ -433,7 +434,7 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
 
     hooks = hooks or JobHooks()
     t_start = time.monotonic()
-    started_at = datetime.now(timezone.utc).isoformat()
+    started_at = datetime.now(UTC).isoformat()
     output_dir = Path(output_dir)
     prog = _Progress(hooks.progress)
 
@@ -535,7 +536,7 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
             "device": _device_info(dev),
             "versions": _versions(),
             "started_at": started_at,
-            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "finished_at": datetime.now(UTC).isoformat(),
         }
         report = _jsonable(report)
         (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=False))
@@ -636,7 +637,7 @@ def _run_in_memory(source, revision, parsed, methods, configs, output_dir, cal_t
     lo = _STAGES[0]
     stage_reports: list[dict[str, Any]] = []
     result: CompressionResult | None = None
-    for i, (st, method, cfg) in enumerate(zip(parsed, methods, configs)):
+    for i, (_st, method, cfg) in enumerate(zip(parsed, methods, configs)):
         check()
         hi = lo + (_STAGES[1] - _STAGES[0]) * weights[i] / total_w
         label = f"{i}:{method.name}"
@@ -756,7 +757,7 @@ def _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text,
     from .streaming.artifact_source import ArtifactCheckpoint
     from .streaming.source import LazyCheckpoint
 
-    method, cfg, st = methods[0], configs[0], parsed[0]
+    method, cfg, _st = methods[0], configs[0], parsed[0]
     prog(_LOAD[0], "reading the model lazily")
     hooks.event("stage", {"message": f"streaming {plan.source_dir} block by block "
                           f"({plan.reason})", "phase": "load"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class JobState(str, enum.Enum):
+class JobState(str, enum.Enum):  # noqa: UP042 (str() of a member stays "JobState.x")
     queued = "queued"
     running = "running"
     succeeded = "succeeded"

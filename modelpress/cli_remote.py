@@ -79,8 +79,7 @@ def _bytes_bar(args: argparse.Namespace, what: str):
     if args.json or not sys.stderr.isatty() and not args.progress:
         yield None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TransferSpeedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress("[bold]" + what, BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=_console()) as p:

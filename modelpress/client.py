@@ -34,8 +34,16 @@ from typing import Any
 import httpx
 
 from modelpress.api.routes.webhooks import JobWebhooksOut, WebhookSettingsOut
-from modelpress.api.schemas import (Comparison, DatasetOut, EventOut, EventPage, JobOut, JobPage,
-                                    MethodOut, ModelOut)
+from modelpress.api.schemas import (
+    Comparison,
+    DatasetOut,
+    EventOut,
+    EventPage,
+    JobOut,
+    JobPage,
+    MethodOut,
+    ModelOut,
+)
 
 __all__ = ["ApiError", "AsyncClient", "ChecksumMismatch", "Client", "TERMINAL"]
 
@@ -691,7 +699,7 @@ class AsyncClient(_Api):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 await asyncio.wait_for(follow(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             except (httpx.TransportError, ApiError) as e:
                 if isinstance(e, ApiError) and e.status not in RETRY_STATUS:

@@ -34,8 +34,9 @@ def load(artifact: str | Path, dtype: torch.dtype = torch.float32,
     ``compile``: decode through ``torch.compile`` (int8_dynamic's ``compile_decode``); None
     keeps what the job chose. Raises ``FileNotFoundError`` for a directory without a model and
     ``ValueError`` for an unreadable report."""
-    from modelpress.compression.models import _auto_class, model_kind
     from transformers import AutoConfig
+
+    from modelpress.compression.models import _auto_class, model_kind
 
     path = Path(artifact)
     if not (path / "config.json").is_file():

@@ -41,8 +41,13 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from modelpress.compression.base import Cancelled, CompressionError, UnsupportedModelError
-from modelpress.domain.archives import (ArchiveLimitError, ArchiveLimits, Budget, check_headers,
-                                        weights_problem)
+from modelpress.domain.archives import (
+    ArchiveLimitError,
+    ArchiveLimits,
+    Budget,
+    check_headers,
+    weights_problem,
+)
 from modelpress.domain.db import session_scope
 from modelpress.domain.jobs import add_event, transition
 from modelpress.domain.models import Artifact, Dataset, Job, Metric, ModelSource, utcnow

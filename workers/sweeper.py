@@ -26,7 +26,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import and_, func, or_, select, update
@@ -49,9 +49,8 @@ MAX_BACKOFF_S = 3600.0
 def _aware(ts: datetime | None) -> datetime | None:
     # SQLite returns naive datetimes (stored as UTC)
     if ts is not None and ts.tzinfo is None:
-        from datetime import timezone
 
-        return ts.replace(tzinfo=timezone.utc)
+        return ts.replace(tzinfo=UTC)
     return ts
 
 

@@ -6,8 +6,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from modelpress.domain.models import Dataset
 
-from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute,
-                    in_unit_of_work)
+from ..deps import CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute, in_unit_of_work
 from ..schemas import DatasetList, DatasetOut
 from ..services import datasets as svc
 from ..services import deletion, idempotency

@@ -9,12 +9,10 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 
 from modelpress.domain.states import JobState
 
-from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute,
-                    after_commit)
+from ..deps import CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute, after_commit
 from ..schemas import EventOut, EventPage, JobCreate, JobOut, JobPage
-from ..services import artifacts, deletion, idempotency
+from ..services import artifacts, deletion, idempotency, reports
 from ..services import jobs as svc
-from ..services import reports
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=UnitOfWorkRoute)
 

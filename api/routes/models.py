@@ -11,13 +11,11 @@ from pydantic import ValidationError
 
 from modelpress.domain.models import ModelSource
 
-from ..deps import (CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute,
-                    in_unit_of_work)
+from ..deps import CurrentOwner, DbSession, ReadSession, Settings, Store, UnitOfWorkRoute, in_unit_of_work
 from ..errors import UnsupportedMediaType
 from ..schemas import Comparison, ModelFromHub, ModelList, ModelOut
-from ..services import deletion, idempotency
+from ..services import deletion, idempotency, reports
 from ..services import models as svc
-from ..services import reports
 from ..uploads import UploadedFile, receive_file
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=UnitOfWorkRoute)

@@ -17,8 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from modelpress.domain.jobs import add_event, transition
-from modelpress.domain.models import (Artifact, Dataset, Job, JobEvent, Metric, ModelSource,
-                                      new_id, utcnow)
+from modelpress.domain.models import Artifact, Dataset, Job, JobEvent, Metric, ModelSource, new_id, utcnow
 from modelpress.domain.settings import Settings
 from modelpress.domain.states import JobState
 

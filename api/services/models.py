@@ -14,8 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from modelpress.domain.archives import (ArchiveLimitError, ArchiveLimits, check_headers,
-                                        weights_problem)
+from modelpress.domain.archives import ArchiveLimitError, ArchiveLimits, check_headers, weights_problem
 from modelpress.domain.models import ModelSource, new_id
 from modelpress.domain.store import ArtifactStore
 

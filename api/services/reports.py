@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from sqlalchemy import or_, and_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from modelpress.domain.models import Job

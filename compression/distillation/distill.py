@@ -328,7 +328,7 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> CompressionResu
     for p in student.parameters():
         p.requires_grad_(True)
     student.zero_grad(set_to_none=True)
-    del opt
+    opt.state.clear()  # the moments are not needed once training ends
     shutil.rmtree(work, ignore_errors=True)
     total_s = elapsed_before + time.monotonic() - t_start
     metrics = {

@@ -7,16 +7,21 @@ speed), ``none`` (sizes and counts only; no gate that needs a measurement may be
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..base import CompressionError
-from . import MODES, baseline as B, prompts as P, speed as S, tasks as T
+from . import MODES
+from . import baseline as B
+from . import prompts as P
+from . import speed as S
+from . import tasks as T
 from .quality import OTHER_TEXT_NAME, other_domain_text
 
 #: bump when what a baseline entry holds or how it is measured changes
@@ -105,7 +110,7 @@ def store_before(plan: MeasurePlan, before: dict[str, float]) -> None:
         return
     metrics = {k: v for k, v in before.items() if "tokens_per_s" not in k}
     extra = {"tasks": plan.details["tasks_before"]} if "tasks_before" in plan.details else None
-    plan.cache.put(plan._key, plan._identity, metrics, datetime.now(timezone.utc).isoformat(),
+    plan.cache.put(plan._key, plan._identity, metrics, datetime.now(UTC).isoformat(),
                    extra)
 
 

@@ -1,8 +1,7 @@
 """Pruning methods. ``METHODS`` is this family's part of the explicit registry."""
 
 from ..base import Method
-from . import admm, lottery, magnitude, sparsegpt, wanda
-from . import structured
+from . import admm, lottery, magnitude, sparsegpt, structured, wanda
 
 METHODS: list[Method] = [
     magnitude.METHOD,

@@ -9,8 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..base import CalibrationConfig, CompressionError, CompressionResult, Context
-from ..evaluation import linear_sparsity, nonzero_count, param_count
 from ..calib.engine import InputStats, calibration_tokens, find_blocks
+from ..evaluation import linear_sparsity, nonzero_count, param_count
 from . import layerwise
 from .masks import parse_nm
 

@@ -19,8 +19,9 @@ whole model.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -38,7 +39,6 @@ from ..calib.engine import Step, calibration_tokens, find_blocks, observe, run_b
 from ..calib.families import Family, family_of, supporting
 from ..evaluation import param_count
 from . import structured_scores as S
-
 
 # ---------------------------------------------------------------------------------------------
 # configs

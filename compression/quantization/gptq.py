@@ -12,7 +12,6 @@ from .common import target_linears, validate_group_size
 from .layerwise import WeightCalibConfig, quantize_layerwise
 
 
-
 class GPTQConfig(WeightCalibConfig):
     act_order: bool = Field(
         False, description="Quantize columns in order of decreasing Hessian diagonal (scales "

@@ -14,8 +14,7 @@ from torch import nn
 
 from ..base import CompressionResult, Context, Method, MethodConfig
 from .artifact import DenseDtype, make_saver, replace_quantized
-from .common import GroupFieldsMixin, dense_dtype_field, group_size_field, target_linears
-from .common import validate_group_size
+from .common import GroupFieldsMixin, dense_dtype_field, group_size_field, target_linears, validate_group_size
 from .qtensor import quantize_weight
 
 

@@ -31,7 +31,6 @@ from pydantic import Field
 from torch import nn
 
 from ..base import CalibrationConfig, CompressionResult, Context, Method, UnsupportedModelError
-from .artifact import QUANT_ATTR, DenseDtype, make_saver
 from ..calib.engine import (
     Step,
     calibration_tokens,
@@ -41,6 +40,7 @@ from ..calib.engine import (
     run_sequential,
 )
 from ..calib.families import shared_inputs, supporting
+from .artifact import QUANT_ATTR, DenseDtype, make_saver
 from .common import dense_dtype_field
 from .qtensor import QuantizedWeight
 
@@ -507,7 +507,7 @@ def to_runtime(model: nn.Module, quantize_lm_head: bool = True,
             model.config.tie_word_embeddings = False
     mods = dict(model.named_modules())
     shared = shared_inputs(model)
-    for name, m in mods.items():  # Linears that read one tensor (family table) share a runtime
+    for name, _m in mods.items():  # Linears that read one tensor (family table) share a runtime
         for names in shared:
             group = [mods.get(f"{name}.{n}") for n in names]
             if all(isinstance(g, Int8DynamicLinear) for g in group):

@@ -32,7 +32,6 @@ from .qtensor import (
     dequantize_grouped,
     quantize_grouped,
     quantize_weight,
-    search_qparams,
 )
 
 

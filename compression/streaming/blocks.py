@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .source import LazyCheckpoint, TensorFiles, _tensors, decoder_blocks, outside_prefixes
-from .source import release
+from .source import LazyCheckpoint, TensorFiles, _tensors, decoder_blocks, outside_prefixes, release
 from .writer import ShardedWriter
 
 #: where the engine finds the block source of a streamed model (``run_sequential``)

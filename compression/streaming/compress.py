@@ -82,7 +82,7 @@ def _write_outside(ckpt: LazyCheckpoint, model: nn.Module, blocks_name: str,
     not stored: transformers ties it again on load)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     done: set[str] = set()
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, _t in model.state_dict(keep_vars=True).items():
         if name.startswith(blocks_name + "."):
             continue
         if tied and name.endswith("lm_head.weight"):

@@ -206,7 +206,7 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
 
 def _loss(model: nn.Module, blocks_name: str, head: nn.Module, caps: list, windows: torch.Tensor,
           dev: torch.device) -> float:
-    norm = getattr(model.get_submodule(blocks_name.rpartition(".")[0]), "norm")
+    norm = model.get_submodule(blocks_name.rpartition(".")[0]).norm
     nll, count, w = 0.0, 0, 0
     for cap in caps:
         h = norm(_hidden(cap))

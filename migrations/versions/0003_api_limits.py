@@ -4,8 +4,8 @@ jobs(owner, state): counting an owner's active jobs for the quota
 Revision ID: 0003
 Revises: 0002
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = "0003"
 down_revision = "0002"

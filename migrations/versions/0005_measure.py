@@ -4,8 +4,8 @@ and their gates (max_accuracy_drop, max_mean_kl)
 Revision ID: 0005
 Revises: 0004
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = "0005"
 down_revision = "0004"

@@ -115,8 +115,9 @@ def test_concurrent_requests_with_one_key_make_one_job(app_settings, published, 
 
 
 def test_hub_registration_idempotent(client, alice, monkeypatch, db):
-    import modelpress.compression.models as cm
     from transformers import LlamaConfig
+
+    import modelpress.compression.models as cm
 
     monkeypatch.setattr(cm, "read_config", lambda src, revision=None: LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
@@ -296,8 +297,7 @@ def test_unpaired_surrogates_and_out_of_range_numbers(client, alice, model_id, c
     h = {**alice[1], "Content-Type": "application/json"}
     before = counts()
     for body in ('{"model_id": "\\ud800", "method": "magnitude"}',
-                 '{"model_id": "%s", "method": "magnitude", "eval_dataset_id": "\\udfff"}'
-                 % model_id,
+                 f'{{"model_id": "{model_id}", "method": "magnitude", "eval_dataset_id": "\\udfff"}}',
                  '{"source": "org/x", "name": "a\\udc00"}'):
         url = "/v1/models" if "source" in body else "/v1/jobs"
         r = c.post(url, headers=h, content=body)

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from modelpress.client import ApiError
-from modelpress.domain.webhooks import SIGNATURE_HEADER, check_url, CallbackUrlError, verify
+from modelpress.domain.webhooks import SIGNATURE_HEADER, CallbackUrlError, check_url, verify
 
 from ..client.conftest import move
 

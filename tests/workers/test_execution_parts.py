@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 from modelpress.domain.store import LocalStore, sha256_file
-from modelpress.workers.execution import (SourceError, StoreCheckpoints, error_code_for, hf_root,
-                                          jsonable, make_archive, one_line, safe_extract)
+from modelpress.workers.execution import (
+    SourceError,
+    StoreCheckpoints,
+    error_code_for,
+    hf_root,
+    jsonable,
+    make_archive,
+    one_line,
+    safe_extract,
+)
 
 
 def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:

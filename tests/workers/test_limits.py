@@ -15,8 +15,15 @@ import pytest
 
 from modelpress.domain.archives import ArchiveLimits, weights_problem
 from modelpress.domain.settings import Settings
-from modelpress.workers.execution import (Redactor, SourceError, UnsafeWeights, check_weights,
-                                          error_code_for, is_disk_full, safe_extract)
+from modelpress.workers.execution import (
+    Redactor,
+    SourceError,
+    UnsafeWeights,
+    check_weights,
+    error_code_for,
+    is_disk_full,
+    safe_extract,
+)
 from modelpress.workers.model_cache import ModelCache
 
 

@@ -15,8 +15,7 @@ from sqlalchemy import select, update
 from modelpress.domain.db import session_scope
 from modelpress.domain.models import Artifact, Job, Metric, utcnow
 
-from .conftest import (events, insert_job, job_row, register_model, submit, tar_dir,
-                       wait_for)
+from .conftest import events, insert_job, job_row, register_model, submit, tar_dir, wait_for
 
 OWNER = "alice"
 MAGNITUDE = [{"method": "magnitude", "params": {"sparsity": 0.5}}]

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from modelpress.compression import Context, compress, parse_params
-from modelpress.compression.evaluation import linear_sparsity
 from modelpress.compression.calib import engine
+from modelpress.compression.evaluation import linear_sparsity
 from modelpress.compression.pruning.admm import ADMMConfig, admm_prune
 from modelpress.compression.pruning.sparsegpt import sparsegpt_prune
 

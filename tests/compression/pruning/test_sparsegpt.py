@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from modelpress.compression import Context, compress, parse_params
-from modelpress.compression.evaluation import linear_sparsity
 from modelpress.compression.calib import engine
+from modelpress.compression.evaluation import linear_sparsity
 from modelpress.compression.pruning.sparsegpt import SparseGPTConfig, sparsegpt_prune
-from modelpress.compression.pruning.wanda import WandaConfig, wanda_mask
+from modelpress.compression.pruning.wanda import wanda_mask
 
 CAL = dict(num_samples=4, seq_len=64)
 

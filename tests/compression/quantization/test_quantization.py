@@ -12,8 +12,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from modelpress.compression.base import CompressionError, Context
-from modelpress.compression.evaluation import prunable_linears
-from modelpress.compression.quantization import awq, gptq, int8, int8_dynamic, rtn
+from modelpress.compression.quantization import gptq, int8_dynamic
 from modelpress.compression.quantization.artifact import (
     QUANT_ATTR,
     QuantizedLinear,

@@ -6,7 +6,6 @@ are measured values with a margin (see each test)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from modelpress.compression.base import Context
 from modelpress.compression.data import default_calibration_text, default_eval_text
