@@ -77,8 +77,8 @@ class JobCreate(Strict):
     calibration_dataset_id: str | None = Field(None, description="Uploaded calibration text.")
     eval_dataset_id: str | None = Field(None, description="Uploaded held-out evaluation text.")
     max_ppl_increase: float | None = Field(
-        None, gt=1.0, allow_inf_nan=False, description="Quality gate: fail the job if perplexity after / before "
-        "exceeds this ratio (e.g. 1.2).")
+        None, gt=1.0, allow_inf_nan=False,
+        description="Quality gate: fail the job if perplexity after / before exceeds this ratio (e.g. 1.2).")
     keep_intermediate: bool = Field(
         False, description="Keep each stage's intermediate model (and its metrics) in the "
         "downloadable archive, under stages/<i>-<method>/.")
@@ -179,6 +179,8 @@ class JobOut(BaseModel):
     prompts_dataset_id: str | None = None
     max_accuracy_drop: float | None = None
     max_mean_kl: float | None = None
+    estimated_peak_bytes: int | None = Field(
+        None, description="Peak memory estimated at submission from the model's config.")
     queue: str
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: int

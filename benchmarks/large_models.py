@@ -73,7 +73,7 @@ def run_one(size: str, method: str, out: Path, eval_tokens: int) -> dict:
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the checks
     rep = outcome.report
     row = {
-        "size": size, "method": method, "params": params,
+        "size": size, "method": method, "method_params": params,
         "wall_s": wall, "compress_s": rep["stages"][0]["duration_s"],
         "peak_rss_gb": rep["summary"]["peak_rss_bytes"] / 2**30,
         "ru_maxrss_gb": maxrss,

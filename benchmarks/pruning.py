@@ -99,7 +99,8 @@ def method_row(config: MethodConfig, note: str = "") -> Callable[[str], dict]:
     def run(name: str) -> dict:
         lm = smollm2()
         t = time.perf_counter()
-        compress(lm.model, config, Context(tokenizer=lm.tokenizer, calibration_text=default_calibration_text()))
+        ctx = Context(tokenizer=lm.tokenizer, calibration_text=default_calibration_text())
+        compress(lm.model, config, ctx)
         return measure(name, lm.model, lm.tokenizer, time.perf_counter() - t, note)
 
     return run
@@ -145,7 +146,8 @@ ROWS: dict[str, Callable[[str], dict]] = {
     "magnitude-row": method_row(MagnitudeConfig(sparsity=SPARSITY, scope="row")),
     "wanda": method_row(WandaConfig(**CAL, sequential=False), "per row, one pass per block"),
     "wanda-seq": method_row(WandaConfig(**CAL), "sequential groups"),
-    "sparsegpt": method_row(SparseGPTConfig(**CAL, sequential=False), "as llm-compressor: one pass per block"),
+    "sparsegpt": method_row(SparseGPTConfig(**CAL, sequential=False),
+                            "as llm-compressor: one pass per block"),
     "sparsegpt-seq": method_row(SparseGPTConfig(**CAL), "sequential groups (default)"),
     "sparsegpt-seq-owl": method_row(SparseGPTConfig(**CAL, owl=True), "sequential + OWL (lambda .08, M 5)"),
     "wanda+obs-seq": method_row(SparseGPTConfig(**CAL, mask_selection="wanda"), "Wanda mask + OBS update"),
@@ -194,9 +196,11 @@ def main(argv: list[str] | None = None) -> None:
             row = ROWS[n](n)
             if row:
                 (RESULTS / f"{n}.json").write_text(json.dumps(row))
-    saved = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names if (RESULTS / f"{n}.json").exists()]
+    saved = [json.loads((RESULTS / f"{n}.json").read_text())
+             for n in names if (RESULTS / f"{n}.json").exists()]
     print(f"\nSmolLM2-135M, {SPARSITY:.0%} target, calibration {NUM_SAMPLES}x{SEQ_LEN} tokens, "
-          f"held-out ppl on {EVAL_CHUNKS}x512 tokens of default_eval_text, CPU ({torch.get_num_threads()} threads)")
+          f"held-out ppl on {EVAL_CHUNKS}x512 tokens of default_eval_text, "
+          f"CPU ({torch.get_num_threads()} threads)")
     print_table(saved)
 
 

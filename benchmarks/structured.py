@@ -153,7 +153,8 @@ def table(rows: list[dict]) -> str:
         qxs = f"{qx:.2f}x" if r["model"] == "llama" else f"{qx:+.4f}"
         lines.append(
             f"| {'SmolLM2-135M' if r['model'] == 'llama' else 'MiniLM-L6'} | {r['method']} | "
-            f"{r['settings'].replace('|', '')} | {r['params'] / 1e6:.2f}M ({r['params'] / b['params']:.0%}) | "
+            f"{r['settings'].replace('|', '')} | "
+            f"{r['params'] / 1e6:.2f}M ({r['params'] / b['params']:.0%}) | "
             f"{r['bytes'] / 1e6:.1f} | {qs} | {qxs} | {r['speed']:.3g} | "
             f"{r['speed'] / b['speed']:.2f}x | {r['time_s']:.1f} |"
         )

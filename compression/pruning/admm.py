@@ -109,7 +109,9 @@ def _keep_mask(V: torch.Tensor, sparsity: float, scope: str, nm: tuple[int, int]
         if exact:
             return row_topk_mask(a, sparsity)
         k = int(round(a.shape[1] * sparsity))
-        return a > torch.kthvalue(a, k, dim=1, keepdim=True).values if k > 0 else torch.ones_like(a, dtype=torch.bool)
+        if k <= 0:
+            return torch.ones_like(a, dtype=torch.bool)
+        return a > torch.kthvalue(a, k, dim=1, keepdim=True).values
     k = int(round(a.numel() * sparsity))
     if k == 0:
         return torch.ones_like(a, dtype=torch.bool)

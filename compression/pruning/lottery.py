@@ -190,7 +190,8 @@ def apply(model: nn.Module, cfg: LotteryTicketConfig, ctx: Context) -> Compressi
                 "ppl": ppl,
                 "seconds": time.monotonic() - t_round,
             }
-            best = {"state": _snapshot(model), "sparsity": sparsity_trained, "ppl": ppl, "round": rec["round"]}
+            best = {"state": _snapshot(model), "sparsity": sparsity_trained, "ppl": ppl,
+                    "round": rec["round"]}
             if final:
                 history.append(rec)
                 ctx.event("round", rec)

@@ -377,7 +377,8 @@ def _heads_plan(mc: Any, cfg: HeadsConfig) -> tuple[int, int, int]:
     unit = S.head_unit(h, kv, cfg.gqa)
     g = h // kv
     try:
-        k = S.rounded_count(h, cfg.ratio, cfg.count, unit=unit, min_keep=unit if cfg.gqa == "query" and g > 1 else g)
+        min_keep = unit if cfg.gqa == "query" and g > 1 else g
+        k = S.rounded_count(h, cfg.ratio, cfg.count, unit=unit, min_keep=min_keep)
     except ValueError as e:
         raise CompressionError(f"heads ({h} query / {kv} KV heads, gqa={cfg.gqa!r}): {e}") from e
     new_h = h - k

@@ -382,8 +382,8 @@ class Int8DynamicConfig(CalibrationConfig):
     quantize_lm_head: bool = Field(
         True, description="Also run the output head in int8 in the CPU runtime (untied from "
         "the float input embedding); in small models the head is a large share of the weights "
-        "read per token, so it matters for speed. The artifact keeps the head in float (tied again where it was, and in the "
-        "config's ignore list): vLLM's output head takes no quantized weights.")
+        "read per token, so it matters for speed. The artifact keeps the head in float (tied again "
+        "where it was, and in the config's ignore list): vLLM's output head takes no quantized weights.")
     keep_float: list[str] = Field(
         default_factory=list, description="Regular expressions of Linear names kept in float "
         "(sensitive layers), e.g. ['layers\\\\.0\\\\.', 'down_proj'].")

@@ -199,8 +199,8 @@ def test_artifact_checkpoint_dequantizes_as_from_pretrained(bf16_dir, tmp_path):
 
 
 def _job(src, out, stream, method="rtn", params=None, **kw):
-    return run_pipeline(src, [{"method": method, "params": {"group_size": 16} if params is None else params}], out,
-                        device="cpu", stream=stream, **kw)
+    stage = {"method": method, "params": {"group_size": 16} if params is None else params}
+    return run_pipeline(src, [stage], out, device="cpu", stream=stream, **kw)
 
 
 def test_streamed_job_reports_what_the_in_memory_job_reports(bf16_dir, tmp_path):

@@ -29,7 +29,8 @@ def test_lottery_rounds_sparsity_and_learning(tiny_llama, tiny_tokenizer, scope)
     events = []
     start = {k: lin.weight.detach().clone() for k, lin in prunable_linears(tiny_llama).items()}
     cfg = LotteryTicketConfig(rounds=2, prune_per_round=0.3, scope=scope, **FAST)
-    res = compress(tiny_llama, cfg, Context(tokenizer=tiny_tokenizer, event=lambda k, d: events.append((k, d))))
+    ctx = Context(tokenizer=tiny_tokenizer, event=lambda k, d: events.append((k, d)))
+    res = compress(tiny_llama, cfg, ctx)
     rounds = [d for k, d in events if k == "round"]
     assert [r["round"] for r in rounds] == [0, 1, 2, "final"]
     # per-round sparsity: dense, then 30% of the rest each round
@@ -75,7 +76,8 @@ def test_lottery_stops_at_max_minutes(tiny_llama, tiny_tokenizer):
     events = []
     cfg = LotteryTicketConfig(rounds=5, prune_per_round=0.2, steps_per_round=100000, batch_size=2,
                               seq_len=16, max_minutes=0.05, eval_chunks=1)
-    res = compress(tiny_llama, cfg, Context(tokenizer=tiny_tokenizer, event=lambda k, d: events.append((k, d))))
+    ctx = Context(tokenizer=tiny_tokenizer, event=lambda k, d: events.append((k, d)))
+    res = compress(tiny_llama, cfg, ctx)
     assert res.metrics["stopped_early"] == 1.0
     assert res.metrics["train_seconds"] < 30
     assert any(k == "stopped" for k, _ in events)
@@ -89,7 +91,8 @@ def test_lottery_save_reload(tiny_llama, tiny_tokenizer, tmp_path):
     tiny_llama.save_pretrained(tmp_path)
     back = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert linear_sparsity(back) == pytest.approx(0.4, abs=1e-3)
-    out = back.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = back.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4,
+                        do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
 
 

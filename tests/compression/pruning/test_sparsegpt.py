@@ -85,7 +85,8 @@ def test_sparsegpt_bert_reload(tiny_bert, tiny_tokenizer, tmp_path):
     tiny_bert.save_pretrained(tmp_path)
     back = AutoModel.from_pretrained(tmp_path)
     ids = torch.randint(4, 500, (2, 12))
-    torch.testing.assert_close(back(input_ids=ids).last_hidden_state, tiny_bert(input_ids=ids).last_hidden_state)
+    torch.testing.assert_close(back(input_ids=ids).last_hidden_state,
+                               tiny_bert(input_ids=ids).last_hidden_state)
 
 
 def test_sparsegpt_reload_and_generate(tiny_llama, tiny_tokenizer, tmp_path):
@@ -95,7 +96,8 @@ def test_sparsegpt_reload_and_generate(tiny_llama, tiny_tokenizer, tmp_path):
     tiny_llama.save_pretrained(tmp_path)
     back = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert linear_sparsity(back) == pytest.approx(0.5)
-    out = back.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = back.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=6, min_new_tokens=6,
+                        do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9)
 
 

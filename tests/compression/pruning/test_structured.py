@@ -328,8 +328,9 @@ def test_unsupported_family(tiny_tokenizer):
     for cfg in (st.HeadsConfig(), st.FfnConfig(), st.LayersConfig()):
         with pytest.raises(UnsupportedModelError):
             compress(gpt2, cfg, ctx_for(tiny_tokenizer))
+        method = get_method(type(cfg).__name__.removesuffix("Config").lower())
         with pytest.raises(UnsupportedModelError):
-            get_method(type(cfg).__name__.removesuffix("Config").lower()).apply(gpt2, cfg, ctx_for(tiny_tokenizer))
+            method.apply(gpt2, cfg, ctx_for(tiny_tokenizer))
 
 
 def test_needs_tokenizer(tiny_llama):
@@ -348,7 +349,8 @@ def test_progress_and_cancel(tiny_llama, tiny_tokenizer):
     from modelpress.compression import Cancelled
 
     seen = []
-    compress(tiny_llama, fast(st.LayersConfig, count=1), ctx_for(tiny_tokenizer, progress=lambda f, m: seen.append(f)))
+    compress(tiny_llama, fast(st.LayersConfig, count=1),
+             ctx_for(tiny_tokenizer, progress=lambda f, m: seen.append(f)))
     assert seen and seen[-1] == 1.0 and all(0 <= f <= 1 for f in seen)
     with pytest.raises(Cancelled):
         compress(tiny_llama, fast(st.FfnConfig), ctx_for(tiny_tokenizer, should_stop=lambda: True))
@@ -388,7 +390,8 @@ def test_selection_math():
         S.rounded_count(4, None, 4)
     assert S.round_keep(1536, 384, 64) == 1152
     w = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
-    assert torch.equal(S.bias_compensation(w, [0, 2], torch.tensor([2.0, 5.0, 1.0])), torch.tensor([5.0, 0.0]))
+    comp = S.bias_compensation(w, [0, 2], torch.tensor([2.0, 5.0, 1.0]))
+    assert torch.equal(comp, torch.tensor([5.0, 0.0]))
     acts = torch.tensor([[1.0, 3.0], [1.0, -1.0]])  # neuron 0 constant, neuron 1 mean 1 std 2
     fl = S.neuron_fluctuation_scores(S.act_sum(acts), S.sq_sum(acts), 2, torch.eye(2))
     assert torch.allclose(fl, torch.tensor([0.0, 2.0]))

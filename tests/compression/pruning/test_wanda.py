@@ -113,7 +113,8 @@ def test_wanda_reload_and_generate(tiny_llama, tiny_tokenizer, tmp_path):
     assert linear_sparsity(back) == pytest.approx(0.5)
     for k, lin in prunable_linears(back).items():
         assert torch.equal(lin.weight, prunable_linears(tiny_llama)[k].weight)
-    out = back.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    out = back.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, min_new_tokens=5,
+                        do_sample=False, pad_token_id=0)
     assert out.shape == (1, 8)
 
 

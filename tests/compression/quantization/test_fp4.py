@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -144,5 +145,5 @@ def test_fp4_group_sizes_are_checked_at_submission(tiny_llama):
     for name in ("nvfp4", "mxfp4"):
         with pytest.raises(CompressionError, match="72"):
             get_method(name).check_model(parse_params(name, {}), cfg)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="activations"):
         parse_params("nvfp4", {"activations": "static"})

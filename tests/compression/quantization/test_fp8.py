@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -88,7 +89,7 @@ def test_fp8_refusals():
     with pytest.raises(CompressionError, match="block width 128"):
         get_method("fp8").check_model(parse_params("fp8", {"block": [128, 128]}),
                                       LlamaConfig(hidden_size=576, intermediate_size=1536))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="block"):
         parse_params("fp8", {"block": [128]})
 
 
