@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,9 +154,13 @@ def smollm2_dir(smollm2_gguf) -> Path:
         from modelpress.compression.models import load_gguf, save_model
 
         lm = load_gguf(smollm2_gguf)
-        tmp = d.with_suffix(".tmp")
+        # a private temp dir and an atomic rename: two test processes may build it at once
+        tmp = d.with_name(f"{d.name}.tmp-{os.getpid()}")
         save_model(lm.model, lm.tokenizer, tmp)
-        tmp.rename(d)
+        try:
+            tmp.rename(d)
+        except OSError:  # the other process won
+            shutil.rmtree(tmp, ignore_errors=True)
     return d
 
 
