@@ -466,7 +466,8 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
     peak.__enter__()
     try:
         check()
-        plan = streaming_plan(source, methods, stream, work)
+        plan = streaming_plan(source, methods, stream, work,
+                              configs[0].model_dump() if len(configs) == 1 else None)
         if plan is not None:
             run = _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text,
                                 dev, prog, hooks, check, metrics, work)

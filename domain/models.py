@@ -104,6 +104,9 @@ class Job(Base):
     #: measure ("full" when absent), tasks_dataset_id, prompts_dataset_id, max_accuracy_drop,
     #: max_mean_kl: what the job measures and gates on (api JobCreate.measure_options)
     measure_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: the job's peak memory estimated at submission from the model's config (bytes;
+    #: compression.streaming.estimate), shown in the report beside the measured peak
+    estimated_peak_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     queue: Mapped[str] = mapped_column(String(20), default="cpu")
     state: Mapped[str] = mapped_column(String(20), default=JobState.queued.value)
     progress: Mapped[int] = mapped_column(Integer, default=0)

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         40 * 1024**3, description="Cap on a worker's model cache (work_dir/cache/models); "
         "least recently used entries that no running job uses are evicted past it.")
 
+    worker_memory_bytes: int | None = Field(
+        None, gt=0, description="Memory of one worker (bytes): a job whose estimated peak "
+        "memory is above it is refused at submission (422). Default: this machine's memory "
+        "(set it where the API runs on a different machine than the workers).")
+
     heartbeat_s: float = Field(10.0, description="How often a running job's worker heartbeats.")
     reaper_timeout_s: float = Field(120.0, description="No heartbeat for this long: worker dead.")
     max_attempts: int = Field(3, description="Attempts before a job whose worker died is failed.")
@@ -121,6 +126,14 @@ class Settings(BaseSettings):
         d = (self.work_dir or self.home / "work").resolve()
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    @property
+    def resolved_worker_memory_bytes(self) -> int:
+        if self.worker_memory_bytes is not None:
+            return self.worker_memory_bytes
+        import psutil
+
+        return int(psutil.virtual_memory().total)
 
     @property
     def embedded(self) -> bool:

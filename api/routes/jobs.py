@@ -104,7 +104,8 @@ def job_events(job_id: str, session: ReadSession, owner: CurrentOwner,
 
 @router.get("/{job_id}/report", response_model=dict[str, Any], summary="A job's report",
             description="The report the pipeline wrote (the same as report.json in the "
-            "artifact). 404 until the job has one.")
+            "artifact) plus `memory`: the peak memory estimated at submission beside the "
+            "measured peak RSS. 404 until the job has one.")
 def job_report(job_id: str, session: ReadSession, owner: CurrentOwner) -> dict[str, Any]:
     return reports.get_report(session, owner, job_id)
 

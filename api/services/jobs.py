@@ -116,6 +116,28 @@ def validate_stages(stages: list[dict[str, Any]], model_config: Any, *, single: 
         raise Unprocessable(str(e), code="invalid_recipe") from None
 
 
+def admit(stages: list[dict[str, Any]], model_config: Any, settings: Settings) -> int | None:
+    """The job's peak memory estimated from the model's config (:mod:`streaming.estimate`, run
+    as a worker would run it: streamed or whole); 422 when it is above a worker's memory
+    (``worker_memory_bytes``). None when the config lacks the sizes to estimate from."""
+    from modelpress.compression.streaming.compress import STREAMABLE
+    from modelpress.compression.streaming.estimate import describe, estimate_job
+
+    capacity = settings.resolved_worker_memory_bytes
+    try:
+        est = estimate_job(model_config, stages, capacity)
+    except (TypeError, ValueError, ZeroDivisionError):  # a config without the usual sizes
+        return None
+    if est.peak_bytes <= capacity:
+        return est.peak_bytes
+    how = ("even block by block" if est.streamed else
+           f"with the model whole (single-stage {sorted(STREAMABLE)} jobs on causal language "
+           "models run block by block)")
+    raise Unprocessable(f"{describe(est.peak_bytes, capacity)} ({how})", code="job_too_large",
+                        details={"estimated_peak_bytes": est.peak_bytes,
+                                 "worker_memory_bytes": capacity, "streamed": est.streamed})
+
+
 def choose_queue(stages: list[dict[str, Any]], settings: Settings) -> str:
     from modelpress.compression.registry import get_method
 
@@ -213,19 +235,23 @@ def create_job(session: Session, settings: Settings, owner: str, body: JobCreate
     _check_jsonl_dataset(session, settings, owner, body.prompts_dataset_id, "prompt")
     stages = body.stages()
     _owned_model_refs(session, owner, stages)
-    validate_stages(stages, config_cache.get(session, model_id), single=body.method is not None)
+    model_config = config_cache.get(session, model_id)
+    validate_stages(stages, model_config, single=body.method is not None)
+    estimate = admit(stages, model_config, settings)
     now = utcnow()
     job = Job(id=job_id or new_id(), owner=owner, model_id=model_id, method=body.method,
               params=body.params if body.method is not None else None, recipe=stages,
               calibration_dataset_id=body.calibration_dataset_id,
               eval_dataset_id=body.eval_dataset_id, max_ppl_increase=body.max_ppl_increase,
               keep_intermediate=body.keep_intermediate, measure_options=body.measure_options(),
+              estimated_peak_bytes=estimate,
               queue=choose_queue(stages, settings), state=JobState.queued.value, progress=0,
               attempt=0, cancel_requested=False, created_at=now, updated_at=now)
     session.add(job)
     _attach_webhook(session, settings, owner, job.id, body.callback_url)
     add_event(session, job.id, "submitted", f"submitted to the {job.queue} queue",
-              {"stages": [s["method"] for s in stages], "queue": job.queue})
+              {"stages": [s["method"] for s in stages], "queue": job.queue,
+               "estimated_peak_bytes": estimate})
     session.flush()
     set_committed_value(job, "metrics", [])
     set_committed_value(job, "artifact", None)
@@ -423,6 +449,7 @@ def _out(j: Any, metrics: list[MetricOut], artifact: ArtifactOut | None,
         **_measure_fields(get("measure_options")),
         queue=get("queue"), state=get("state"), progress=get("progress"), stage=get("stage"),
         attempt=get("attempt"), cancel_requested=get("cancel_requested"), error=error,
+        estimated_peak_bytes=get("estimated_peak_bytes"),
         metrics=metrics, artifact=artifact, has_report=has_report,
         created_at=get("created_at"), updated_at=get("updated_at"),
         dispatched_at=get("dispatched_at"), started_at=get("started_at"),

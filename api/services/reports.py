@@ -20,10 +20,21 @@ from .models import get_model
 
 
 def get_report(session: Session, owner: str, job_id: str) -> dict[str, Any]:
+    """The pipeline's report with ``memory``: the peak estimated at submission beside the
+    measured one."""
     job = get_job(session, owner, job_id, children=False)
     if job.report is None:
         raise NotFound(f"job {job_id} has no report yet (state: {job.state})", code="no_report")
-    return scrub_paths(job.report)  # no server paths (the model's source, scratch folders)
+    report = scrub_paths(job.report)  # no server paths (the model's source, scratch folders)
+    return {**report, "memory": memory_section(job.estimated_peak_bytes, report)}
+
+
+def memory_section(estimated: int | None, report: dict[str, Any]) -> dict[str, Any]:
+    summary = report.get("summary") if isinstance(report.get("summary"), dict) else {}
+    measured = summary.get("peak_rss_bytes")
+    ratio = measured / estimated if measured is not None and estimated else None
+    return {"estimated_peak_bytes": estimated, "measured_peak_rss_bytes": measured,
+            "measured_over_estimated": ratio}
 
 
 def _metrics(job: Job, stage: str) -> dict[str, float]:

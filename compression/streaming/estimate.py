@@ -11,11 +11,13 @@ needs (``BLOCK_FACTOR``: the block plus the largest Linear's work tensors).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 BASE_BYTES = int(0.45 * 2**30)
 BLOCK_FACTOR = 2.0
 IN_MEMORY_FACTOR = 2.3
+STREAM_ENV = "MODELPRESS_STREAM_ABOVE_BYTES"
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -52,26 +54,109 @@ def source_dtype_bytes(config: Any) -> int:
     return _DTYPE_BYTES.get(dt.replace("torch.", ""), 4)
 
 
-def estimate_peak_bytes(config: Any, method: str, params: dict | None = None, *,
+def _full_params(method: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """``params`` with the method's defaults filled in (what the job will run with)."""
+    from ..registry import get_method
+
+    try:
+        return get_method(method).config.model_validate(params or {}).model_dump()
+    except Exception:  # noqa: BLE001 - unknown method or bad params: refused elsewhere
+        return dict(params or {})
+
+
+def _calibration_bytes(config: Any, method: str, params: dict[str, Any]) -> int:
+    """A calibrated method's calibration activations (inputs and outputs of a block) plus one
+    Hessian and its inverse for the widest Linear; 0 for a method without calibration."""
+    from ..registry import get_method
+
+    try:
+        calibrated = get_method(method).needs_calibration
+    except Exception:  # noqa: BLE001 - unknown method: refused elsewhere
+        calibrated = False
+    if not calibrated:
+        return 0
+    d = _dims(config)
+    wide = max(d["hidden"], d["inter"])
+    tokens = int(params.get("num_samples", 32)) * int(params.get("seq_len", 512))
+    return 4 * tokens * wide * 2 + 2 * 4 * wide**2
+
+
+def in_memory_bytes(config: Any, method: str, params: dict[str, Any] | None = None) -> int:
+    """Peak of a job that holds its model whole: the model in float32 about twice, plus the
+    calibration of a calibrated method."""
+    full = _full_params(method, params)
+    return (BASE_BYTES + int(IN_MEMORY_FACTOR * 4 * param_count(config))
+            + _calibration_bytes(config, method, full))
+
+
+def estimate_peak_bytes(config: Any, method: str, params: dict[str, Any] | None = None, *,
                         streamed: bool | None = None, eval_tokens: int = 16 * 512) -> int:
     """Peak resident bytes of a job running ``method`` (with ``params``) on a model with this
     HF ``config`` (object or dict). ``streamed``: None = streamed when the method can stream."""
-    from .compress import CALIBRATED, STREAMABLE
+    from .compress import STREAMABLE
 
-    params = params or {}
-    d = _dims(config)
     if streamed is None:
         streamed = method in STREAMABLE
     if not streamed:
-        return BASE_BYTES + int(IN_MEMORY_FACTOR * 4 * param_count(config))
+        return in_memory_bytes(config, method, params)
+    d = _dims(config)
     block = BLOCK_FACTOR * 4 * block_params(config)
     outside = source_dtype_bytes(config) * d["vocab"] * d["hidden"]  # embeddings or head
     acts = 4 * eval_tokens * d["hidden"] * 2
-    if method in CALIBRATED:
-        tokens = int(params.get("num_samples", 32)) * int(params.get("seq_len", 512))
-        acts = max(acts, 4 * tokens * max(d["hidden"], d["inter"]) * 2)
-        block += 2 * 4 * max(d["hidden"], d["inter"]) ** 2  # a Hessian and its inverse
-    return int(BASE_BYTES + max(block + acts, outside + acts))
+    return int(BASE_BYTES + max(block, outside) + max(
+        acts, _calibration_bytes(config, method, _full_params(method, params))))
+
+
+def stream_threshold(memory: int) -> int:
+    """Float32 model bytes above which a job that can stream does (``MODELPRESS_STREAM_ABOVE_BYTES``,
+    default half of ``memory``)."""
+    import os
+
+    from ..base import CompressionError
+
+    raw = os.environ.get(STREAM_ENV)
+    if not raw:
+        return memory // 2
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise CompressionError(f"{STREAM_ENV} must be a number of bytes, got {raw!r}") from None
+
+
+def can_stream(config: Any, stages: list[dict[str, Any]]) -> bool:
+    """A single stage of a block-by-block method on a causal language model."""
+    from ..models import CAUSAL, model_kind
+    from .compress import STREAMABLE
+
+    if isinstance(config, dict):
+        from types import SimpleNamespace
+
+        config = SimpleNamespace(**config)
+    return (len(stages) == 1 and stages[0]["method"] in STREAMABLE
+            and model_kind(config) == CAUSAL)
+
+
+def should_stream(fp32_bytes: int, in_memory: int, memory: int) -> bool:
+    """Whether a job that can stream does, when nobody asked: its float32 model is above the
+    threshold, or the job would not fit in ``memory`` whole."""
+    return fp32_bytes > stream_threshold(memory) or in_memory > memory
+
+
+@dataclass(frozen=True)
+class JobEstimate:
+    peak_bytes: int
+    streamed: bool
+
+
+def estimate_job(config: Any, stages: list[dict[str, Any]], memory: int) -> JobEstimate:
+    """A recipe's peak on a worker with ``memory`` bytes, run as that worker would run it
+    (streamed or whole): the largest over its stages."""
+    in_memory = max(in_memory_bytes(config, s["method"], s.get("params")) for s in stages)
+    if can_stream(config, stages) and should_stream(4 * param_count(config), in_memory, memory):
+        st = stages[0]
+        return JobEstimate(estimate_peak_bytes(config, st["method"], st.get("params"),
+                                               streamed=True), True)
+    return JobEstimate(in_memory, False)
 
 
 def describe(need: int, capacity: int) -> str:

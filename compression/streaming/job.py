@@ -11,7 +11,6 @@ memory (``fits``); otherwise the report says why it is absent.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,11 @@ from typing import Any
 import torch
 
 from ..base import CompressionError
+from . import estimate as E
 from .compress import STREAMABLE, WEIGHT_ONLY, stream_calibrated, stream_quantize
+from .estimate import STREAM_ENV
 from .source import LazyCheckpoint, is_streamable
 
-STREAM_ENV = "MODELPRESS_STREAM_ABOVE_BYTES"
 _FIT_FRACTION = 0.4  # a whole float32 model plus a measurement's activations in this share of RAM
 
 
@@ -34,13 +34,14 @@ def memory_bytes() -> int:
 
 
 def stream_threshold() -> int:
-    raw = os.environ.get(STREAM_ENV)
-    if raw:
-        try:
-            return int(float(raw))
-        except ValueError:
-            raise CompressionError(f"{STREAM_ENV} must be a number of bytes, got {raw!r}") from None
-    return memory_bytes() // 2
+    return E.stream_threshold(memory_bytes())
+
+
+def _auto_streams(fp32: int, config: Any, method: Any, params: dict[str, Any] | None) -> bool:
+    """Nobody asked: stream above the threshold, or where the job would not fit whole."""
+    in_memory = (E.in_memory_bytes(config, method.name, params) if config is not None
+                 else E.BASE_BYTES + int(E.IN_MEMORY_FACTOR * fp32))
+    return E.should_stream(fp32, in_memory, memory_bytes())
 
 
 def float32_bytes(ckpt: LazyCheckpoint) -> int:
@@ -66,9 +67,10 @@ class StreamPlan:
 
 
 def streaming_plan(source: str | Path, methods: list[Any], stream: bool | None,
-                   work: Path) -> StreamPlan | None:
+                   work: Path, params: dict[str, Any] | None = None) -> StreamPlan | None:
     """The plan when this job streams, else None. ``stream``: True forces it (a job that cannot
-    stream is then an error), False forbids it, None decides by size."""
+    stream is then an error), False forbids it, None decides by size (:func:`_auto_streams`;
+    ``params``: the single stage's)."""
     if stream is False:
         return None
     why_not = None
@@ -85,7 +87,7 @@ def streaming_plan(source: str | Path, methods: list[Any], stream: bool | None,
     if s.endswith(".gguf"):
         from .gguf import gguf_config_bytes
 
-        if stream is None and gguf_config_bytes(s) <= stream_threshold():
+        if stream is None and not _auto_streams(gguf_config_bytes(s), None, methods[0], params):
             return None
         from .gguf import convert_gguf
 
@@ -94,12 +96,19 @@ def streaming_plan(source: str | Path, methods: list[Any], stream: bool | None,
         src = Path(s)
     with LazyCheckpoint(src) as ckpt:
         fp32 = float32_bytes(ckpt)
-    if stream is None and fp32 <= stream_threshold():
-        return None
-    reason = ("asked for" if stream else
-              f"{fp32 / 2**30:.1f} GiB in float32 > the {stream_threshold() / 2**30:.1f} GiB "
-              f"threshold ({STREAM_ENV})")
-    return StreamPlan(src, fp32, fits_in_memory(fp32), reason)
+        if stream is None and not _auto_streams(fp32, ckpt.config, methods[0], params):
+            return None
+    return StreamPlan(src, fp32, fits_in_memory(fp32), _reason(stream, fp32))
+
+
+def _reason(stream: bool | None, fp32: int) -> str:
+    if stream:
+        return "asked for"
+    gib, limit = fp32 / 2**30, stream_threshold() / 2**30
+    if fp32 > stream_threshold():
+        return f"{gib:.1f} GiB in float32 > the {limit:.1f} GiB threshold ({STREAM_ENV})"
+    return (f"{gib:.1f} GiB in float32 (under the {limit:.1f} GiB threshold, {STREAM_ENV}) does "
+            f"not fit whole in {memory_bytes() / 2**30:.1f} GiB")
 
 
 def load_tokenizer(path: Path) -> Any:
