@@ -150,8 +150,13 @@ def cmd_api(args: argparse.Namespace) -> int:
             ensure_bootstrap_key(s)
         except Exception as e:  # noqa: BLE001 - the DB may not be migrated yet
             print(f"warning: could not store the bootstrap API key: {e}", file=sys.stderr)
+    from modelpress.api.server import HTTP_PROTOCOL
+
+    # HTTP_PROTOCOL sets TCP_NODELAY: with --workers N uvicorn's own socket leaves Nagle on
+    # (every keep-alive request after the first waited ~40 ms for a delayed ACK)
     uvicorn.run(APP_FACTORY, factory=True, host=args.host or s.host, port=args.port or s.port,
-                workers=args.workers, log_level=args.loglevel.lower(), proxy_headers=True)
+                workers=args.workers, log_level=args.loglevel.lower(), proxy_headers=True,
+                http=HTTP_PROTOCOL)
     return 0
 
 
@@ -225,8 +230,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from modelpress.api.server import HTTP_PROTOCOL
+
         uvicorn.run(APP_FACTORY, factory=True, host=host, port=port,
-                    log_level=args.loglevel.lower())
+                    log_level=args.loglevel.lower(), http=HTTP_PROTOCOL)
     except (KeyboardInterrupt, _Terminate):
         pass
     finally:
