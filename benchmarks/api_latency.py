@@ -1,11 +1,14 @@
 """Issue 2 benchmark: HTTP API latency and throughput against PostgreSQL + Redis.
 
-Starts uvicorn (``--workers N``) on a loopback port against a FRESH PostgreSQL database and a
-Redis broker database, registers a tiny llama (a tar of a HF directory built here), then measures
+Starts the API as it is deployed (``modelpress api --workers N``) on a loopback port against a
+FRESH PostgreSQL database and a Redis broker database, registers a tiny llama (a tar of a HF
+directory built here), then measures
 
-* POST /v1/jobs latency (sequential, one keep-alive connection): p50 / p95 / p99
+* latency, sequential on one keep-alive connection (httpx): GET /healthz (the floor: no auth, no
+  database), GET /v1/jobs/{id}, POST /v1/jobs: p50 / p95 / p99 and server CPU per request
 * GET /v1/jobs/{id} throughput with C concurrent keep-alive connections (a raw asyncio HTTP/1.1
-  client: cheap enough that the 2-core machine spends its time in the server, not the client)
+  client: cheap enough that the 2-core machine spends its time in the server, not the client);
+  the server's and the load generator's CPU per request are printed (they share the cores)
 * POST /v1/jobs under load: ``--load-clients`` concurrent keep-alive connections (default 200)
   each submitting jobs back to back for ``--load-seconds`` (default 30): every response must be a
   201 (no 5xx, no 429, no timeout); prints throughput and latency under load
@@ -15,7 +18,11 @@ Goals (issue 2): POST p99 <= 50 ms, GET >= 1,000 req/s. Everything stays on 127.
 bounded. The database is dropped and the Redis database flushed at the end.
 
     python benchmarks/api_latency.py [--workers 2] [--posts 500] [--gets 6000] [--clients 16]
-                                     [--load-clients 200] [--load-seconds 30]
+                                     [--load-clients 200] [--load-seconds 30] [--plain-uvicorn]
+
+``--plain-uvicorn`` serves with ``uvicorn --workers N`` and its default protocol instead (how this
+benchmark started the server before): with N > 1 uvicorn leaves Nagle's algorithm on for every
+connection and each keep-alive request after the first waits ~40 ms (see api/server.py).
 
 The per-owner active-job quota is switched off for the run (the jobs stay queued: no worker);
 the per-owner rate limit keeps its default.
@@ -153,6 +160,29 @@ def tree_cpu(proc: subprocess.Popen) -> float:
     except psutil.NoSuchProcess:
         pass
     return total
+
+
+def server_argv(port: int, workers: int, plain_uvicorn: bool) -> list[str]:
+    if plain_uvicorn:
+        return [sys.executable, "-m", "uvicorn", "--factory", "modelpress.api.app:create_app",
+                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+                "--no-access-log", "--log-level", "warning"]
+    return [sys.executable, "-m", "modelpress", "api", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", str(workers), "--loglevel", "WARNING"]
+
+
+def sequential(client: httpx.Client, server: subprocess.Popen, n: int, method: str, url: str,
+               status: int, **kw: object) -> tuple[list[float], float]:
+    """``n`` requests one after another on one keep-alive connection: latencies (s) and the
+    server's CPU seconds per request."""
+    lat: list[float] = []
+    cpu0 = tree_cpu(server)
+    for _ in range(n):
+        t = time.perf_counter()
+        r = client.request(method, url, **kw)  # type: ignore[arg-type]
+        lat.append(time.perf_counter() - t)
+        assert r.status_code == status, r.text
+    return lat, (tree_cpu(server) - cpu0) / n
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -339,16 +369,16 @@ def main() -> int:
     ap.add_argument("--load-seconds", type=float, default=30.0)
     ap.add_argument("--pickup", type=int, default=0, help="jobs for the worker pickup measure")
     ap.add_argument("--redis-db", type=int, default=13)
+    ap.add_argument("--plain-uvicorn", action="store_true",
+                    help="serve with `uvicorn --workers N` and its default protocol (Nagle on)")
     args = ap.parse_args()
 
+    load_start = os.getloadavg()[0]
     env = Env(args.redis_db)
     port = free_port()
     server = None
     try:
-        server = start([sys.executable, "-m", "uvicorn", "--factory",
-                        "modelpress.api.app:create_app", "--host", "127.0.0.1", "--port",
-                        str(port), "--workers", str(args.workers), "--no-access-log",
-                        "--log-level", "warning"], env.env)
+        server = start(server_argv(port, args.workers, args.plain_uvicorn), env.env)
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz", server)
         h = {"Authorization": f"Bearer {env.key}"}
@@ -360,28 +390,30 @@ def main() -> int:
 
         for _ in range(60):  # warm-up: every worker process, caches, prepared statements
             client.post("/v1/jobs", json=body).raise_for_status()
-        post_lat = []
-        cpu0 = tree_cpu(server)
-        for _ in range(args.posts):
-            t = time.perf_counter()
-            r = client.post("/v1/jobs", json=body)
-            post_lat.append(time.perf_counter() - t)
-            assert r.status_code == 201, r.text
-        post_cpu = (tree_cpu(server) - cpu0) / args.posts
-        job_id = r.json()["id"]
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        seq_n = min(args.posts, 300)
+        health_lat, health_cpu = sequential(client, server, seq_n, "GET", "/healthz", 200)
+        seq_get_lat, seq_get_cpu = sequential(client, server, seq_n, "GET", f"/v1/jobs/{job_id}",
+                                              200)
+        post_lat, post_cpu = sequential(client, server, args.posts, "POST", "/v1/jobs", 201,
+                                        json=body)
 
         asyncio.run(get_load(port, f"/v1/jobs/{job_id}", env.key, 400, args.clients))  # warm
-        cpu0 = tree_cpu(server)
+        cpu0, own0 = tree_cpu(server), time.process_time()
         wall, get_lat, errors = asyncio.run(
             get_load(port, f"/v1/jobs/{job_id}", env.key, args.gets, args.clients))
         get_cpu = (tree_cpu(server) - cpu0) / len(get_lat)
+        get_client_cpu = (time.process_time() - own0) / len(get_lat)
         assert not errors, errors[:5]
 
         wrk_rps = wrk_load(base + f"/v1/jobs/{job_id}", env.key, args.clients)
         load = None
         if args.load_clients:
+            cpu0, own0 = tree_cpu(server), time.process_time()
             load = asyncio.run(post_load(port, env.key, body, args.load_clients,
                                          args.load_seconds))
+            load_cpu = (tree_cpu(server) - cpu0) / max(1, len(load[1]))
+            load_client_cpu = (time.process_time() - own0) / max(1, len(load[1]))
             load_committed = count_jobs(env.db_url)
         pickup = measure_pickup(env, client, model_id, args.pickup) if args.pickup else None
         metrics = client.get("/metrics").text
@@ -394,6 +426,12 @@ def main() -> int:
 
     ms = lambda s: f"{s * 1000:.1f}"  # noqa: E731
     rows = [
+        ("GET /healthz", f"n={len(health_lat)} sequential", f"p50 {ms(pct(health_lat, 50))} ms",
+         f"p95 {ms(pct(health_lat, 95))} ms", f"p99 {ms(pct(health_lat, 99))} ms",
+         f"server CPU {ms(health_cpu)} ms/req", ""),
+        ("GET /v1/jobs/{id}", f"n={len(seq_get_lat)} sequential",
+         f"p50 {ms(pct(seq_get_lat, 50))} ms", f"p95 {ms(pct(seq_get_lat, 95))} ms",
+         f"p99 {ms(pct(seq_get_lat, 99))} ms", f"server CPU {ms(seq_get_cpu)} ms/req", ""),
         ("POST /v1/jobs", f"n={len(post_lat)} sequential", f"p50 {ms(pct(post_lat, 50))} ms",
          f"p95 {ms(pct(post_lat, 95))} ms", f"p99 {ms(pct(post_lat, 99))} ms",
          f"server CPU {ms(post_cpu)} ms/req",
@@ -401,7 +439,7 @@ def main() -> int:
         ("GET /v1/jobs/{id}", f"n={len(get_lat)} c={args.clients}",
          f"{len(get_lat) / wall:.0f} req/s", f"p50 {ms(pct(get_lat, 50))} ms",
          f"p99 {ms(pct(get_lat, 99))} ms",
-         f"server CPU {ms(get_cpu)} ms/req",
+         f"server CPU {ms(get_cpu)} ms/req (client {get_client_cpu * 1000:.2f})",
          "goal >= 1000 req/s: " + ("MET" if len(get_lat) / wall >= 1000 else "MISSED")),
     ]
     if wrk_rps is not None:
@@ -412,25 +450,29 @@ def main() -> int:
         errs = {k: v for k, v in lcodes.items() if k != "201"}
         rows.append(("POST /v1/jobs under load", f"{args.load_seconds:g} s c={args.load_clients}",
                      f"{len(llat) / lwall:.0f} req/s", f"p50 {ms(pct(llat, 50))} ms",
-                     f"p99 {ms(pct(llat, 99))} ms", f"{lcodes.get('201', 0)} x 201",
-                     "goal 0 errors: " + ("MET" if not errs else f"MISSED {errs}")))
+                     f"p99 {ms(pct(llat, 99))} ms",
+                     f"server CPU {ms(load_cpu)} ms/req (client {load_client_cpu * 1000:.2f})",
+                     f"{lcodes.get('201', 0)} x 201; goal 0 errors: "
+                     + ("MET" if not errs else f"MISSED {errs}")))
     if pickup:
         rows.append(("submit -> worker start", f"n={len(pickup)}",
                      f"p50 {ms(statistics.median(pickup))} ms", f"max {ms(max(pickup))} ms", "", "", ""))
     elif args.pickup:
         rows.append(("submit -> worker start", "worker did not start", "", "", "", "", ""))
-    print(f"\nmodelpress API benchmark: uvicorn --workers {args.workers}, PostgreSQL + Redis, "
+    served = ("plain uvicorn --workers" if args.plain_uvicorn else "modelpress api --workers")
+    print(f"\nmodelpress API benchmark: {served} {args.workers}, PostgreSQL + Redis, "
           f"{os.cpu_count()} CPUs (shared machine: numbers are noisy)\n")
     widths = [max(len(str(r[i])) for r in rows) for i in range(7)]
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-    print(f"\nserver CPU = CPU seconds of the uvicorn processes / requests (excludes PostgreSQL "
-          f"and the load generator); machine load average during the run: "
+    print(f"\nserver CPU = CPU seconds of the API processes / requests (excludes PostgreSQL and "
+          f"Redis); client = this load generator's CPU per request (it shares the cores); "
+          f"machine load average at the start / end of the run: {load_start:.1f} / "
           f"{os.getloadavg()[0]:.1f}")
     if load is not None and any(k != "201" for k in load[2]):
         print("\nserver log (tail):\n" + server_log)
     if load is not None:
-        expected = 60 + args.posts + load[2].get("201", 0)
+        expected = 61 + args.posts + load[2].get("201", 0)  # warm-up, the GET target, sequential
         print(f"jobs in the database after the load phase: {load_committed} "
               f"(201 answers: {expected}; " + ("every one committed once)" if
                                                load_committed == expected else "MISMATCH)"))
