@@ -121,9 +121,11 @@ class Env:
 
 def start(argv: list[str], env: dict) -> subprocess.Popen:
     """The process's stderr goes to a file (a pipe nobody reads would fill up and block the
-    server as soon as it logs more than 64 KiB)."""
+    server as soon as it logs more than 64 KiB). It runs in the temp home: ``python -m`` puts
+    the working directory first on sys.path, and the checkout's ``modelpress/`` folder (the CLI
+    only) would shadow the installed package."""
     log = tempfile.NamedTemporaryFile(prefix="mp-bench-", suffix=".log", delete=False)
-    proc = subprocess.Popen(argv, env=env, start_new_session=True,
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, cwd=env["MODELPRESS_HOME"],
                             stdout=subprocess.DEVNULL, stderr=log)
     proc.log_path = log.name  # type: ignore[attr-defined]
     log.close()
