@@ -80,10 +80,13 @@ def int8_linear(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
 
 def scale_accumulator(acc: torch.Tensor, xs: torch.Tensor | float, w_scale: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-    """int32 ``x_q @ W_q^T`` to float: times the activation scale(s), then the weight scales,
-    plus bias. In place after the conversion (a [tokens, vocab] head holds 2 copies, not 4); one
-    function for every ``_int_mm`` path, so that they give the same floats."""
-    y = acc.float().mul_(xs).mul_(w_scale)
+    """int32 ``x_q @ W_q^T`` to float: times the weight scales, then the activation scale(s)
+    (per token [rows, 1], or one float), plus bias: in the order the oneDNN path applies them to
+    its int32 products (:meth:`_CpuGroup._matmul_onednn`), so that both kernels give the same
+    floats, bit for bit (tested), and a served model the same numbers whichever kernel each
+    group chose in its process. In place after the conversion (a [tokens, vocab] head holds 2
+    copies, not 4); one function for every ``_int_mm`` path."""
+    y = acc.float().mul_(w_scale).mul_(xs)
     return y if bias is None else y.add_(bias.float())
 
 
@@ -218,14 +221,14 @@ class _CpuGroup:
             start += n
 
     def _matmul_onednn(self, xq: torch.Tensor, xs: Any) -> torch.Tensor:
-        if isinstance(xs, float):  # one scale: oneDNN applies it, the weight scales and bias
-            return torch.ops.onednn.qlinear_pointwise(xq, xs, 0, self.packed, self.w_scale,
-                                                      self.zeros, self.bias, 1.0, 0,
-                                                      torch.float32, "none", [], "")
+        # oneDNN applies only the weight scales to its (exact) int32 products; the activation
+        # scale(s) and the bias follow here, as in scale_accumulator. Given the activation scale
+        # as its source scale, oneDNN rounds differently from one shape to another (by the
+        # kernel it picks), and a served model's numbers would depend on the kernel chosen.
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, self.packed, self.w_scale,
                                                self.zeros, None, 1.0, 0, torch.float32, "none",
                                                [], "")
-        y = y.mul_(xs)  # per-token scales on the float output (exact int32 accumulation inside)
+        y = y.mul_(xs)
         return y if self.bias is None else y.add_(self.bias)
 
     def _matmul_int_mm(self, xq: torch.Tensor, xs: Any) -> torch.Tensor:
