@@ -44,7 +44,7 @@ def _has_nul(scope: Scope) -> bool:
     return b"\x00" in qs or b"\x00" in unquote_to_bytes(qs)
 
 
-def _lone_surrogate(body: bytes) -> bool:
+def _lone_surrogate(body: bytes | bytearray) -> bool:
     """Whether the JSON holds a string that is not valid Unicode (an unpaired surrogate escape:
     the database cannot store it). Only parsed when a surrogate escape is present at all."""
     try:

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from fastapi import Request
 from python_multipart import MultipartParser
@@ -52,9 +52,9 @@ class _Collector:
         self._headers: dict[bytes, bytes] = {}
         self._name: str | None = None
         self._filename: str | None = None
-        self._fh = None
+        self._fh: BinaryIO | None = None
         self._tmp: Path | None = None
-        self._hash = None
+        self._hash = hashlib.sha256()  # of the file part being written (new for each)
         self._size = 0
         self._buf = bytearray()
 

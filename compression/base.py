@@ -61,6 +61,25 @@ def _noop(*_a: Any, **_k: Any) -> None:
     return None
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as a tensor (an nn.Module attribute is typed ``Tensor | Module``)."""
+    w = module.weight
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    return w
+
+
+def hf_config(model: nn.Module) -> Any:
+    """A Hugging Face model's ``config`` (a PretrainedConfig whose attributes differ by family)."""
+    return model.config
+
+
+def hf(model: nn.Module) -> Any:
+    """``model`` for calls of the Hugging Face model API (``generate``, ``get_output_embeddings``,
+    ``save_pretrained``), which nn.Module's attribute typing cannot see."""
+    return model
+
+
 @dataclass
 class Context:
     """Everything a method may need besides the model and its config."""
@@ -74,7 +93,7 @@ class Context:
     #: ``progress(fraction_of_this_stage_0_to_1, message)``
     progress: Callable[[float, str | None], None] = _noop
     #: ``event(kind, data)``: appended to the job's event log
-    event: Callable[[str, dict], None] = _noop
+    event: Callable[[str, dict[str, Any]], None] = _noop
     #: ``metric(name, value, unit)``: recorded for this stage
     metric: Callable[[str, float, str | None], None] = _noop
     should_stop: Callable[[], bool] = lambda: False
@@ -140,3 +159,6 @@ class Method:
             )
         if self.validate is not None:
             self.validate(config, model_config)
+        from .moe import check_method
+
+        check_method(self.name, config, model_config)

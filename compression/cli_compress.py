@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,12 +135,12 @@ def _fmt_bytes(n: float | None) -> str:
     return str(n)
 
 
-def summary_lines(report: dict) -> list[str]:
+def summary_lines(report: dict[str, Any]) -> list[str]:
     b, a, s = report.get("before", {}), report.get("after", {}), report.get("summary", {})
     lines = [f"source: {report.get('source')}  ->  format {report.get('format')}",
              "recipe: " + " -> ".join(st["method"] for st in report.get("recipe", []))]
 
-    def row(name: str, key: str, fmt) -> None:
+    def row(name: str, key: str, fmt: Callable[[Any], str]) -> None:
         if key in b or key in a:
             lines.append(f"  {name:<18} {fmt(b.get(key)):>14}  ->  {fmt(a.get(key)):>14}")
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         last["p"] = p
         print(f"[{p:3d}%] {label}", file=sys.stderr, flush=True)
 
-    def event(kind: str, data: dict) -> None:
+    def event(kind: str, data: dict[str, Any]) -> None:
         if args.quiet:
             return
         if kind == "train":

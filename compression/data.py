@@ -58,4 +58,5 @@ def self_generated_text(model: Any, tokenizer: Any, num: int, seq_len: int,
         starts = torch.cat([torch.full((num, 1), bos), starts], dim=1)
     out = model.generate(starts.to(dev), max_new_tokens=seq_len - starts.shape[1], do_sample=True,
                          top_k=50, min_new_tokens=seq_len - starts.shape[1], pad_token_id=0)
-    return out[:, :seq_len].cpu()
+    ids: torch.Tensor = out[:, :seq_len].cpu()
+    return ids

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 import sys
@@ -26,7 +28,7 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-_libc = None
+_libc: ctypes.CDLL | bool | None = None  # False: no malloc_trim here
 
 
 def return_freed_memory() -> None:
@@ -42,15 +44,12 @@ def return_freed_memory() -> None:
     # transformers loaded (5 s over SmolLM2's 30 layers) and found nothing more
     gc.collect(1)
     if _libc is None:
-        import ctypes
-        import ctypes.util
-
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _libc.malloc_trim  # noqa: B018 - glibc only
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
+    if isinstance(_libc, ctypes.CDLL):
         _libc.malloc_trim(0)
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from .base import hf, hf_config
 from .data import token_chunks
 
 #: parameters a quantized (compressed-tensors) model carries besides its weights: quantization
@@ -21,7 +24,7 @@ from .data import token_chunks
 QUANT_AUX_SUFFIXES = ("_scale", "_zero_point", "_shape", "_g_idx", "_global_scale")
 
 
-def _model_params(model: nn.Module):
+def _model_params(model: nn.Module) -> Iterator[nn.Parameter]:
     """Each distinct parameter once (tied weights count once), quantization metadata excluded."""
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -43,7 +46,7 @@ def nonzero_count(model: nn.Module) -> int:
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` except the output head (``lm_head`` / tied embeddings)."""
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb = hf(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
         name: m
         for name, m in model.named_modules()
@@ -118,14 +121,14 @@ def tokens_per_second(model: nn.Module, tokenizer: Any = None, new_tokens: int =
     # warms up at the measured length
     gc = getattr(model, "generation_config", None)
     warm = new_tokens if getattr(gc, "compile_config", None) is not None else 4
-    model.generate(prompt, max_new_tokens=warm, min_new_tokens=warm, do_sample=False,
-                   pad_token_id=0)
+    hf(model).generate(prompt, max_new_tokens=warm, min_new_tokens=warm, do_sample=False,
+                       pad_token_id=0)
     return statistics.median(timed_decode(model, prompt, new_tokens) for _ in range(repeats))
 
 
 def decode_prompt(model: nn.Module, prompt_len: int = 16) -> torch.Tensor:
     """A fixed ``[1, prompt_len]`` prompt of token ids on the model's device."""
-    vocab = model.config.vocab_size
+    vocab: int = hf_config(model).vocab_size
     return torch.arange(1, prompt_len + 1, device=model_device(model)).remainder(vocab)[None]
 
 
@@ -136,8 +139,8 @@ def timed_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> flo
     if cuda:
         torch.cuda.synchronize()
     t = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=0)
+    out: torch.Tensor = hf(model).generate(prompt, max_new_tokens=new_tokens,
+                                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     if cuda:
         torch.cuda.synchronize()
     return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
@@ -174,8 +177,8 @@ class PeakMemory:
         self.interval_s = interval_s
         self.peak_rss_bytes = 0
         self.peak_gpu_bytes: int | None = None
-        self._stop = None
-        self._thread = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _rss(self) -> int:
         import psutil
@@ -187,8 +190,6 @@ class PeakMemory:
         return self.peak_rss_bytes
 
     def __enter__(self) -> PeakMemory:
-        import threading
-
         self.sample()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -202,7 +203,7 @@ class PeakMemory:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def stop(self) -> None:

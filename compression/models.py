@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import CompressionError
+from .base import CompressionError, hf, hf_config
 
 #: model_type -> task kind. Causal LMs get perplexity; encoders get an embedding-fidelity metric.
 CAUSAL = "causal-lm"
@@ -41,7 +42,7 @@ def model_kind(config: Any) -> str:
     return ENCODER
 
 
-def _auto_class(kind: str):
+def _auto_class(kind: str) -> Any:
     from transformers import AutoModel, AutoModelForCausalLM
 
     return AutoModelForCausalLM if kind == CAUSAL else AutoModel
@@ -64,7 +65,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
     with tempfile.TemporaryDirectory(prefix="modelpress-gguf-") as tmp:
         # weights memory-mapped from the files stay readable after they are unlinked (Linux)
         loaded = load_pretrained(convert_gguf(path, Path(tmp) / "model"), dtype=dtype)
-    loaded.model.config._name_or_path = ""
+    hf_config(loaded.model)._name_or_path = ""
     return loaded
 
 
@@ -138,14 +139,15 @@ def read_config(source: str | Path, revision: str | None = None) -> Any:
     return AutoConfig.from_pretrained(s, **kwargs)
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, saver=None) -> Path:
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path,
+               saver: Callable[[nn.Module, Path], None] | None = None) -> Path:
     """Write a Hugging Face directory (safetensors) that plain ``from_pretrained`` loads."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if saver is not None:
         saver(model, out)
     else:
-        model.save_pretrained(out, safe_serialization=True)
+        hf(model).save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -164,5 +166,6 @@ def weight_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*.safetensors"))
 
 
-def config_dict(path: str | Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
+def config_dict(path: str | Path) -> dict[str, Any]:
+    cfg: dict[str, Any] = json.loads((Path(path) / "config.json").read_text())
+    return cfg

@@ -8,6 +8,7 @@ family's ``METHODS`` list.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -48,7 +49,7 @@ def method_for_config(config: MethodConfig) -> Method:
     raise UnknownMethodError(f"no method is registered for config type {type(config).__name__}")
 
 
-def parse_params(name: str, params: dict | None) -> MethodConfig:
+def parse_params(name: str, params: dict[str, Any] | None) -> MethodConfig:
     """Validate a method's params; raises UnknownMethodError or pydantic.ValidationError."""
     return get_method(name).config.model_validate(params or {})
 

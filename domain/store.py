@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from .settings import Settings, get_settings
 
@@ -137,7 +137,7 @@ class S3Store:
         self.bucket = bucket
         self.presign_expiry_s = presign_expiry_s
 
-        def client(endpoint: str | None):
+        def client(endpoint: str | None) -> Any:  # boto3 ships no types
             return boto3.client(
                 "s3", endpoint_url=endpoint, region_name=region,
                 aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
@@ -207,8 +207,9 @@ class S3Store:
         params = {"Bucket": self.bucket, "Key": _check_key(key)}
         if filename:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
-        return self._presign_client.generate_presigned_url("get_object", Params=params,
-                                                  ExpiresIn=self.presign_expiry_s)
+        url: str = self._presign_client.generate_presigned_url("get_object", Params=params,
+                                                               ExpiresIn=self.presign_expiry_s)
+        return url
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=_check_key(key))

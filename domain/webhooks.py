@@ -17,7 +17,7 @@ import ipaddress
 import secrets
 import socket
 import time
-from typing import Any
+from typing import Any, Literal, overload
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
@@ -61,7 +61,7 @@ def check_url(url: str, *, allow_private: bool) -> str:
         raise CallbackUrlError(f"callback host {parts.hostname[:200]!r} does not resolve") from None
     if not allow_private:
         for info in infos:
-            ip = ipaddress.ip_address(info[4][0].split("%")[0])
+            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
             if _refused(ip):
                 raise CallbackUrlError(
                     f"callback host {parts.hostname[:200]!r} resolves to {ip}: loopback, "
@@ -69,6 +69,10 @@ def check_url(url: str, *, allow_private: bool) -> str:
     return url
 
 
+@overload
+def owner_settings(session: Session, owner: str, *, create: Literal[True]) -> WebhookOwner: ...
+@overload
+def owner_settings(session: Session, owner: str, *, create: bool = False) -> WebhookOwner | None: ...
 def owner_settings(session: Session, owner: str, *, create: bool = False) -> WebhookOwner | None:
     row = session.get(WebhookOwner, owner)
     if row is None and create:

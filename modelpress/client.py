@@ -29,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -167,7 +167,9 @@ class SseParser:
     each event, else None. Comments (heartbeats) are skipped."""
 
     def __init__(self) -> None:
-        self.event, self.data, self.id = "message", [], None
+        self.event = "message"
+        self.data: list[str] = []
+        self.id: str | None = None
 
     def feed(self, line: str) -> tuple[str, str, str | None] | None:
         if line == "":
@@ -529,6 +531,17 @@ class AsyncClient(_Api):
         self.http = http or httpx.AsyncClient(base_url=self.url, timeout=timeout)
         self.http.headers.update(self._headers())
 
+    if TYPE_CHECKING:  # the calls inherited from _Api return awaitables here (see _call)
+        async def register_hub_model(  # type: ignore[override]
+                self, source: str, revision: str | None = None, name: str | None = None
+        ) -> ModelOut: ...
+
+        async def get_job(self, job_id: str) -> JobOut: ...  # type: ignore[override]
+
+        async def list_jobs(  # type: ignore[override]
+                self, *, state: str | None = None, model_id: str | None = None,
+                method: str | None = None, limit: int = 50, cursor: str | None = None) -> JobPage: ...
+
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -556,7 +569,7 @@ class AsyncClient(_Api):
             return r
         raise AssertionError("unreachable")
 
-    async def _call(self, req: Req) -> Any:  # type: ignore[override]
+    async def _call(self, req: Req) -> Any:
         r = await self._send(req.method, req.path, params=req.params, json=req.json,
                              headers=req.headers)
         return self._result(req, r)

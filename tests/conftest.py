@@ -174,6 +174,22 @@ def minilm_dir() -> Path:
 # PostgreSQL and Redis must be running (CI starts them). A missing service is a failure, not a
 # skip. S3 is moto's standalone server on a loopback port.
 
+# --------------------------------------------------------------------------- markers
+# A test is `slow` when it loads a real model and `services` when it needs PostgreSQL or Redis,
+# whichever way the fixture reaches it (directly or through other fixtures).
+REAL_MODEL_FIXTURES = {"smollm2_gguf", "smollm2_dir", "minilm_dir"}
+SERVICE_FIXTURES = {"pg_url", "redis_url", "scratch_db"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & REAL_MODEL_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if used & SERVICE_FIXTURES:
+            item.add_marker(pytest.mark.services)
+
+
 PG_ADMIN_URL = os.environ.get("MODELPRESS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379")
 

@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
 from modelpress.compression.base import Cancelled, CompressionError, UnsupportedModelError
@@ -198,11 +198,10 @@ class JobChannel:
     def _touch(self, **values: Any) -> bool:
         """UPDATE the job if it is still ours; False if not."""
         with session_scope() as s:
-            r = s.execute(update(Job).where(Job.id == self.claim.job_id,
-                                            Job.state == JobState.running.value,
-                                            Job.worker == self.claim.worker,
-                                            Job.attempt == self.claim.attempt)
-                          .values(heartbeat_at=utcnow(), **values))
+            r = cast(CursorResult[Any], s.execute(  # an UPDATE's result: rowcount
+                update(Job).where(Job.id == self.claim.job_id, Job.state == JobState.running.value,
+                                  Job.worker == self.claim.worker, Job.attempt == self.claim.attempt)
+                .values(heartbeat_at=utcnow(), **values)))
             return r.rowcount == 1
 
     # -- hooks for the pipeline
@@ -452,10 +451,10 @@ def dataset_text(store: ArtifactStore, ds: Dataset, scratch: Path) -> str:
 class _HashingWriter:
     """A write-only file wrapper that hashes and counts what passes through."""
 
-    def __init__(self, f):
+    def __init__(self, f: BinaryIO):
         self.f, self.h, self.n = f, hashlib.sha256(), 0
 
-    def write(self, b) -> int:
+    def write(self, b: bytes) -> int:
         self.h.update(b)
         self.n += len(b)
         return self.f.write(b)
@@ -473,7 +472,9 @@ def make_archive(model_dir: Path, top: str, dest: Path) -> tuple[int, str]:
     Returns (bytes, sha256) of the archive, hashed while it is written."""
     with open(dest, "wb") as raw:
         hw = _HashingWriter(raw)
-        with tarfile.open(fileobj=hw, mode="w:gz", compresslevel=ARCHIVE_GZIP_LEVEL) as tf:
+        # write-only is enough for a gzip stream (typeshed's file protocol also lists read/seek)
+        with tarfile.open(fileobj=cast(BinaryIO, hw), mode="w:gz",
+                          compresslevel=ARCHIVE_GZIP_LEVEL) as tf:
             tf.add(model_dir, arcname=top, recursive=True,
                    filter=lambda ti: ti if (ti.isfile() or ti.isdir()) else None)
         raw.flush()
@@ -751,6 +752,7 @@ def _load_inputs(att: _Attempt, channel: JobChannel):
             if d is not None:
                 s.expunge(d)
     channel.progress(0, "fetching inputs")
+    assert att.store is not None and att.scratch is not None
     source, revision = att.use_model(src)
     calibration_text = dataset_text(att.store, cal, att.scratch) if cal is not None else None
     eval_text = dataset_text(att.store, ev, att.scratch) if ev is not None else None
@@ -769,7 +771,7 @@ def _options_text(att: _Attempt, dataset_id: str | None) -> str | None:
         if ds is None:
             raise CompressionError(f"dataset {dataset_id} no longer exists")
         s.expunge(ds)
-    assert att.store is not None
+    assert att.store is not None and att.scratch is not None
     return dataset_text(att.store, ds, att.scratch)
 
 
@@ -847,7 +849,9 @@ def _publish(att: _Attempt, channel: JobChannel, outcome: Any) -> str:
 def _run(att: _Attempt, channel: JobChannel, run_pipeline: Callable[..., Any] | None) -> str:
     claim = att.claim
     if run_pipeline is None:
-        from modelpress.compression.pipeline import run_pipeline
+        from modelpress.compression.pipeline import run_pipeline as default_run
+
+        run_pipeline = default_run
     from modelpress.compression.device import choose_device
     from modelpress.compression.pipeline import JobHooks
 

@@ -82,7 +82,7 @@ class ModelCache:
         return Lease(self.entry(model_id, sha256))
 
     def entries(self) -> list[Entry]:
-        out = []
+        out: list[Entry] = []
         if not self.root.is_dir():
             return out
         for model_dir in self.root.iterdir():

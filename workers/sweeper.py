@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import overload
 
 from sqlalchemy import and_, func, or_, select, update
 
@@ -46,10 +47,13 @@ NEW_JOB_GRACE_S = 5.0
 MAX_BACKOFF_S = 3600.0
 
 
+@overload
+def _aware(ts: datetime) -> datetime: ...
+@overload
+def _aware(ts: datetime | None) -> datetime | None: ...
 def _aware(ts: datetime | None) -> datetime | None:
     # SQLite returns naive datetimes (stored as UTC)
     if ts is not None and ts.tzinfo is None:
-
         return ts.replace(tzinfo=UTC)
     return ts
 
@@ -111,7 +115,7 @@ def redispatch(settings: Settings, now: datetime,
         for job_id, queue, dispatched_at in rows:
             if dispatched_at is not None:
                 n = s.scalar(select(func.count()).select_from(JobEvent).where(
-                    JobEvent.job_id == job_id, JobEvent.kind == "redispatched"))
+                    JobEvent.job_id == job_id, JobEvent.kind == "redispatched")) or 0
                 wait = min(grace * (2 ** n), MAX_BACKOFF_S)
                 if (now - _aware(dispatched_at)).total_seconds() < wait:
                     continue
@@ -167,7 +171,9 @@ def sweep(settings: Settings | None = None, publish: Callable[[str, str], None] 
           now: datetime | None = None) -> dict:
     settings = settings or get_settings()
     if publish is None:
-        from .dispatch import publish_job as publish
+        from .dispatch import publish_job
+
+        publish = publish_job
     now = now or utcnow()
     result: dict = {}
     result.update(reap(settings, now))

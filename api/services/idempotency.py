@@ -17,10 +17,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from fastapi import Request
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -103,7 +103,9 @@ def claim(session: Session, settings: Settings, owner: str, scope: str, key: str
 
 def purge_expired(session: Session) -> int:
     """Delete every expired key (all owners); returns how many."""
-    res = session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at <= utcnow()))
+    # a DELETE's result is a CursorResult (rowcount); execute() is typed for any statement
+    res = cast(CursorResult[Any], session.execute(
+        delete(IdempotencyKey).where(IdempotencyKey.expires_at <= utcnow())))
     return res.rowcount or 0
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, selectinload
@@ -30,7 +30,8 @@ def get_report(session: Session, owner: str, job_id: str) -> dict[str, Any]:
 
 
 def memory_section(estimated: int | None, report: dict[str, Any]) -> dict[str, Any]:
-    summary = report.get("summary") if isinstance(report.get("summary"), dict) else {}
+    raw = report.get("summary")
+    summary: dict[str, Any] = raw if isinstance(raw, dict) else {}
     measured = summary.get("peak_rss_bytes")
     ratio = measured / estimated if measured is not None and estimated else None
     return {"estimated_peak_bytes": estimated, "measured_peak_rss_bytes": measured,
@@ -100,14 +101,14 @@ def comparison(session: Session, owner: str, model_id: str) -> Comparison:
                 embedding_fidelity=before.get("embedding_fidelity"),
                 tokens_per_s=before.get("tokens_per_s"),
                 perplexity_other=before.get("perplexity_other"))
-    quality = None
+    quality: Literal["perplexity", "embedding_fidelity"] | None = None
     if any(r.perplexity is not None for r in rows):
         quality = "perplexity"
     elif any(r.embedding_fidelity is not None for r in rows):
         quality = "embedding_fidelity"
     all_rows = ([baseline] if baseline else []) + rows
-    pts = [(i, _xy(r, quality)) for i, r in enumerate(all_rows)]
-    pts = [(i, p) for i, p in pts if p is not None]
+    scored = [(i, _xy(r, quality)) for i, r in enumerate(all_rows)]
+    pts = [(i, p) for i, p in scored if p is not None]
     for k in pareto_front([p for _, p in pts]):
         all_rows[pts[k][0]].pareto = True
     return Comparison(model_id=model_id, quality_metric=quality, baseline=baseline, rows=rows)
@@ -140,8 +141,8 @@ def plot(comp: Comparison, fmt: str) -> bytes:
               "embedding_fidelity": "1 - embedding fidelity (lower is better)"}.get(
         quality or "", "quality")
     rows = ([comp.baseline] if comp.baseline else []) + comp.rows
-    pts = [(r, _xy(r, quality)) for r in rows]
-    pts = [(r, p) for r, p in pts if p is not None]
+    scored = [(r, _xy(r, quality)) for r in rows]
+    pts = [(r, p) for r, p in scored if p is not None]
     if not pts:
         ax.text(0.5, 0.5, "no finished jobs with size and quality metrics yet",
                 ha="center", va="center", transform=ax.transAxes)

@@ -18,7 +18,7 @@ Where a family's blocks, groups and folds are comes from :mod:`.families`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..base import CalibrationConfig, CompressionError, Context
+from ..base import CalibrationConfig, CompressionError, Context, hf, weight_of
 from ..data import default_calibration_text, self_generated_text, token_chunks
 from ..device import return_freed_memory
 from .families import Family, Group, family_of
@@ -50,7 +50,7 @@ class BlockSource(Protocol):
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(qualified name, the ModuleList of the repeated blocks) from the family table."""
     fam = family_of(model)
-    base = model.base_model
+    base: nn.Module = hf(model).base_model
     blocks = base.get_submodule(fam.blocks)
     if not isinstance(blocks, nn.ModuleList) or not len(blocks):
         raise CompressionError(f"{type(model).__name__}: no blocks at {fam.blocks!r}")
@@ -131,10 +131,11 @@ def capture_inputs(model: nn.Module, source: BlockSource, tokens: torch.Tensor,
     where the embeddings were; ``meta`` for a streamed model)."""
     fam = family_of(model)
     _prefix, blocks = find_blocks(model)
-    home = next(model.base_model.get_submodule(fam.embeddings[0]).parameters()).device
+    base: nn.Module = hf(model).base_model
+    home = next(base.get_submodule(fam.embeddings[0]).parameters()).device
     captured: list[BlockInput] = []
 
-    def pre_hook(_mod, args, kwargs):
+    def pre_hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         kw = {k: v for k, v in kwargs.items() if k not in _DROP}
         hidden = args[0] if args else kwargs["hidden_states"]
         # BERT passes attention_mask / encoder states positionally
@@ -165,7 +166,9 @@ def capture_inputs(model: nn.Module, source: BlockSource, tokens: torch.Tensor,
 
 
 def _output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    assert isinstance(first, torch.Tensor)
+    return first
 
 
 @torch.no_grad()
@@ -297,10 +300,18 @@ class InputStats:
         new.sq_sum = None if self.sq_sum is None else self.sq_sum / (s * s)
         new.abs_max = None if self.abs_max is None else self.abs_max / s
         return new
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``H`` (kept with ``hessian=True``)."""
+        if self.H is None:
+            raise ValueError("these statistics were gathered without the Hessian")
+        return self.H
+
 
 
 @contextmanager
-def hooked(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+def hooked(modules: Mapping[str, nn.Module], fn: Callable[[str, torch.Tensor], None]
+           ) -> Iterator[None]:
     """Call ``fn(name, x)`` with each module's first input on every forward."""
     hs = [m.register_forward_pre_hook(lambda _m, args, _n=name: fn(_n, args[0]))
           for name, m in modules.items()]
@@ -312,7 +323,7 @@ def hooked(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None
 
 
 @torch.no_grad()
-def observe(block: nn.Module, inputs: list[BlockInput], modules: dict[str, nn.Module],
+def observe(block: nn.Module, inputs: list[BlockInput], modules: Mapping[str, nn.Module],
             fn: Callable[[str, torch.Tensor], None], stop_early: bool = True
             ) -> list[torch.Tensor] | None:
     """Run every mini-batch through ``block`` calling ``fn(name, x)`` on the inputs of
@@ -379,7 +390,7 @@ def fold_scale(block: nn.Module, group: Group, s: torch.Tensor, family: Family) 
     """Multiply the input columns of ``group``'s Linears by ``s`` and divide the output of the op
     producing their input (``group.fold_into``: a norm or a Linear) by ``s``: the float function
     is unchanged. Returns False (and changes nothing) where the producer cannot take it."""
-    if not can_fold(block, group):
+    if not can_fold(block, group) or group.fold_into is None:
         return False
     prev = block.get_submodule(group.fold_into)
     if isinstance(prev, nn.Linear):
@@ -388,15 +399,16 @@ def fold_scale(block: nn.Module, group: Group, s: torch.Tensor, family: Family) 
         if prev.bias is not None:
             prev.bias[lo:hi].div_(s.to(prev.bias.dtype))
     else:
-        w = prev.weight
+        w = weight_of(prev)
         off = family.norm_offset
         if off:
             w.copy_(((off + w.float()) / s - off).to(w.dtype))
         else:
             w.div_(s.to(w.dtype))
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
+        bias = getattr(prev, "bias", None)
+        if bias is not None:
+            bias.div_(s.to(bias.dtype))
     for name in group.linears:
-        lin = block.get_submodule(name)
-        lin.weight.mul_(s.to(lin.weight.dtype))
+        lw = weight_of(block.get_submodule(name))
+        lw.mul_(s.to(lw.dtype))
     return True

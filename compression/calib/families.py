@@ -147,11 +147,11 @@ def family_of(model_or_config: Any) -> Family:
     supported families otherwise."""
     cfg = getattr(model_or_config, "config", model_or_config)
     mt = getattr(cfg, "model_type", None)
-    try:
-        return FAMILIES[mt]
-    except KeyError:
+    fam = FAMILIES.get(mt) if isinstance(mt, str) else None
+    if fam is None:
         raise UnsupportedModelError(
-            f"model type {mt!r} is not supported; supported: {sorted(FAMILIES)}") from None
+            f"model type {mt!r} is not supported; supported: {sorted(FAMILIES)}")
+    return fam
 
 
 def supporting(need: str) -> frozenset[str]:
@@ -172,5 +172,6 @@ def shared_inputs(model_or_config: Any) -> list[tuple[str, ...]]:
     """The block-relative names of Linears that read one tensor (groups of two or more) of a
     model's family; empty for a model type the table does not know."""
     cfg = getattr(model_or_config, "config", model_or_config)
-    fam = FAMILIES.get(getattr(cfg, "model_type", None))
+    mt = getattr(cfg, "model_type", None)
+    fam = FAMILIES.get(mt) if isinstance(mt, str) else None
     return [g.linears for g in fam.groups if len(g.linears) > 1] if fam else []

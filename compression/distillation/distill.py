@@ -13,6 +13,7 @@ import math
 import shutil
 import tempfile
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..base import CompressionError, CompressionResult, Context, Method, MethodConfig
+from ..base import CompressionError, CompressionResult, Context, Method, MethodConfig, hf, hf_config
 from ..data import tokenize
 from .losses import distillation_loss, hidden_state_loss, next_token_labels, uniform_layer_map
 
@@ -92,7 +93,7 @@ def _batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> torch.
     return torch.stack(out)
 
 
-def _autocast_ctx(device: torch.device, mode: str):
+def _autocast_ctx(device: torch.device, mode: str) -> AbstractContextManager[Any]:
     import contextlib
 
     if mode == "bf16" or (mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
@@ -134,7 +135,7 @@ def _load_state(path: Path, student: nn.Module, opt: torch.optim.Optimizer) -> d
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        info = json.loads(f.metadata()["modelpress"])
+        info: dict[str, Any] = json.loads(f.metadata()["modelpress"])
     if info.get("version") != _FORMAT_VERSION:
         raise CompressionError(f"unsupported distillation checkpoint version {info.get('version')}")
     tensors = load_file(str(path))
@@ -157,7 +158,7 @@ def _load_state(path: Path, student: nn.Module, opt: torch.optim.Optimizer) -> d
     return info
 
 
-def _forward(model: nn.Module, ids: torch.Tensor, hidden: bool):
+def _forward(model: nn.Module, ids: torch.Tensor, hidden: bool) -> Any:  # a ModelOutput
     return model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
 
 
@@ -180,7 +181,7 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> CompressionResu
     if cfg.teacher_model_id:
         if ctx.load_model is None:
             raise CompressionError("teacher_model_id given but no model registry is available")
-        teacher = ctx.load_model(cfg.teacher_model_id)
+        teacher: nn.Module | None = ctx.load_model(cfg.teacher_model_id)
     else:
         teacher = ctx.original_model
     if teacher is None:
@@ -192,17 +193,18 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> CompressionResu
     student = model.to(dev)
     teacher = teacher.to(dev).eval()
     teacher.requires_grad_(False)
-    s_vocab = student.get_output_embeddings().weight.shape[0]
-    t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    s_vocab = hf(student).get_output_embeddings().weight.shape[0]
+    t_vocab = hf(teacher).get_output_embeddings().weight.shape[0]
     if s_vocab != t_vocab:
         raise CompressionError(f"teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab})")
 
     use_hidden = cfg.hidden_loss_weight > 0
     layer_map: list[int] = []
     if use_hidden:
-        ls = student.config.num_hidden_layers
-        lt = teacher.config.num_hidden_layers
-        if student.config.hidden_size != teacher.config.hidden_size:
+        s_cfg, t_cfg = hf_config(student), hf_config(teacher)
+        ls: int = s_cfg.num_hidden_layers
+        lt: int = t_cfg.num_hidden_layers
+        if s_cfg.hidden_size != t_cfg.hidden_size:
             raise CompressionError("hidden_loss_weight needs equal hidden sizes")
         layer_map = list(cfg.layer_map) if cfg.layer_map else uniform_layer_map(ls, lt)
         if len(layer_map) != ls or any(not 1 <= i <= lt for i in layer_map):

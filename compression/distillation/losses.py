@@ -14,6 +14,9 @@ factor keeps the gradient scale of the soft term independent of the temperature.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal, overload
+
 import torch
 import torch.nn.functional as F
 
@@ -38,9 +41,18 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return per_pos.mean()
 
 
+@overload
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                      labels: torch.Tensor | None, T: float = ..., alpha: float = ..., *,
+                      return_parts: Literal[False] = ...) -> torch.Tensor: ...
+@overload
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                      labels: torch.Tensor | None, T: float = ..., alpha: float = ..., *,
+                      return_parts: Literal[True]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                       labels: torch.Tensor | None, T: float = 1.0, alpha: float = 0.5, *,
-                      return_parts: bool = False):
+                      return_parts: bool = False
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hinton distillation loss for aligned logits and labels.
 
     ``student_logits`` / ``teacher_logits``: ``[..., V]``; ``labels``: ``[...]`` with the target
@@ -90,7 +102,7 @@ def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [max(1, round(j * teacher_layers / student_layers)) for j in range(1, student_layers + 1)]
 
 
-def hidden_state_loss(student_hidden: list[torch.Tensor] | tuple, teacher_hidden: list[torch.Tensor] | tuple,
+def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                       layer_map: list[int]) -> torch.Tensor:
     """Mean over mapped layers of the normalised MSE ``||h_s - h_t||^2 / ||h_t||^2``.
 

@@ -176,10 +176,10 @@ def speed(plan: MeasurePlan, dense: nn.Module, compressed: nn.Module, causal: bo
 
 def gates(plan: MeasurePlan, before: dict[str, float], after: dict[str, float]
           ) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     if plan.max_accuracy_drop is not None:
         drop = before["task_accuracy"] - after["task_accuracy"]
-        g = {"max_accuracy_drop": plan.max_accuracy_drop, "accuracy_before":
+        g: dict[str, Any] = {"max_accuracy_drop": plan.max_accuracy_drop, "accuracy_before":
              before["task_accuracy"], "accuracy_after": after["task_accuracy"],
              "accuracy_drop": drop, "passed": drop <= plan.max_accuracy_drop + 1e-12}
         if not g["passed"]:

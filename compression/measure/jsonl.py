@@ -19,7 +19,7 @@ def records(text: str, what: str, max_records: int) -> list[tuple[int, dict[str,
             continue
         try:
             rec = json.loads(line)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             raise DatasetFormatError(f"{what} line {n}: not JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise DatasetFormatError(f"{what} line {n}: expected a JSON object")

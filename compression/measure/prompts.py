@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base import hf
 from .jsonl import records, text_field
 
 MAX_PROMPTS = 200
@@ -52,8 +53,8 @@ def behaviour(model: nn.Module, tokenizer: Any, prompts: list[str],
         ids = _prompt_ids(tokenizer, p, dev)
         logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
         rows.append(torch.log_softmax(logits, -1).cpu())
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
+        out = hf(model).generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
         conts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     model.train(was_training)
     return Behaviour(torch.stack(rows), conts)

@@ -23,13 +23,13 @@ The tensor math is ``admm_prune`` (pure); orchestration over blocks is ``calibra
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..base import Context, Method
+from ..base import CompressionResult, Context, Method
 from ..calib.engine import InputStats
 from ..calib.families import supporting
 from . import calibrated
@@ -56,7 +56,7 @@ class ADMMConfig(calibrated.CalibratedPruningConfig):
                              "unit diagonal.")
 
     @model_validator(mode="after")
-    def _ramp_within_iterations(self):
+    def _ramp_within_iterations(self) -> Self:
         if self.ramp_iterations > self.iterations:
             raise ValueError(f"ramp_iterations ({self.ramp_iterations}) must not exceed "
                              f"iterations ({self.iterations})")
@@ -172,11 +172,11 @@ def admm_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float,
     return out.to(weight.dtype), keep
 
 
-def make_prune_linear(cfg: ADMMConfig):
+def make_prune_linear(cfg: ADMMConfig) -> calibrated.PruneLinear:
     @torch.no_grad()
     def prune_linear(lin: nn.Linear, stats: InputStats, sparsity: float,
                      nm: tuple[int, int] | None) -> None:
-        new, _ = admm_prune(lin.weight, stats.H, sparsity, nm, iterations=cfg.iterations,
+        new, _ = admm_prune(lin.weight, stats.hessian, sparsity, nm, iterations=cfg.iterations,
                             ramp_iterations=cfg.ramp_iterations, rho=cfg.rho,
                             refine_iterations=cfg.refine_iterations, scope=cfg.scope,
                             dampening=cfg.dampening)
@@ -185,7 +185,7 @@ def make_prune_linear(cfg: ADMMConfig):
     return prune_linear
 
 
-def apply(model: nn.Module, cfg: ADMMConfig, ctx: Context):
+def apply(model: nn.Module, cfg: ADMMConfig, ctx: Context) -> CompressionResult:
     return calibrated.run(model, cfg, ctx, make_prune_linear(cfg), hessian=True, label="admm")
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, Self
 
 import torch
 from pydantic import Field, model_validator
@@ -45,7 +46,7 @@ class LotteryTicketConfig(MethodConfig):
                              "for the per-round perplexity.")
 
     @model_validator(mode="after")
-    def _rewind_inside_round(self):
+    def _rewind_inside_round(self) -> Self:
         if self.rewind_step > self.steps_per_round:
             raise ValueError("rewind_step must not exceed steps_per_round")
         return self
@@ -103,7 +104,7 @@ def _train_tokens(ctx: Context, cfg: LotteryTicketConfig) -> torch.Tensor:
 def _train(model: nn.Module, linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
            data: torch.Tensor, cfg: LotteryTicketConfig, steps: int, gen: torch.Generator,
            device: torch.device, deadline: float, ctx: Context,
-           on_step=None) -> list[float]:
+           on_step: Callable[[int], None] | None = None) -> list[float]:
     """AdamW on the causal LM loss; masked weights get no gradient and are re-zeroed after every
     step. Returns the per-step losses. Raises _OutOfTime past the deadline."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -156,7 +157,7 @@ def apply(model: nn.Module, cfg: LotteryTicketConfig, ctx: Context) -> Compressi
     ctx.event("round", {"round": 0, "phase": "start", "sparsity": linear_sparsity(model), "ppl": ppl0})
 
     rewind = _snapshot(model) if cfg.rewind_step == 0 else None
-    best: dict | None = None  # most advanced fully trained sparse state
+    best: dict[str, Any] | None = None  # most advanced fully trained sparse state
     history = []
     stopped_early = False
 
@@ -170,7 +171,7 @@ def apply(model: nn.Module, cfg: LotteryTicketConfig, ctx: Context) -> Compressi
             t_round = time.monotonic()
             sparsity_trained = linear_sparsity(model)
 
-            def on_step(s: int, _r=r) -> None:
+            def on_step(s: int, _r: int = r) -> None:
                 nonlocal rewind
                 if _r == 0 and rewind is None and s == cfg.rewind_step:
                     rewind = _snapshot(model)
@@ -232,7 +233,7 @@ def apply(model: nn.Module, cfg: LotteryTicketConfig, ctx: Context) -> Compressi
     return CompressionResult(model=model, metrics=metrics)
 
 
-def _validate(cfg: LotteryTicketConfig, model_config) -> None:
+def _validate(cfg: LotteryTicketConfig, model_config: Any) -> None:
     from ..models import CAUSAL, model_kind
 
     if model_config is not None and model_kind(model_config) != CAUSAL:

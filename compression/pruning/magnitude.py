@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -59,7 +59,7 @@ def apply(model: nn.Module, cfg: MagnitudeConfig, ctx: Context) -> CompressionRe
     return CompressionResult(model=model, metrics={"sparsity_linear": linear_sparsity(model)})
 
 
-def _validate(cfg: MagnitudeConfig, model_config) -> None:
+def _validate(cfg: MagnitudeConfig, model_config: Any) -> None:
     from ..base import CompressionError
 
     if cfg.pattern:

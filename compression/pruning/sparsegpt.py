@@ -6,13 +6,13 @@ not-yet-processed weights of its row through the Cholesky factor of ``H^-1``."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..base import Context, Method
+from ..base import CompressionResult, Context, Method
 from ..calib.engine import InputStats
 from ..calib.families import supporting
 from . import calibrated
@@ -30,7 +30,7 @@ class SparseGPTConfig(calibrated.CalibratedPruningConfig):
         "Wanda mask (per row), then SparseGPT's reconstruction of the kept weights.")
 
     @model_validator(mode="after")
-    def _block_holds_groups(self):
+    def _block_holds_groups(self) -> Self:
         if self.pattern and self.block_size % parse_nm(self.pattern)[1]:
             raise ValueError(f"block_size {self.block_size} must be a multiple of M in {self.pattern}")
         return self
@@ -49,7 +49,8 @@ def _inverse_hessian_factor(H: torch.Tensor, dampening: float) -> torch.Tensor:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
-                return U
+                factor: torch.Tensor = U
+                return factor
         damp = damp * 10
     raise RuntimeError("Hessian is not positive definite even with strong dampening")
 
@@ -110,18 +111,18 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float,
     return W.to(weight.dtype), keep
 
 
-def make_prune_linear(cfg: SparseGPTConfig):
+def make_prune_linear(cfg: SparseGPTConfig) -> calibrated.PruneLinear:
     @torch.no_grad()
     def prune_linear(lin: nn.Linear, stats: InputStats, sparsity: float,
                      nm: tuple[int, int] | None) -> None:
         mask = wanda_mask(lin.weight, stats.col_norm, sparsity, nm) if cfg.mask_selection == "wanda" else None
-        new, _ = sparsegpt_prune(lin.weight, stats.H, sparsity, nm, cfg.block_size, cfg.dampening, mask)
+        new, _ = sparsegpt_prune(lin.weight, stats.hessian, sparsity, nm, cfg.block_size, cfg.dampening, mask)
         lin.weight.copy_(new)
 
     return prune_linear
 
 
-def apply(model: nn.Module, cfg: SparseGPTConfig, ctx: Context):
+def apply(model: nn.Module, cfg: SparseGPTConfig, ctx: Context) -> CompressionResult:
     return calibrated.run(model, cfg, ctx, make_prune_linear(cfg), hessian=True, label="sparsegpt")
 
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..base import (
     CalibrationConfig,
@@ -34,6 +35,9 @@ from ..base import (
     Context,
     Method,
     UnsupportedModelError,
+    hf,
+    hf_config,
+    weight_of,
 )
 from ..calib.engine import Step, calibration_tokens, find_blocks, observe, run_block, run_sequential
 from ..calib.families import Family, family_of, supporting
@@ -58,7 +62,7 @@ class _RatioOrCount(StructuredCalibration):
     count: int | None = Field(None, ge=1, description="Number of units to remove.")
 
     @model_validator(mode="after")
-    def _ratio_or_count(self):
+    def _ratio_or_count(self) -> Self:
         if self.ratio is not None and self.count is not None:
             raise ValueError("give either ratio or count, not both")
         if self.ratio is None and self.count is None:
@@ -135,7 +139,7 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 
 def _set_blocks(model: nn.Module, new: nn.ModuleList) -> None:
     parent, _, leaf = family(model).blocks.rpartition(".")
-    base = model.base_model
+    base: nn.Module = hf(model).base_model
     setattr(base.get_submodule(parent) if parent else base, leaf, new)
 
 
@@ -187,8 +191,8 @@ def run_calibration(model: nn.Module, ids: torch.Tensor, batch_size: int, ctx: C
 
 
 @contextmanager
-def _hooks() -> Iterator[list]:
-    handles: list = []
+def _hooks() -> Iterator[list[RemovableHandle]]:
+    handles: list[RemovableHandle] = []
     try:
         yield handles
     finally:
@@ -211,23 +215,27 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def _attn_impl(model: nn.Module, impl: str) -> Iterator[None]:
-    old = model.config._attn_implementation
+    old = hf_config(model)._attn_implementation
     if old == impl:
         yield
         return
-    model.set_attn_implementation(impl)
+    hf(model).set_attn_implementation(impl)
     try:
         yield
     finally:
-        model.set_attn_implementation(old)
+        hf(model).set_attn_implementation(old)
 
 
-def _masking_pre_hook(store: dict, key: Any, units: int) -> Callable:
+MaskStore = dict[Any, Any]  # ("masks", key) -> the masks of the pass; key -> summed |grad|
+
+
+def _masking_pre_hook(store: MaskStore, key: Any, units: int
+                      ) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
     """A forward-pre-hook that multiplies the last dim (``units * width``) of the module input by
     a fresh all-ones ``[batch, units]`` mask that requires grad; gradients are summed (as
     ``|.|``) into ``store[key]`` by :func:`_collect_mask_grads`."""
 
-    def hook(_mod, args):
+    def hook(_mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x = args[0]
         mask = torch.ones(x.shape[0], units, device=x.device, dtype=x.dtype, requires_grad=True)
         store.setdefault(("masks", key), []).append(mask)
@@ -238,7 +246,7 @@ def _masking_pre_hook(store: dict, key: Any, units: int) -> Callable:
     return hook
 
 
-def _collect_mask_grads(store: dict, sums: dict) -> None:
+def _collect_mask_grads(store: MaskStore, sums: dict[int, torch.Tensor]) -> None:
     for k in [k for k in store if isinstance(k, tuple) and k[0] == "masks"]:
         for m in store.pop(k):
             if m.grad is not None:
@@ -260,7 +268,7 @@ def _ctx_device(model: nn.Module, ctx: Context) -> torch.device:
     return old
 
 
-def _finish(model: nn.Module, old_device: torch.device, before: int, metrics: dict,
+def _finish(model: nn.Module, old_device: torch.device, before: int, metrics: dict[str, float],
             started: float, ctx: Context) -> CompressionResult:
     model.to(old_device)
     after = param_count(model)
@@ -312,9 +320,10 @@ def remove_layers(model: nn.Module, drop: list[int]) -> None:
     for new_i, blk in enumerate(new):
         for m in blk.modules():
             if hasattr(m, "layer_idx"):
-                m.layer_idx = new_i
+                layer: Any = m  # HF attention (and cache-using) modules know their block's index
+                layer.layer_idx = new_i
     _set_blocks(model, new)
-    cfg = model.config
+    cfg = hf_config(model)
     old_n = cfg.num_hidden_layers
     cfg.num_hidden_layers = len(kept_idx)
     for name in ("layer_types",):
@@ -353,7 +362,7 @@ def apply_layers(model: nn.Module, cfg: LayersConfig, ctx: Context) -> Compressi
     ctx.event("layers_removed", {"removed": sorted(removed), "scores": first_scores,
                                  "score": cfg.score, "iterative": cfg.iterative})
     return _finish(model, old_dev, before, {"layers_removed": len(removed),
-                                            "num_hidden_layers": model.config.num_hidden_layers},
+                                            "num_hidden_layers": hf_config(model).num_hidden_layers},
                    started, ctx)
 
 
@@ -390,7 +399,9 @@ def _heads_plan(mc: Any, cfg: HeadsConfig) -> tuple[int, int, int]:
 
 
 def _per_block(model: nn.Module, ids: torch.Tensor, batch_size: int, ctx: Context,
-               module: Callable[[nn.Module], nn.Module], stat: Callable, finish: Callable,
+               module: Callable[[nn.Module], nn.Module],
+               stat: Callable[[Any, nn.Module], tuple[Any, int]],
+               finish: Callable[[Any, int, nn.Module], Any],
                label: str, forward_hook: bool = False) -> list[Any]:
     """Per block, ``finish(total, count, module(block))`` where ``total`` / ``count`` sum
     ``stat(x, module(block)) -> (tensor, count)`` over the calibration tokens, ``x`` the input of
@@ -413,7 +424,9 @@ def _per_block(model: nn.Module, ids: torch.Tensor, batch_size: int, ctx: Contex
             finally:
                 h.remove()
         else:
-            outs = observe(step.block, step.inputs, {"m": mod}, fn, stop_early=False)
+            observed = observe(step.block, step.inputs, {"m": mod}, fn, stop_early=False)
+            assert observed is not None  # stop_early=False: the block's outputs
+            outs = observed
         rows.append(finish(acc["sum"], acc["n"], mod))
         return outs
 
@@ -429,12 +442,15 @@ def head_scores(model: nn.Module, ids: torch.Tensor, cfg: HeadsConfig, ctx: Cont
     """``[layers, heads]`` importances (higher = keep)."""
     att = family(model, "attention").attention
     assert att is not None
-    h = model.config.num_attention_heads
-    o_proj = lambda b: b.get_submodule(att.o)  # noqa: E731
+    h = hf_config(model).num_attention_heads
+
+    def o_proj(b: nn.Module) -> nn.Module:
+        return b.get_submodule(att.o)
+
     if cfg.score == "activation":
         return torch.stack(_per_block(
             model, ids, cfg.batch_size, ctx, o_proj, finish=_mean, label="scoring heads",
-            stat=lambda x, m: (S.head_output_norms(x, m.weight, h), x.numel() // x.shape[-1])))
+            stat=lambda x, m: (S.head_output_norms(x, weight_of(m), h), x.numel() // x.shape[-1])))
     if cfg.score == "entropy":
         attn = lambda b: b.get_submodule(att.o.rpartition(".")[0])  # noqa: E731
         with _attn_impl(model, "eager"):
@@ -446,7 +462,7 @@ def head_scores(model: nn.Module, ids: torch.Tensor, cfg: HeadsConfig, ctx: Cont
     _needs_lm_loss(model, "heads")
     bl = blocks(model)
     sums: dict[int, torch.Tensor] = {}
-    store: dict = {}
+    store: MaskStore = {}
     with _hooks() as hs:
         for i, b in enumerate(bl):
             hs.append(o_proj(b).register_forward_pre_hook(_masking_pre_hook(store, i, h)))
@@ -462,7 +478,7 @@ def head_scores(model: nn.Module, ids: torch.Tensor, cfg: HeadsConfig, ctx: Cont
 def prune_llama_heads(model: nn.Module, kept: list[tuple[list[int], list[int]]]) -> None:
     """Keep, in layer ``l``, query heads ``kept[l][0]`` and KV heads ``kept[l][1]`` (every layer
     must keep the same numbers; each kept KV group the same number of query heads)."""
-    cfg = model.config
+    cfg = hf_config(model)
     d = cfg.head_dim
     nq = {len(q) for q, _ in kept}
     nkv = {len(k) for _, k in kept}
@@ -477,8 +493,9 @@ def prune_llama_heads(model: nn.Module, kept: list[tuple[list[int], list[int]]])
         qi, kvi = S.channel_index(q, d), S.channel_index(kv, d)
         for name, out_idx, in_idx in ((att.q, qi, None), (att.k, kvi, None), (att.v, kvi, None),
                                       (att.o, None, qi)):
-            _replace(blk, name, slice_linear(blk.get_submodule(name), out_idx, in_idx))
-        blk.get_submodule(att.o.rpartition(".")[0]).num_key_value_groups = new_h // new_kv
+            _replace(blk, name, slice_linear(_linear(blk, name), out_idx, in_idx))
+        attn: Any = blk.get_submodule(att.o.rpartition(".")[0])  # an HF attention module
+        attn.num_key_value_groups = new_h // new_kv
     cfg.head_dim = d  # stays explicit: hidden_size // num_attention_heads no longer equals it
     cfg.num_attention_heads = new_h
     cfg.num_key_value_heads = new_kv
@@ -487,7 +504,7 @@ def prune_llama_heads(model: nn.Module, kept: list[tuple[list[int], list[int]]])
 def apply_heads(model: nn.Module, cfg: HeadsConfig, ctx: Context) -> CompressionResult:
     started = time.perf_counter()
     family(model, "attention")  # not BERT (see the module doc) nor fused qkv_proj (phi3)
-    mc = model.config
+    mc = hf_config(model)
     k, new_h, new_kv = _heads_plan(mc, cfg)
     h = mc.num_attention_heads
     kv = mc.num_key_value_heads or h
@@ -500,7 +517,7 @@ def apply_heads(model: nn.Module, cfg: HeadsConfig, ctx: Context) -> Compression
     mode = cfg.gqa if h // kv > 1 else "group"
     kept = [S.select_heads(scores[i], kv, k, mode) for i in range(scores.shape[0])]
     prune_llama_heads(model, kept)
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (new_h, new_kv)
+    assert (hf_config(model).num_attention_heads, hf_config(model).num_key_value_heads) == (new_h, new_kv)
     model.train(was_training)
     ctx.event("heads_removed", {"kept_query_heads": [q for q, _ in kept],
                                 "kept_kv_heads": [v for _, v in kept], "score": cfg.score,
@@ -518,6 +535,13 @@ def _validate_heads(cfg: HeadsConfig, mc: Any) -> None:
 # FFN neurons
 
 
+def _linear(root: nn.Module, name: str) -> nn.Linear:
+    m = root.get_submodule(name)
+    if not isinstance(m, nn.Linear):
+        raise CompressionError(f"{name} is a {type(m).__name__}, not a Linear")
+    return m
+
+
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
@@ -527,7 +551,7 @@ def _ffn_modules(model: nn.Module, blk: nn.Module) -> tuple[list[nn.Linear], nn.
     """(Linears whose output rows are the neurons, the Linear whose input columns are)."""
     mlp = family(model, "mlp").mlp
     assert mlp is not None
-    return [blk.get_submodule(n) for n in mlp.neurons_out], blk.get_submodule(mlp.neurons_in)
+    return [_linear(blk, n) for n in mlp.neurons_out], _linear(blk, mlp.neurons_in)
 
 
 def _compensates(model: nn.Module, cfg: FfnConfig) -> bool:
@@ -539,15 +563,15 @@ def ffn_scores(model: nn.Module, ids: torch.Tensor, cfg: FfnConfig,
                ctx: Context) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """``[layers, intermediate]`` importances (higher = keep) and, with bias compensation, each
     layer's mean activation per neuron."""
-    inter = model.config.intermediate_size
+    inter = hf_config(model).intermediate_size
     if cfg.score == "activation":
         comp = _compensates(model, cfg)
 
-        def finish(total: torch.Tensor, n: int, out: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        def finish(total: torch.Tensor, n: int, out: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
             sq, lin = total[0], total[1]
             if comp:
-                return S.neuron_fluctuation_scores(lin, sq, n, out.weight), lin / n
-            return S.neuron_activation_scores(sq, n, out.weight), lin / n
+                return S.neuron_fluctuation_scores(lin, sq, n, weight_of(out)), lin / n
+            return S.neuron_activation_scores(sq, n, weight_of(out)), lin / n
 
         rows = _per_block(
             model, ids, cfg.batch_size, ctx, lambda b: _ffn_modules(model, b)[1], finish=finish,
@@ -561,7 +585,7 @@ def ffn_scores(model: nn.Module, ids: torch.Tensor, cfg: FfnConfig,
     sums: dict[int, torch.Tensor] = {}
     with _hooks() as hs:
         _needs_lm_loss(model, "ffn")
-        store: dict = {}
+        store: MaskStore = {}
         for i, b in enumerate(bl):
             hs.append(_ffn_modules(model, b)[1].register_forward_pre_hook(
                 _masking_pre_hook(store, i, inter)))
@@ -594,11 +618,11 @@ def prune_ffn(model: nn.Module, kept: list[list[int]],
             removed = [j for j in range(out.in_features) if j not in keep_set]
             out.bias.add_(S.bias_compensation(out.weight, removed, means[li]))
         for name in fam.neurons_out:
-            _replace(blk, name, slice_linear(blk.get_submodule(name), out_idx=idx))
+            _replace(blk, name, slice_linear(_linear(blk, name), out_idx=idx))
         _replace(blk, fam.neurons_in, slice_linear(out, in_idx=idx))
-        if fam.size_attr:
+        if fam.size_attr and fam.module:  # the table gives both or neither
             setattr(blk.get_submodule(fam.module), fam.size_attr, n)
-    model.config.intermediate_size = n
+    hf_config(model).intermediate_size = n
 
 
 def apply_ffn(model: nn.Module, cfg: FfnConfig, ctx: Context) -> CompressionResult:
@@ -606,7 +630,7 @@ def apply_ffn(model: nn.Module, cfg: FfnConfig, ctx: Context) -> CompressionResu
     family(model, "mlp")
     if cfg.score == "gradient":
         _needs_lm_loss(model, "ffn")
-    inter = model.config.intermediate_size
+    inter = hf_config(model).intermediate_size
     keep_n = S.round_keep(inter, int(round(cfg.ratio * inter)), cfg.multiple_of)
     if keep_n >= inter or keep_n < 1:
         raise CompressionError(f"ffn: ratio {cfg.ratio} of {inter} neurons removes nothing")

@@ -55,7 +55,8 @@ def attention_entropy(probs: torch.Tensor) -> torch.Tensor:
     Returns ``[heads]`` (float32)."""
     p = probs.detach().float()
     ent = -torch.special.xlogy(p, p).sum(-1)  # [B, H, Q]
-    return ent.sum(dim=(0, 2)).cpu()
+    per_head: torch.Tensor = ent.sum(dim=(0, 2)).cpu()
+    return per_head
 
 
 def taylor_abs(mask_grad: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,8 @@ def neuron_fluctuation_scores(act_sum_: torch.Tensor, act_sq_sum: torch.Tensor, 
     n = max(count, 1)
     mean = act_sum_.float() / n
     var = (act_sq_sum.float() / n - mean * mean).clamp_min(0)
-    return var.sqrt() * w_out.detach().float().norm(dim=0).cpu()
+    col_norm: torch.Tensor = w_out.detach().float().norm(dim=0).cpu()
+    return var.sqrt() * col_norm
 
 
 def bias_compensation(w_out: torch.Tensor, removed: list[int], mean: torch.Tensor) -> torch.Tensor:
@@ -107,7 +109,8 @@ def neuron_activation_scores(act_sq_sum: torch.Tensor, count: int, w_out: torch.
     times the L2 norm of its column in the down/output projection (``w_out``: ``[hidden,
     units]``): an estimate of the size of the neuron's contribution to the block's output."""
     rms = (act_sq_sum.float() / max(count, 1)).sqrt()
-    return rms * w_out.detach().float().norm(dim=0).cpu()
+    col_norm: torch.Tensor = w_out.detach().float().norm(dim=0).cpu()
+    return rms * col_norm
 
 
 # ---------------------------------------------------------------------------------------------

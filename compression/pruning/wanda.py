@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import Context, Method
+from ..base import CompressionResult, Context, Method
 from ..calib.engine import InputStats
 from ..calib.families import supporting
 from . import calibrated
@@ -37,7 +37,7 @@ def prune_linear(lin: nn.Linear, stats: InputStats, sparsity: float,
     lin.weight.mul_(mask.to(lin.weight.dtype))
 
 
-def apply(model: nn.Module, cfg: WandaConfig, ctx: Context):
+def apply(model: nn.Module, cfg: WandaConfig, ctx: Context) -> CompressionResult:
     return calibrated.run(model, cfg, ctx, prune_linear, hessian=False, label="wanda")
 
 

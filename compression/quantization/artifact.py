@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..base import hf, hf_config, weight_of
 from .qtensor import QuantizedWeight, dequantize_grouped, quantize_grouped
 
 QUANT_ATTR = "_modelpress_qweight"
@@ -57,7 +58,7 @@ def codes_of(module: nn.Module) -> torch.Tensor:
     qw: QuantizedWeight = getattr(module, QUANT_ATTR)
     if qw.q is not None:
         return qw.q
-    w = module.weight.detach()
+    w = weight_of(module).detach()
     q = quantize_grouped(w, qw.scale.to(w.device), qw.zero_point.to(w.device), qw.bits)
     back = dequantize_grouped(q, qw.scale.to(w.device), qw.zero_point.to(w.device), w.dtype)
     if not torch.equal(back, w):
@@ -72,12 +73,18 @@ class QuantizedLinear(nn.Module):
     the nn.Linear it replaces computed after :func:`attach`. Layer-by-layer methods turn each
     finished layer into these, so the float weights of done layers do not stay in memory."""
 
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.out_features, self.in_features = qw.q.shape
+        q = qw.kept_q()
+        self.out_features: int = q.shape[0]
+        self.in_features: int = q.shape[1]
         self.float_dtype = dtype
         # non-persistent: the saver writes them in the compressed-tensors layout
-        self.register_buffer("codes", qw.q, persistent=False)
+        self.register_buffer("codes", q, persistent=False)
         self.register_buffer("scale", qw.scale, persistent=False)
         self.register_buffer("zero_point", qw.zero_point, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -91,8 +98,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
 
-    def _apply(self, fn, recurse=True):  # keep the QuantizedWeight on the buffers' device
-        super()._apply(fn, recurse)
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+               ) -> QuantizedLinear:  # keep the QuantizedWeight on the buffers' device
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         qw = getattr(self, QUANT_ATTR)
         qw.q, qw.scale, qw.zero_point = self.codes, self.scale, self.zero_point
         return self
@@ -118,7 +126,7 @@ def _swap(root: nn.Module, name: str, lin: nn.Linear, qw: QuantizedWeight) -> No
     new = QuantizedLinear(qw, lin.bias, w.dtype)
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
-    lin.weight = None  # drop the module's reference before the pages go
+    lin.register_parameter("weight", None)  # drop the module's reference before the pages go
     if w.is_contiguous() and w.untyped_storage().nbytes() == w.numel() * w.element_size():
         release_pages(w)
 
@@ -148,12 +156,14 @@ def replace_quantized(model: nn.Module, name: str, qw: QuantizedWeight) -> None:
     without writing the dequantized float weight and deriving the codes back from it. A tied
     weight is attached instead (it stays an ``nn.Linear``)."""
     lin = model.get_submodule(name)
+    if not isinstance(lin, nn.Linear):
+        raise TypeError(f"{name} is a {type(lin).__name__}, not an nn.Linear")
     if _tied(model, lin.weight):
         attach(lin, qw)
         return
     dev = lin.weight.device
-    _swap(model, name, lin, dataclasses.replace(
-        qw, q=qw.q.to(dev).contiguous(), scale=qw.scale.to(dev), zero_point=qw.zero_point.to(dev)))
+    _swap(model, name, lin, dataclasses.replace(qw, q=qw.kept_q().to(dev).contiguous(),
+                                                scale=qw.scale.to(dev), zero_point=qw.zero_point.to(dev)))
 
 
 def float_dtype(module: nn.Module) -> torch.dtype:
@@ -167,7 +177,7 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if getattr(m, QUANT_ATTR, None) is not None}
 
 
-def _scheme_key(qw: QuantizedWeight) -> tuple:
+def _scheme_key(qw: QuantizedWeight) -> tuple[int, int | None, bool]:
     return (qw.bits, qw.group_size, qw.symmetric)
 
 
@@ -175,7 +185,7 @@ def _float_head(model: nn.Module, float_head: bool) -> tuple[str, nn.Module] | N
     """(name, module) of a quantized output head that is to be written in float, else None."""
     if not float_head or not hasattr(model, "get_output_embeddings"):
         return None
-    head = model.get_output_embeddings()
+    head: nn.Module | None = hf(model).get_output_embeddings()
     if head is None or getattr(head, QUANT_ATTR, None) is None:
         return None
     return next(n for n, m in model.named_modules() if m is head), head
@@ -190,7 +200,7 @@ def _saved_quantized(model: nn.Module, float_head: bool) -> dict[str, nn.Module]
 
 
 def build_quantization_config(model: nn.Module, fmt: str, activations: bool,
-                              float_head: bool = False) -> dict:
+                              float_head: bool = False) -> dict[str, Any]:
     """The ``quantization_config`` dict (one config group per distinct weight scheme)."""
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -198,7 +208,7 @@ def build_quantization_config(model: nn.Module, fmt: str, activations: bool,
         QuantizationScheme,
     )
 
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple[int, int | None, bool], list[str]] = {}
     qmods = _saved_quantized(model, float_head)
     for name, m in qmods.items():
         groups.setdefault(_scheme_key(getattr(m, QUANT_ATTR)), []).append(name)
@@ -228,7 +238,8 @@ def build_quantization_config(model: nn.Module, fmt: str, activations: bool,
                             quantization_status="compressed", ignore=ignore)
     d = qc.model_dump(exclude_none=True)
     d["quant_method"] = "compressed-tensors"
-    return json.loads(json.dumps(d, default=str))
+    plain: dict[str, Any] = json.loads(json.dumps(d, default=str))
+    return plain
 
 
 def iter_compressed_tensors(model: nn.Module, fmt: str, dense_dtype: DenseDtype = "float16",
@@ -242,7 +253,7 @@ def iter_compressed_tensors(model: nn.Module, fmt: str, dense_dtype: DenseDtype 
     ddt = DTYPES[dense_dtype]
     qmods = _saved_quantized(model, float_head)
     seen: dict[int, str] = {}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tied = bool(getattr(hf_config(model), "tie_word_embeddings", False))
     sd = model.state_dict(keep_vars=False)  # references, not copies
     for name, t in sd.items():
         mod_name, _, leaf = name.rpartition(".")
@@ -254,9 +265,9 @@ def iter_compressed_tensors(model: nn.Module, fmt: str, dense_dtype: DenseDtype 
         yield name, t.detach().to("cpu", ddt if t.is_floating_point() else t.dtype).contiguous()
     head = _float_head(model, float_head)
     if head is not None and not getattr(head[1], "tied_input_embeddings", False):
-        qw = getattr(head[1], QUANT_ATTR)
+        hqw: QuantizedWeight = getattr(head[1], QUANT_ATTR)
         yield f"{head[0]}.weight", dequantize_grouped(
-            codes_of(head[1]), qw.scale, qw.zero_point, torch.float32).to("cpu", ddt).contiguous()
+            codes_of(head[1]), hqw.scale, hqw.zero_point, torch.float32).to("cpu", ddt).contiguous()
     for name, m in qmods.items():
         qw: QuantizedWeight = getattr(m, QUANT_ATTR)
         sdt = float_dtype(m)  # scales in the model's float dtype: bit-exact reload
@@ -338,11 +349,11 @@ def write_compressed_config(model: nn.Module, out: Path, fmt: str, activations: 
     """``config.json`` (with its ``quantization_config``) and the generation config of a
     compressed artifact. Reads only module types, shapes and dtypes (the model may be on the
     meta device: the streaming writer calls it on a skeleton)."""
-    cfg = copy.deepcopy(model.config)
+    cfg = copy.deepcopy(hf_config(model))
     cfg.quantization_config = build_quantization_config(model, fmt, activations, float_head)
     # reload in the model's own float dtype, whatever dtype the dense tensors are stored in
     cfg.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb = hf(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head = _float_head(model, float_head)
     if head is not None:  # written in float: tied again if it was tied before quantization
         cfg.tie_word_embeddings = bool(getattr(head[1], "tied_input_embeddings", False))
@@ -362,15 +373,22 @@ def save_configs(model: nn.Module, cfg: Any, out: Path) -> None:
             pass
 
 
-def make_saver(fmt: str, activations: bool = False, dense_dtype: DenseDtype = "float16",
-               float_head: bool = False):
-    def saver(model: nn.Module, out_dir: Path) -> None:
-        save_compressed(model, out_dir, fmt, activations, dense_dtype, float_head)
+class CompressedSaver:
+    """Writes a model with :func:`save_compressed`; ``options`` says what it writes, for a writer
+    that streams the same tensors block by block."""
 
-    # what it writes, for a writer that streams the same tensors block by block
-    saver.options = {"fmt": fmt, "activations": activations, "dense_dtype": dense_dtype,
-                     "float_head": float_head}
-    return saver
+    def __init__(self, fmt: str, activations: bool, dense_dtype: DenseDtype, float_head: bool):
+        self.options: dict[str, Any] = {"fmt": fmt, "activations": activations,
+                                        "dense_dtype": dense_dtype, "float_head": float_head}
+
+    def __call__(self, model: nn.Module, out_dir: Path) -> None:
+        o = self.options
+        save_compressed(model, out_dir, o["fmt"], o["activations"], o["dense_dtype"], o["float_head"])
+
+
+def make_saver(fmt: str, activations: bool = False, dense_dtype: DenseDtype = "float16",
+               float_head: bool = False) -> CompressedSaver:
+    return CompressedSaver(fmt, activations, dense_dtype, float_head)
 
 
 def artifact_quantized_bytes(out_dir: str | Path) -> tuple[int, int]:

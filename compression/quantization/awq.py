@@ -5,7 +5,7 @@ range searched on their own, and the group scales refitted by least squares."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from torch import nn
@@ -48,7 +48,7 @@ def apply(model: nn.Module, cfg: AWQConfig, ctx: Context) -> CompressionResult:
                              saver=make_saver("pack-quantized", dense_dtype=cfg.dense_dtype))
 
 
-def _validate(cfg: AWQConfig, model_config) -> None:
+def _validate(cfg: AWQConfig, model_config: Any) -> None:
     validate_group_size(cfg.group_size, model_config)
 
 

@@ -94,7 +94,7 @@ def search_scale(W: torch.Tensor, G: torch.Tensor, x_mean: torch.Tensor, fake_qu
     if best_a > 0:
         centre = round(best_a * grid)
     else:  # no coarse point beat plain rounding: look next to the smallest coarse error
-        centre = min(tried, key=tried.get) if tried else 1
+        centre = min(tried, key=lambda i: tried[i]) if tried else 1
     trial(centre - 1)
     trial(centre + 1)
     if grid <= 3:

@@ -12,7 +12,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..base import CalibrationConfig, CompressionError, CompressionResult, Context, Method, MethodConfig
+from ..base import (
+    CalibrationConfig,
+    CompressionError,
+    CompressionResult,
+    Context,
+    Method,
+    MethodConfig,
+    hf,
+)
 from ..calib.engine import Step, calibration_tokens, run_sequential
 from ..calib.families import supporting
 from . import fpformats as F
@@ -27,7 +35,8 @@ NVFP4_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 def _args(preset: str, part: str) -> dict[str, Any]:
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
-    return PRESET_SCHEMES[preset][part].model_dump(exclude_none=True, mode="json")
+    args: dict[str, Any] = PRESET_SCHEMES[preset][part].model_dump(exclude_none=True, mode="json")
+    return args
 
 
 def _check_groups(in_features: dict[str, int], g: int, name: str) -> None:
@@ -139,7 +148,7 @@ def fp4_runtime(model: nn.Module, _cfg: Any = None) -> nn.Module:
     """compressed-tensors decompresses FP4 weights to bfloat16 whatever dtype the rest of the
     model was loaded in (the artifact's config says bfloat16, but a caller may load it in
     float32): one dtype for the whole model, the embeddings'."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb = hf(model).get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return model if emb is None else model.to(emb.weight.dtype)
 
 

@@ -146,16 +146,19 @@ def nvfp4_quantize(w: torch.Tensor, global_scale: torch.Tensor | None = None,
     gs = global_scale if global_scale is not None else nvfp4_global_scale(w.float().abs().amax())
     gs = gs.to(w.device)
     amax = wg.abs().amax(-1)
-    best_s = best_e = None
+    best_s: torch.Tensor | None = None
+    best_e: torch.Tensor | None = None
     for frac in search:
         s = round_e4m3(amax * frac / E2M1_MAX * gs)  # stored scale (multiplied by gs)
         s = torch.where(s > 0, s, torch.full_like(s, 2.0**-9))  # smallest E4M3 subnormal
         e = _e2m1_err(wg, s / gs)
-        if best_s is None:
+        if best_s is None or best_e is None:
             best_s, best_e = s, e
         else:
             better = e < best_e
             best_s, best_e = torch.where(better, s, best_s), torch.minimum(e, best_e)
+    if best_s is None:
+        raise ValueError("search needs at least one candidate fraction")
     codes = e2m1_codes(wg / (best_s / gs).unsqueeze(-1)).reshape(w.shape)
     return codes, best_s, gs
 

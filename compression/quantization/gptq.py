@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 from torch import nn
 
@@ -39,7 +41,7 @@ def apply(model: nn.Module, cfg: GPTQConfig, ctx: Context) -> CompressionResult:
                              saver=make_saver("pack-quantized", dense_dtype=cfg.dense_dtype))
 
 
-def _validate(cfg: GPTQConfig, model_config) -> None:
+def _validate(cfg: GPTQConfig, model_config: Any) -> None:
     validate_group_size(cfg.group_size, model_config)
 
 

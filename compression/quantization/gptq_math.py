@@ -5,6 +5,7 @@ Hessian ``H = 2 X^T X`` of the layer's inputs."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    W0, H0 = (W.clone(), H.clone()) if refit else (None, None)
+    W0, H0 = (W.clone(), H.clone()) if refit else (W, H)  # refit: the inputs before the updates
 
     static = act_order or g == n or qparams is not None
     scale = torch.ones(out, n // g, device=W.device)
@@ -126,7 +127,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
 
 @torch.no_grad()
 def gptq_quantize_passes(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None,
-                         symmetric: bool, passes: int = 1, **kw) -> QuantizedWeight:
+                         symmetric: bool, passes: int = 1, **kw: Any) -> QuantizedWeight:
     """:func:`gptq_quantize`, then ``passes - 1`` more passes each run on the grids (refitted
     scales, zero points) the best result so far chose; every output row keeps the pass with
     the lowest output error ``(W - Wq) H (W - Wq)^T``. ``kw`` goes to :func:`gptq_quantize`."""
@@ -146,7 +147,7 @@ def gptq_quantize_passes(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
                              qparams=(best.scale, best.zero_point), **kw)
         err = row_err(cand)
         better = (err < best_err).unsqueeze(1)
-        best = QuantizedWeight(torch.where(better, cand.q, best.q),
+        best = QuantizedWeight(torch.where(better, cand.kept_q(), best.kept_q()),
                                torch.where(better, cand.scale, best.scale),
                                best.zero_point, bits, group_size, symmetric)
         best_err = torch.minimum(err, best_err)

@@ -7,6 +7,7 @@ text of another domain (docs/benchmarks.md, "Measurement, issue 17")."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -49,7 +50,7 @@ def apply(model: nn.Module, cfg: Int8Config, ctx: Context) -> CompressionResult:
     )
 
 
-def _validate(cfg: Int8Config, model_config) -> None:
+def _validate(cfg: Int8Config, model_config: Any) -> None:
     validate_group_size(cfg.group_size, model_config)
 
 

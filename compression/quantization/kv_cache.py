@@ -26,8 +26,9 @@ class _KVQuant:
     def __init__(self, attn: nn.Module, cache: Any):
         self.attn, self.cache = attn, cache
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
-        a = self.attn
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        a: Any = self.attn  # carries the _mp_kv_* attributes set by this module
         if getattr(a, "_mp_kv_calibrating", False):
             a._mp_kv_amax[0] = torch.maximum(a._mp_kv_amax[0], key.detach().abs().amax().float())
             a._mp_kv_amax[1] = torch.maximum(a._mp_kv_amax[1], value.detach().abs().amax().float())
@@ -35,7 +36,8 @@ class _KVQuant:
             key = F.fake_fp8_static(key, a.k_scale)
             value = F.fake_fp8_static(value, a.v_scale)
         if self.cache is not None:
-            return self.cache.update(key, value, *args, **kwargs)
+            kv: tuple[torch.Tensor, torch.Tensor] = self.cache.update(key, value, *args, **kwargs)
+            return kv
         return key, value
 
     def __getattr__(self, name: str) -> Any:  # anything else of the real cache
@@ -45,7 +47,8 @@ class _KVQuant:
         return getattr(cache, name)
 
 
-def _hook(attn: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _hook(attn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+          ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     name = "past_key_values" if "past_key_values" in kwargs or "past_key_value" not in kwargs \
         else "past_key_value"
     kwargs[name] = _KVQuant(attn, kwargs.get(name))
@@ -55,7 +58,8 @@ def _hook(attn: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 def install(attn: nn.Module) -> None:
     if not hasattr(attn, "_mp_kv_amax"):
         dev = next(attn.parameters()).device
-        attn._mp_kv_amax = [torch.zeros((), device=dev), torch.zeros((), device=dev)]
+        a: Any = attn  # the _mp_kv_* attributes are this module's own
+        a._mp_kv_amax = [torch.zeros((), device=dev), torch.zeros((), device=dev)]
         attn.register_forward_pre_hook(_hook, with_kwargs=True)
 
 
@@ -72,7 +76,7 @@ class KVObserver:
         fake-quantized FP8 keys/values before its outputs go to the next block."""
         from ..calib.engine import run_block
 
-        attn = step.block.get_submodule(ATTN)
+        attn: Any = step.block.get_submodule(ATTN)  # with the _mp_kv_* attributes
         install(attn)
         attn._mp_kv_calibrating = True
         try:

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from ..base import CalibrationConfig, Context
+from ..base import CalibrationConfig, Context, weight_of
 from ..calib.engine import (
     InputStats,
     Step,
@@ -56,7 +57,8 @@ class WeightCalibConfig(GroupFieldsMixin, CalibrationConfig):
     dense_dtype: DenseDtype = dense_dtype_field()
 
 
-def _rtn_fake_quant(bits: int, group_size: int | None, symmetric: bool, clip: float = 1.0):
+def _rtn_fake_quant(bits: int, group_size: int | None, symmetric: bool, clip: float = 1.0
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Round-to-nearest per group on min/max shrunk to ``clip`` (a cheap stand-in for the final
     quantizer's per-group clipping search while AWQ scales are searched)."""
 
@@ -83,8 +85,9 @@ def apply_awq_scaling(block: nn.Module, groups: list[Group], family: Family,
         if not all(n in stats for n in g.linears) or not can_fold(block, g):
             continue
         st = stats[g.linears[0]]
-        W = torch.cat([block.get_submodule(n).weight.float() for n in g.linears], 0)
-        s, _alpha, _err, _base = search_scale(W, st.H, st.abs_mean, fq, grid=grid)
+        W = torch.cat([weight_of(block.get_submodule(n)).float() for n in g.linears], 0)
+        assert st.abs_mean is not None, "AWQ statistics keep the mean |x|"
+        s, _alpha, _err, _base = search_scale(W, st.hessian, st.abs_mean, fq, grid=grid)
         if torch.all(s == 1):
             continue
         fold_scale(block, g, s, family)
@@ -165,14 +168,14 @@ def _quantize_one(lin: nn.Linear, st: InputStats, cfg: WeightCalibConfig, algori
                   act_order: bool, dampening: float, refit_rounds: int = 1,
                   clip_error: str = "diagonal", clip_refine: int = 0) -> int:
     if algorithm == "gptq":
-        qw = _gptq(lin.weight, st.H, cfg, act_order, dampening)
+        qw = _gptq(lin.weight, st.hessian, cfg, act_order, dampening)
     else:
         qw = quantize_weight(lin.weight, cfg.bits, cfg.group_size, cfg.symmetric,
                              mse=cfg.mse_clip,
-                             col_weight=st.H if clip_error == "block" else torch.diag(st.H),
+                             col_weight=st.hessian if clip_error == "block" else torch.diag(st.hessian),
                              asym_refine=clip_refine, coarse_to_fine=True)
         if cfg.refit_scales:
-            qw = alternate_refit(lin.weight, qw, st.H, rounds=refit_rounds)
+            qw = alternate_refit(lin.weight, qw, st.hessian, rounds=refit_rounds)
     attach(lin, qw)
     return 1
 
@@ -180,11 +183,12 @@ def _quantize_one(lin: nn.Linear, st: InputStats, cfg: WeightCalibConfig, algori
 def _gptq_stacked(lins: list[nn.Linear], st: InputStats, cfg: WeightCalibConfig,
                   act_order: bool, dampening: float) -> int:
     W = torch.cat([lin.weight for lin in lins], 0)
-    qw = _gptq(W, st.H, cfg, act_order, dampening)
+    qw = _gptq(W, st.hessian, cfg, act_order, dampening)
+    q = qw.kept_q()
     off = 0
     for lin in lins:
         k = lin.out_features
-        part = QuantizedWeight(qw.q[off : off + k].clone(), qw.scale[off : off + k].clone(),
+        part = QuantizedWeight(q[off : off + k].clone(), qw.scale[off : off + k].clone(),
                                qw.zero_point[off : off + k].clone(), qw.bits, qw.group_size,
                                qw.symmetric)
         attach(lin, part)

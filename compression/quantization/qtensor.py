@@ -198,10 +198,14 @@ class QuantizedWeight:
     group_size: int | None  # None: per channel
     symmetric: bool
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def kept_q(self) -> torch.Tensor:
+        """The integer codes; raises when they were not kept."""
         if self.q is None:
             raise ValueError("integer codes not kept; use artifact.codes_of(module)")
-        return dequantize_grouped(self.q, self.scale, self.zero_point, dtype)
+        return self.q
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_grouped(self.kept_q(), self.scale, self.zero_point, dtype)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
@@ -230,12 +234,13 @@ def refit_scales(W: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor,
     scales when the solution has a non-positive or non-finite scale or does not lower its error,
     so the error never grows. Returns ``(refitted, error_before, error_after)`` per row.
     """
-    out, n = qw.q.shape
+    q = qw.kept_q()
+    out, n = q.shape
     ng = qw.scale.shape[1]
     g = n // ng
     Wf = W.float()
     Hf = H.float().to(Wf.device)
-    c = (qw.q.float().reshape(out, ng, g) - qw.zero_point.float().unsqueeze(-1)).reshape(out, n)
+    c = (q.float().reshape(out, ng, g) - qw.zero_point.float().unsqueeze(-1)).reshape(out, n)
     HW = Wf @ Hf  # [out, n]
     b = (c * HW).reshape(out, ng, g).sum(-1)  # [out, ng]
     A = torch.empty(out, ng, ng, device=Wf.device)
@@ -280,7 +285,7 @@ def alternate_refit(W: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor, round
         better = err < best_err
         if not better.any():
             break
-        best = QuantizedWeight(torch.where(better.unsqueeze(1), cand.q, best.q),
+        best = QuantizedWeight(torch.where(better.unsqueeze(1), cand.kept_q(), best.kept_q()),
                                torch.where(better.unsqueeze(1), cand.scale, best.scale),
                                best.zero_point, best.bits, best.group_size, best.symmetric)
         best_err = torch.where(better, err, best_err)

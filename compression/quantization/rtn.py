@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -44,7 +45,7 @@ def apply(model: nn.Module, cfg: RTNConfig, ctx: Context) -> CompressionResult:
     )
 
 
-def _validate(cfg: RTNConfig, model_config) -> None:
+def _validate(cfg: RTNConfig, model_config: Any) -> None:
     validate_group_size(cfg.group_size, model_config)
 
 

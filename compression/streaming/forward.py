@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import Cancelled
+from ..base import Cancelled, hf, weight_of
 from ..device import return_freed_memory
 from ..evaluation import zeros
 from .source import decoder_blocks, outside_prefixes, release
@@ -33,8 +33,12 @@ from .source import decoder_blocks, outside_prefixes, release
 _HEAD_ROWS_ELEMS = 2**24  # elements of the head's weight upcast at a time (64 MB)
 
 
+#: the first block's (args, kwargs) for one batch
+Capture = tuple[tuple[Any, ...], dict[str, Any]]
+
+
 class _Captured(Exception):
-    def __init__(self, args: tuple, kwargs: dict):
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]):
         super().__init__("first block reached")
         self.args, self.kwargs = args, kwargs
 
@@ -73,19 +77,19 @@ def _move_buffers(model: nn.Module, blocks_name: str, device: torch.device) -> N
 
 
 def _capture(model: nn.Module, first: nn.Module, windows: torch.Tensor, batch_size: int,
-             device: torch.device) -> list[tuple[tuple, dict]]:
+             device: torch.device) -> list[Capture]:
     """The first block's (args, kwargs) for each batch of windows."""
-    emb = model.get_input_embeddings()
+    emb: nn.Module = hf(model).get_input_embeddings()
 
-    def stop(_m, args, kwargs):
+    def stop(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         raise _Captured(args, kwargs)
 
-    def upcast(_m, _inp, out):
+    def upcast(_m: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
         return out.float()
 
     h1 = first.register_forward_pre_hook(stop, with_kwargs=True)
     h2 = emb.register_forward_hook(upcast)
-    caps = []
+    caps: list[Capture] = []
     try:
         for b in range(0, windows.shape[0], batch_size):
             try:
@@ -100,7 +104,7 @@ def _capture(model: nn.Module, first: nn.Module, windows: torch.Tensor, batch_si
     return caps
 
 
-def _run_block(block: nn.Module, caps: list[tuple[tuple, dict]]) -> None:
+def _run_block(block: nn.Module, caps: list[Capture]) -> None:
     for j, (args, kwargs) in enumerate(caps):
         if args:
             out = block(*args, **kwargs)
@@ -113,8 +117,10 @@ def _run_block(block: nn.Module, caps: list[tuple[tuple, dict]]) -> None:
             caps[j] = (args, {**kwargs, "hidden_states": out})
 
 
-def _hidden(cap: tuple[tuple, dict]) -> torch.Tensor:
-    return cap[0][0] if cap[0] else cap[1]["hidden_states"]
+def _hidden(cap: Capture) -> torch.Tensor:
+    h = cap[0][0] if cap[0] else cap[1]["hidden_states"]
+    assert isinstance(h, torch.Tensor)
+    return h
 
 
 def _nll(hidden: torch.Tensor, head_w: torch.Tensor, head_b: torch.Tensor | None,
@@ -167,7 +173,7 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
     blocks_name, blocks = decoder_blocks(model)
     stats = BlockwiseStats(perplexity=float("nan"))
     seen: set[str] = set()
-    head = model.get_output_embeddings()
+    head: nn.Module = hf(model).get_output_embeddings()
     head_name = next(n for n, m in model.named_modules() if m is head)
     tied = f"{head_name}.weight" in ckpt.alias
     before = [p for p in outside_prefixes(model, blocks_name) if p != head_name]
@@ -176,7 +182,7 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
             _count(stats, ckpt.materialize(model, p, dev), p, ckpt, seen)
         _move_buffers(model, blocks_name, dev)
         caps = _capture(model, blocks[0], windows, batch_size, dev)
-        emb = model.get_input_embeddings()
+        emb: nn.Module = hf(model).get_input_embeddings()
         if not tied:
             release(emb)
         for i, block in enumerate(blocks):
@@ -194,8 +200,8 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
             ckpt.materialize(model, head_name, dev)
         _count(stats, head, head_name, ckpt, seen)
         # the output head is not a pruned/quantized Linear: not in the sparsity
-        stats.linear_zeros -= zeros(head.weight)
-        stats.linear_total -= head.weight.numel()
+        stats.linear_zeros -= zeros(weight_of(head))
+        stats.linear_total -= weight_of(head).numel()
         stats.perplexity = _loss(model, blocks_name, head, caps, windows, dev)
     finally:
         for p in [*before, head_name]:
@@ -204,15 +210,15 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
     return stats
 
 
-def _loss(model: nn.Module, blocks_name: str, head: nn.Module, caps: list, windows: torch.Tensor,
-          dev: torch.device) -> float:
-    norm = model.get_submodule(blocks_name.rpartition(".")[0]).norm
+def _loss(model: nn.Module, blocks_name: str, head: nn.Module, caps: list[Capture],
+          windows: torch.Tensor, dev: torch.device) -> float:
+    norm = model.get_submodule(blocks_name.rpartition(".")[0]).get_submodule("norm")
     nll, count, w = 0.0, 0, 0
     for cap in caps:
         h = norm(_hidden(cap))
         for j in range(h.shape[0]):
             ids = windows[w].to(dev)
-            nll += _nll(h[j], head.weight, head.bias, ids)
+            nll += _nll(h[j], weight_of(head), getattr(head, "bias", None), ids)
             count += ids.numel() - 1
             w += 1
     return math.exp(nll / count)

@@ -40,7 +40,7 @@ def _config_and_tokenizer(path: Path) -> tuple[Any, Any]:
     return config, tokenizer
 
 
-def _skeleton(config: Any):
+def _skeleton(config: Any) -> Any:  # a PreTrainedModel on the meta device
     from accelerate import init_empty_weights
 
     from ..models import _auto_class, model_kind
@@ -90,7 +90,8 @@ def convert_gguf(path: str | Path, out_dir: str | Path,
     reader = GGUFReader(str(path))
     arch = read_field(reader, "general.architecture")[0]
     parsed_config = load_gguf_checkpoint(str(path), return_tensors=False).get("config", {})
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed_config)
+    processor_class: Any = TENSOR_PROCESSORS.get(arch, TensorProcessor)
+    processor = processor_class(config=parsed_config)
     name_map = get_gguf_hf_weights_map(model, processor)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -69,7 +69,7 @@ class TensorFiles:
         self._handles: dict[Path, Any] = {}
         self.alias: dict[str, str] = {}
 
-    def _entry(self, name: str) -> tuple[Any, dict]:
+    def _entry(self, name: str) -> tuple[Any, dict[str, Any]]:
         """(open file, header entry) of tensor ``name``."""
         if name not in self.files:
             raise KeyError(f"{name!r} is not in the checkpoint {self.path}")
@@ -96,7 +96,7 @@ class TensorFiles:
 
     def _read(self, fh: Any, offset: int, nbytes: int) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        view, done = memoryview(buf.numpy()), 0
+        view, done = buf.numpy().data, 0  # a memoryview of buf's bytes
         while done < nbytes:  # one read returns at most ~2 GB
             n = os.preadv(fh.fileno(), [view[done : done + 2**30]], offset + done)
             if n <= 0:
@@ -138,10 +138,10 @@ class TensorFiles:
         self._stack.close()
         self._handles.clear()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def source_name(self, name: str) -> str:
@@ -202,7 +202,8 @@ class LazyCheckpoint(TensorFiles):
         if getattr(self.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
             model.tie_weights()
         self._aliases(model)
-        return model.eval()
+        skeleton: nn.Module = model.eval()
+        return skeleton
 
     def _aliases(self, model: nn.Module) -> None:
         """Where each parameter missing from the files is read from: the stored parameter it is

@@ -21,6 +21,7 @@ import shutil
 import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ class _Shard:
         self.path = path
         self.f = open(path, "wb")
         self.f.seek(8 + _HEADER_RESERVE)
-        self.header: dict[str, dict] = {}
+        self.header: dict[str, dict[str, Any]] = {}
         self.metadata = metadata
         self.nbytes = 0
 
