@@ -9,6 +9,8 @@ No HTTP, database or queue code lives here.
 
 from __future__ import annotations
 
+from torch import nn
+
 from .base import (
     CalibrationConfig,
     Cancelled,
@@ -22,7 +24,7 @@ from .base import (
 from .registry import get_method, method_for_config, methods, parse_params
 
 
-def compress(model, config: MethodConfig, ctx: Context | None = None) -> CompressionResult:
+def compress(model: nn.Module, config: MethodConfig, ctx: Context | None = None) -> CompressionResult:
     """Run the method that ``config`` belongs to on ``model`` (modified in place where the
     method allows it) and return the result."""
     method = method_for_config(config)

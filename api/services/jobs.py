@@ -203,7 +203,7 @@ QUOTA_EXACT_MARGIN = 200
 
 def _count_active(session: Session, owner: str) -> int:
     return session.scalar(select(func.count()).select_from(Job).where(
-        Job.owner == owner, Job.state.in_((JobState.queued.value, JobState.running.value))))
+        Job.owner == owner, Job.state.in_((JobState.queued.value, JobState.running.value)))) or 0
 
 
 def check_quota(session: Session, settings: Settings, owner: str) -> None:

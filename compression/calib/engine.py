@@ -286,6 +286,13 @@ class InputStats:
         self.count = tot
 
     @property
+    def hessian(self) -> torch.Tensor:
+        """``H`` (kept with ``hessian=True``)."""
+        if self.H is None:
+            raise ValueError("these statistics were gathered without the Hessian")
+        return self.H
+
+    @property
     def col_norm(self) -> torch.Tensor:
         """``||X_j||`` per input feature (Wanda)."""
         assert self.sq_sum is not None
@@ -300,12 +307,6 @@ class InputStats:
         new.sq_sum = None if self.sq_sum is None else self.sq_sum / (s * s)
         new.abs_max = None if self.abs_max is None else self.abs_max / s
         return new
-    @property
-    def hessian(self) -> torch.Tensor:
-        """``H`` (kept with ``hessian=True``)."""
-        if self.H is None:
-            raise ValueError("these statistics were gathered without the Hessian")
-        return self.H
 
 
 

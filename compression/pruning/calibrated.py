@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any, Self
 
 from pydantic import Field, field_validator, model_validator
 from torch import nn
@@ -40,14 +41,14 @@ class CalibratedPruningConfig(CalibrationConfig):
         return v
 
     @model_validator(mode="after")
-    def _owl_needs_unstructured(self):
+    def _owl_needs_unstructured(self) -> Self:
         if self.owl and self.pattern:
             raise ValueError("owl sets a different sparsity per block; it cannot be combined with "
                              "an N:M pattern")
         return self
 
 
-def validate_model(cfg: CalibratedPruningConfig, model_config) -> None:
+def validate_model(cfg: CalibratedPruningConfig, model_config: Any) -> None:
     if cfg.pattern:
         _, m = parse_nm(cfg.pattern)
         for dim_name in ("hidden_size", "intermediate_size"):

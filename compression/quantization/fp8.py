@@ -42,7 +42,7 @@ class FPWeight:
     act: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
 
-def _act_hook(mod: nn.Module, args: tuple) -> tuple:
+def _act_hook(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (getattr(mod, FP_ATTR).act(args[0]), *args[1:])
 
 
@@ -68,7 +68,7 @@ def _scheme_json(fw: FPWeight) -> str:
     return json.dumps([fw.weights, fw.inputs], sort_keys=True, default=str)
 
 
-def build_fp_config(model: nn.Module, kv_cache: bool = False) -> dict:
+def build_fp_config(model: nn.Module, kv_cache: bool = False) -> dict[str, Any]:
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
@@ -98,7 +98,8 @@ def build_fp_config(model: nn.Module, kv_cache: bool = False) -> dict:
                             kv_cache_scheme=kv)
     d = qc.model_dump(exclude_none=True)
     d["quant_method"] = "compressed-tensors"
-    return json.loads(json.dumps(d, default=str))
+    plain: dict[str, Any] = json.loads(json.dumps(d, default=str))
+    return plain
 
 
 def iter_fp_tensors(model: nn.Module, dense_dtype: DenseDtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -138,7 +139,7 @@ def save_fp(model: nn.Module, out_dir: str | Path, dense_dtype: DenseDtype = "fl
     save_configs(model, cfg, out)
 
 
-def fp_saver(dense_dtype: DenseDtype, kv_cache: bool = False):
+def fp_saver(dense_dtype: DenseDtype, kv_cache: bool = False) -> Callable[[nn.Module, Path], None]:
     def saver(model: nn.Module, out_dir: Path) -> None:
         save_fp(model, out_dir, dense_dtype, kv_cache)
 
@@ -248,7 +249,8 @@ def apply(model: nn.Module, cfg: FP8Config, ctx: Context) -> CompressionResult:
 
 
 def _prefix(model: nn.Module, step: Step) -> str:
-    return next(n for n, m in model.named_modules() if m is step.block) + "."
+    name: str = next(n for n, m in model.named_modules() if m is step.block)
+    return name + "."
 
 
 def _input_amax(step: Step) -> dict[str, torch.Tensor]:

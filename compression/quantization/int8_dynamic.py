@@ -30,7 +30,16 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..base import CalibrationConfig, CompressionResult, Context, Method, UnsupportedModelError
+from ..base import (
+    CalibrationConfig,
+    CompressionResult,
+    Context,
+    Method,
+    UnsupportedModelError,
+    hf,
+    hf_config,
+    weight_of,
+)
 from ..calib.engine import (
     Step,
     calibration_tokens,
@@ -102,8 +111,8 @@ def onednn_qlinear(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """``xq`` (int8 [rows, in], per-token scales ``xs`` [rows, 1]) times the prepacked weight
     (per-channel ``w_scale``), float out (the eager runtime's multi-token oneDNN path, as one function)."""
-    y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, w_scale, w_zeros, None, 1.0, 0,
-                                           torch.float32, "none", [], "")
+    y: torch.Tensor = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, w_scale, w_zeros,
+                                                         None, 1.0, 0, torch.float32, "none", [], "")
     y = y.mul_(xs)
     return y if bias is None else y.add_(bias)
 
@@ -120,9 +129,13 @@ _LIB.define("onednn_qlinear(Tensor xq, Tensor xs, Tensor packed, Tensor w_scale,
 _LIB.impl("onednn_qlinear", onednn_qlinear, "CompositeExplicitAutograd")  # packed: MkldnnCPU
 
 
-@torch.library.register_fake("modelpress::onednn_qlinear", lib=_LIB)
-def _(xq, xs, packed, w_scale, w_zeros, bias):
+def _onednn_qlinear_fake(xq: torch.Tensor, xs: torch.Tensor, packed: torch.Tensor,
+                         w_scale: torch.Tensor, w_zeros: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
     return xq.new_empty(xq.shape[0], w_scale.shape[0], dtype=torch.float32)
+
+
+torch.library.register_fake("modelpress::onednn_qlinear", _onednn_qlinear_fake, lib=_LIB)
 
 
 def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -225,13 +238,14 @@ class _CpuGroup:
         # scale(s) and the bias follow here, as in scale_accumulator. Given the activation scale
         # as its source scale, oneDNN rounds differently from one shape to another (by the
         # kernel it picks), and a served model's numbers would depend on the kernel chosen.
-        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, self.packed, self.w_scale,
-                                               self.zeros, None, 1.0, 0, torch.float32, "none",
-                                               [], "")
+        y: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
+            xq, 1.0, 0, self.packed, self.w_scale, self.zeros, None, 1.0, 0, torch.float32, "none",
+            [], "")
         y = y.mul_(xs)
         return y if self.bias is None else y.add_(self.bias)
 
     def _matmul_int_mm(self, xq: torch.Tensor, xs: Any) -> torch.Tensor:
+        assert self.qweight is not None  # set by _prepare
         return scale_accumulator(torch._int_mm(xq, self.qweight.t()), xs, self.w_scale, self.bias)
 
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -250,6 +264,7 @@ class _CpuGroup:
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.float32:
             x2 = x2.float()
+        xs: torch.Tensor | float
         if x2.shape[0] == 1:
             xq, xs = quantize_per_tensor_int8(x2)
         else:
@@ -275,6 +290,8 @@ class Int8DynamicLinear(nn.Module):
 
     #: the oneDNN CPU path is switched off process-wide after its first failure
     onednn_ok = _onednn_available()
+    qweight: torch.Tensor  # buffers (see __init__)
+    w_scale: torch.Tensor
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  float_dtype: torch.dtype = torch.float32):
@@ -292,7 +309,9 @@ class Int8DynamicLinear(nn.Module):
         self._cpu: _CpuGroup | None = None  # the CPU runtime (see :func:`group_for_cpu`)
         self._cpu_index = 0  # this Linear's place in it
         self._cpu_weights = q.device.type == "cpu"
-        self._traced: tuple | None = None  # the oneDNN group's tensors (see _forward_traced)
+        # the oneDNN group's tensors (see _forward_traced): w_scale, zero points, bias, start, n
+        self._traced: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int, int] | None \
+            = None
         self._packed: torch.Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # the oneDNN weight cannot be copied (see _CpuGroup)
@@ -316,6 +335,7 @@ class Int8DynamicLinear(nn.Module):
         if x.is_cpu and self._cpu_weights:
             if self._cpu is None:
                 group_for_cpu([self])
+            assert self._cpu is not None
             return self._cpu.forward(self._cpu_index, x)
         return int8_linear(x, self.qweight, self.w_scale, self.bias)
 
@@ -331,6 +351,7 @@ class Int8DynamicLinear(nn.Module):
         if traced is not None:
             w_scale, zeros, bias, start, n = traced
             g = self._cpu
+            assert g is not None and self._packed is not None  # set with _traced
             prev = g.traced_out  # (input, the group's output) a member computed in this graph
             if prev is not None and prev[0] is x:
                 y = prev[1]
@@ -351,8 +372,9 @@ class Int8DynamicLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 W8A8"
 
-    def _apply(self, fn, recurse=True):  # keep the QuantizedWeight on the buffers' device
-        super()._apply(fn, recurse)
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+               ) -> Int8DynamicLinear:  # keep the QuantizedWeight on the buffers' device
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self._cpu_weights = self.qweight.device.type == "cpu"
         if self._cpu is not None:  # weights moved or changed: repack on next use
             self._cpu.kernel, self._cpu.packed, self._cpu.qweight = None, None, None
@@ -412,8 +434,10 @@ def smooth_model(model: nn.Module, cfg: Int8DynamicConfig, ctx: Context) -> int:
         stats = input_stats(step.block, step.inputs, groups, abs_max=True)
         for g in groups:
             lins = [step.block.get_submodule(n) for n in g.linears]
-            w_absmax = torch.stack([m.weight.abs().amax(0) for m in lins]).amax(0).float()
-            s = smoothing_scales(stats[g.linears[0]].abs_max, w_absmax, cfg.smoothing_alpha)
+            w_absmax = torch.stack([weight_of(m).abs().amax(0) for m in lins]).amax(0).float()
+            x_absmax = stats[g.linears[0]].abs_max
+            assert x_absmax is not None and cfg.smoothing_alpha is not None  # abs_max=True; smoothing on
+            s = smoothing_scales(x_absmax, w_absmax, cfg.smoothing_alpha)
             done += fold_scale(step.block, g, s, step.family)
 
     run_sequential(model, tokens, ctx, visit, batch_size=cfg.batch_size, label="smoothed layer",
@@ -428,7 +452,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def runtime_targets(model: nn.Module, quantize_lm_head: bool, keep_float: list[str]
                     ) -> dict[str, nn.Linear]:
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb = hf(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     pats = [re.compile(p) for p in keep_float]
     out = {}
     for name, m in model.named_modules():
@@ -484,9 +508,11 @@ def compile_decode(model: nn.Module) -> nn.Module:
     from transformers.generation.configuration_utils import CompileConfig
 
     cc = CompileConfig(fullgraph=False, backend="inductor", mode="default")
-    cc._compile_all_devices = True  # transformers only auto-compiles on accelerators otherwise
-    model.generation_config.cache_implementation = "static"
-    model.generation_config.compile_config = cc
+    # transformers only auto-compiles on accelerators otherwise (a private field, typed None)
+    setattr(cc, "_compile_all_devices", True)  # noqa: B010
+    gen = hf(model).generation_config
+    gen.cache_implementation = "static"
+    gen.compile_config = cc
     return model
 
 
@@ -500,21 +526,23 @@ def to_runtime(model: nn.Module, quantize_lm_head: bool = True,
     dtype. ``compile``: see :func:`compile_decode`."""
     _detach_compressed_tensors(model)
     targets = runtime_targets(model, quantize_lm_head, keep_float or [])
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb = hf(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, lin in targets.items():
         new = _runtime_linear(lin)
         _set_module(model, name, new)
-        if lin is out_emb and hasattr(model.config, "tie_word_embeddings"):
+        if lin is out_emb and hasattr(hf_config(model), "tie_word_embeddings"):
             # the head now has its own int8 weights; the artifact ties it again (float_head)
-            new.tied_input_embeddings = bool(model.config.tie_word_embeddings)
-            model.config.tie_word_embeddings = False
+            head: Any = new  # marked for the saver
+            head.tied_input_embeddings = bool(hf_config(model).tie_word_embeddings)
+            hf_config(model).tie_word_embeddings = False
     mods = dict(model.named_modules())
     shared = shared_inputs(model)
     for name, _m in mods.items():  # Linears that read one tensor (family table) share a runtime
         for names in shared:
             group = [mods.get(f"{name}.{n}") for n in names]
-            if all(isinstance(g, Int8DynamicLinear) for g in group):
-                group_for_cpu(group)
+            linears = [g for g in group if isinstance(g, Int8DynamicLinear)]
+            if len(linears) == len(group):
+                group_for_cpu(linears)
     if compile and hasattr(model, "generation_config"):
         compile_decode(model)
     return model
