@@ -48,4 +48,4 @@ bench: install
 	$(BIN)/python benchmarks/pruning.py
 
 clean:
-	rm -rf var .cache .pytest_cache
+	rm -rf var .cache .pytest_cache .mypy_cache build/typecheck

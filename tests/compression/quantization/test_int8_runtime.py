@@ -1,9 +1,9 @@
 """int8_dynamic served the way a user serves it: ``modelpress compress`` writes the artifact, a
 fresh process (in its own directory) loads it with ``modelpress.runtime.load`` (plain
 ``from_pretrained`` + the int8 runtime) in float32 / bfloat16 / float16, under ``no_grad`` or
-``inference_mode``, and its
-perplexity must be the job's reported one within 1% and its greedy generation what the plain
-dequantized model would choose (up to near ties flipped by the int8 activations)."""
+``inference_mode``, and its perplexity must be the job's reported one within 1% and its greedy
+generation what the plain dequantized model would choose (up to near ties flipped by the int8
+activations)."""
 
 from __future__ import annotations
 
