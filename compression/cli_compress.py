@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quality gate: perplexity after / before must be <= R (1.10 = +10%%)")
     p.add_argument("--device", help="cpu, cuda or auto (default: MODELPRESS_DEVICE or auto)")
     p.add_argument("--stream", choices=["auto", "always", "never"], default="auto",
-                   help="run block by block, never holding the whole model (int8, rtn, gptq, "
-                   "awq on a safetensors or GGUF source): auto = when the model in float32 is "
-                   "above MODELPRESS_STREAM_ABOVE_BYTES (default: half this machine's memory)")
+                   help="run block by block, never holding the whole model (int8, rtn, "
+                   "magnitude, gptq, awq, wanda, sparsegpt, admm on a safetensors or GGUF "
+                   "source): auto = when the model in float32 is above "
+                   "MODELPRESS_STREAM_ABOVE_BYTES (default: half this machine's memory) or would "
+                   "not fit whole")
     p.add_argument("--keep-intermediate", action="store_true",
                    help="also save each stage's model under OUTPUT/stages/")
     p.add_argument("--checkpoint-dir", help="resumable training state (distill); rerun with the "

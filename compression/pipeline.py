@@ -471,7 +471,8 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]],
                               configs[0].model_dump() if len(configs) == 1 else None)
         if plan is not None:
             run = _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text,
-                                dev, prog, hooks, check, metrics, work)
+                                dev, prog, hooks, check, metrics, work,
+                                speed=mplan.mode == "full")
         else:
             run = _run_in_memory(source, revision, parsed, methods, configs, output_dir,
                                  cal_text, ev_text, dev, gpu, prog, hooks, check, metrics, work,
@@ -759,9 +760,10 @@ def _eval_windows(tok: Any, text: str, max_positions: int | None) -> torch.Tenso
 
 
 def _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text, dev, prog, hooks,
-                  check, metrics, work) -> _Run:
+                  check, metrics, work, *, speed: bool = True) -> _Run:
     """One block in memory at a time (:mod:`streaming`): ``before`` and ``after`` perplexity by a
-    block-sequential forward over the eval windows; speed only where the model fits."""
+    block-sequential forward over the eval windows; speed only where the model fits and the job
+    measures it (``speed``: measure='full'; loading the model whole for it is the job's peak)."""
     from .models import CAUSAL, model_kind
     from .streaming import job as J
     from .streaming.artifact_source import ArtifactCheckpoint
@@ -784,7 +786,7 @@ def _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text,
         before = J.measure_blockwise(ckpt, windows, dev, plan.fp32_bytes,
                                      prog.span(*_BEFORE, "measuring before (block by block)"),
                                      check_stop(check))
-    if plan.fits:
+    if plan.fits and speed:
         before["tokens_per_s"] = _speed_of(plan.source_dir, None)
     for k, v in before.items():
         metrics.append(("before", k, v, UNITS.get(k)))
@@ -794,9 +796,10 @@ def _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text,
     hooks.event("stage", {"stage": label, "message": f"stage 0 ({method.name}) started "
                           "(block by block)", "params": cfg.model_dump(mode="json")})
     t0 = time.monotonic()
-    stage_metrics = J.quantize(plan, method, cfg, output_dir, dev,
-                               prog.span(_STAGES[0], _STAGES[1], label), check_stop(check),
-                               tokenizer=tok, calibration_text=cal_text, scratch=work / "blocks")
+    res = J.compress(plan, method, cfg, output_dir, dev, prog.span(_STAGES[0], _STAGES[1], label),
+                     check_stop(check), tokenizer=tok, calibration_text=cal_text,
+                     scratch=work / "blocks")
+    stage_metrics = res.metrics
     duration = time.monotonic() - t0
     stage_metrics["duration_s"] = duration
     for k, v in stage_metrics.items():
@@ -817,19 +820,22 @@ def _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text,
                "block-sequential forward over the same eval windows",
         "before_bytes": "the source's size in float32 (computed from its tensors' shapes)",
     }}
-    if plan.fits:
+    if plan.fits and speed:
         after["tokens_per_s"] = _speed_of(output_dir, (method, cfg))
+    elif not speed:
+        notes["tokens_per_s_absent"] = "not measured: the job measures quality only"
     else:
         notes["tokens_per_s_absent"] = (
             f"not measured: the model needs {plan.fp32_bytes / 2**30:.1f} GiB in float32, more "
             f"than fits in this machine's {J.memory_bytes() / 2**30:.1f} GiB")
     stage_reports = [{
         "index": 0, "method": method.name, "params": cfg.model_dump(mode="json"),
-        "duration_s": duration, "metrics": dict(stage_metrics), "packed": True,
-        "format": "compressed-tensors", "artifact": ".", "streamed": True,
+        "duration_s": duration, "metrics": dict(stage_metrics),
+        "packed": res.fmt == "compressed-tensors", "format": res.fmt, "artifact": ".",
+        "streamed": True,
     }]
     on = "the saved artifact, read block by block (quantized weights dequantized as on load)"
-    return _Run(before, after, kind, model_type, stage_reports, "compressed-tensors", on, notes)
+    return _Run(before, after, kind, model_type, stage_reports, res.fmt, on, notes)
 
 
 def check_stop(check: Callable[[], None]) -> Callable[[], bool]:

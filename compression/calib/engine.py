@@ -219,6 +219,15 @@ class Step:
 Visit = Callable[[Step], "list[torch.Tensor] | None"]
 
 
+#: where a streamed model (a meta skeleton) carries its own block source (:mod:`..streaming.blocks`)
+BLOCK_SOURCE_ATTR = "_modelpress_block_source"
+
+
+def block_source(model: nn.Module) -> BlockSource | None:
+    """The block source a streamed model carries, or None for a model in memory."""
+    return getattr(model, BLOCK_SOURCE_ATTR, None)
+
+
 @torch.no_grad()
 def run_sequential(model: nn.Module, tokens: torch.Tensor, ctx: Context, visit: Visit, *,
                    batch_size: int, source: BlockSource | None = None,
@@ -226,8 +235,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, ctx: Context, visit: 
                    after: Callable[[Step], None] | None = None) -> None:
     """For every block: onload -> ``visit`` (observe, change) -> propagate the changed block's
     outputs to the next block -> ``after`` (e.g. pack what the method attached) -> offload."""
-    # a streamed model (a meta skeleton) carries its own source: streaming.blocks
-    source = source or getattr(model, "_modelpress_block_source", None) or InMemoryBlocks(model)
+    source = source or block_source(model) or InMemoryBlocks(model)
     fam = family_of(model)
     n = len(find_blocks(model)[1])
     inputs = capture_inputs(model, source, tokens, ctx.device, batch_size)

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..base import CalibrationConfig, CompressionError, CompressionResult, Context
-from ..calib.engine import InputStats, calibration_tokens, find_blocks
+from ..calib.engine import InputStats, block_source, calibration_tokens, find_blocks
 from ..evaluation import linear_sparsity, nonzero_count, param_count
 from . import layerwise
 from .masks import parse_nm
@@ -92,12 +92,11 @@ def run(model: nn.Module, cfg: CalibratedPruningConfig, ctx: Context, prune_line
                               sequential=cfg.sequential, batch_size=cfg.batch_size,
                               progress_label=f"{label}: pruned block")
     model.train(was_training)
-    metrics = {
-        "sparsity_linear": linear_sparsity(model),
-        "params": float(param_count(model)),
-        "nonzero_params": float(nonzero_count(model)),
-        "compress_seconds": time.perf_counter() - t0,
-    }
+    metrics = {"compress_seconds": time.perf_counter() - t0}
+    if block_source(model) is None:  # a streamed skeleton's blocks are counted as written
+        metrics = {"sparsity_linear": linear_sparsity(model),
+                   "params": float(param_count(model)),
+                   "nonzero_params": float(nonzero_count(model)), **metrics}
     for k, v in metrics.items():
         ctx.metric(k, v, None)
     return CompressionResult(model=model, metrics=metrics)

@@ -17,9 +17,6 @@ from torch import nn
 from .source import LazyCheckpoint, TensorFiles, _tensors, decoder_blocks, outside_prefixes, release
 from .writer import ShardedWriter
 
-#: where the engine finds the block source of a streamed model (``run_sequential``)
-BLOCK_SOURCE_ATTR = "_modelpress_block_source"
-
 
 def _upcast(_m, _inp, out):
     return out.float()

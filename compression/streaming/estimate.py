@@ -1,12 +1,13 @@
 """A job's peak memory estimated from the model's config alone (admission control).
 
-Streamed jobs (``compress.STREAMABLE`` methods) hold one block in float32 plus the largest
+Streamed jobs (:func:`compress.cannot_stream`) hold one block in float32 plus the largest
 tensor outside the blocks in the stored dtype, the activations of the eval windows (and, when
-calibrated, of the calibration tokens plus one Hessian); jobs in memory hold the model in
-float32 about twice (the job's model, then the reloaded artifact next to its measurements).
-The constants are measured, not derived: the process itself (Python, torch, transformers:
-``BASE_BYTES``) and the factor over the block's float32 bytes its quantization or forward
-needs (``BLOCK_FACTOR``: the block plus the largest Linear's work tensors).
+calibrated, of the calibration tokens plus one Hessian and its inverse); jobs in memory hold the
+model in float32 about twice (the job's model, then the reloaded artifact next to its
+measurements), plus a calibrated method's calibration. The constants are measured, not derived:
+the process itself (Python, torch, transformers: ``BASE_BYTES``) and the factor over the block's
+float32 bytes its quantization or forward needs (``BLOCK_FACTOR``: the block plus the largest
+Linear's work tensors).
 """
 
 from __future__ import annotations
@@ -93,10 +94,10 @@ def estimate_peak_bytes(config: Any, method: str, params: dict[str, Any] | None 
                         streamed: bool | None = None, eval_tokens: int = 16 * 512) -> int:
     """Peak resident bytes of a job running ``method`` (with ``params``) on a model with this
     HF ``config`` (object or dict). ``streamed``: None = streamed when the method can stream."""
-    from .compress import STREAMABLE
+    from .compress import cannot_stream
 
     if streamed is None:
-        streamed = method in STREAMABLE
+        streamed = cannot_stream(method, params) is None
     if not streamed:
         return in_memory_bytes(config, method, params)
     d = _dims(config)
@@ -124,15 +125,16 @@ def stream_threshold(memory: int) -> int:
 
 
 def can_stream(config: Any, stages: list[dict[str, Any]]) -> bool:
-    """A single stage of a block-by-block method on a causal language model."""
+    """A single stage that runs block by block (:func:`.compress.cannot_stream`) on a causal
+    language model."""
     from ..models import CAUSAL, model_kind
-    from .compress import STREAMABLE
+    from .compress import cannot_stream
 
     if isinstance(config, dict):
         from types import SimpleNamespace
 
         config = SimpleNamespace(**config)
-    return (len(stages) == 1 and stages[0]["method"] in STREAMABLE
+    return (len(stages) == 1 and cannot_stream(stages[0]["method"], stages[0].get("params")) is None
             and model_kind(config) == CAUSAL)
 
 

@@ -1,8 +1,9 @@
 """A job that never holds its model whole: measure the source block by block, quantize it block
 by block into a sharded artifact, measure the artifact block by block.
 
-Which jobs stream (:func:`streaming_plan`): one quantization stage that works block by block
-(int8, rtn; gptq, awq on the calibration engine: ``compress.STREAMABLE``) on
+Which jobs stream (:func:`streaming_plan`): one stage that works block by block
+(int8, rtn, magnitude; gptq, awq, wanda, sparsegpt, admm on the calibration engine:
+``compress.STREAMABLE``, :func:`compress.cannot_stream`) on
 a local safetensors directory (a GGUF source is first converted tensor by tensor) whose float32
 size is above ``MODELPRESS_STREAM_ABOVE_BYTES`` (default: half this machine's memory), or any
 such job when the caller asks for streaming. Speed is measured only when the model fits in
@@ -20,7 +21,7 @@ import torch
 
 from ..base import CompressionError
 from . import estimate as E
-from .compress import STREAMABLE, WEIGHT_ONLY, stream_calibrated, stream_quantize
+from .compress import WEIGHT_ONLY, StreamResult, cannot_stream, stream_calibrated, stream_quantize
 from .estimate import STREAM_ENV
 from .source import LazyCheckpoint, is_streamable
 
@@ -74,9 +75,10 @@ def streaming_plan(source: str | Path, methods: list[Any], stream: bool | None,
     if stream is False:
         return None
     why_not = None
-    if len(methods) != 1 or methods[0].name not in STREAMABLE:
-        why_not = (f"only a single-stage {sorted(STREAMABLE)} recipe streams block by block; "
-                   f"got {[m.name for m in methods]}")
+    if len(methods) != 1:
+        why_not = f"only a single-stage recipe streams block by block; got {[m.name for m in methods]}"
+    else:
+        why_not = cannot_stream(methods[0].name, params)
     s = str(source)
     if why_not is None and not (s.endswith(".gguf") or is_streamable(s)):
         why_not = f"{s} is not a local safetensors directory or GGUF file"
@@ -141,15 +143,15 @@ def measure_blockwise(ckpt: LazyCheckpoint, windows: torch.Tensor | None, device
     return m
 
 
-def quantize(plan: StreamPlan, method: Any, cfg: Any, out: Path, device: torch.device,
+def compress(plan: StreamPlan, method: Any, cfg: Any, out: Path, device: torch.device,
              progress: Callable[[float, str | None], None], should_stop: Callable[[], bool], *,
              tokenizer: Any = None, calibration_text: str | None = None,
-             scratch: Path | None = None) -> dict[str, float]:
+             scratch: Path | None = None) -> StreamResult:
     if method.name in WEIGHT_ONLY:
-        res = stream_quantize(plan.source_dir, out, method, cfg, device=device,
-                              progress=progress, should_stop=should_stop)
-    else:
-        res = stream_calibrated(plan.source_dir, out, method, cfg, scratch=scratch,
-                                tokenizer=tokenizer, calibration_text=calibration_text,
-                                device=device, progress=progress, should_stop=should_stop)
-    return res.metrics
+        return stream_quantize(plan.source_dir, out, method, cfg, device=device,
+                               progress=progress, should_stop=should_stop)
+    if scratch is None:
+        raise CompressionError(f"{method.name}: a streamed calibration needs a scratch folder")
+    return stream_calibrated(plan.source_dir, out, method, cfg, scratch=scratch,
+                             tokenizer=tokenizer, calibration_text=calibration_text,
+                             device=device, progress=progress, should_stop=should_stop)

@@ -236,9 +236,15 @@ def test_job_streams_above_the_threshold(bf16_dir, tmp_path, monkeypatch):
     assert "streamed" not in out.report["evaluation"]
 
 
-def test_stream_refuses_what_cannot_stream(bf16_dir, tmp_path):
-    with pytest.raises(CompressionError, match="cannot stream"):
-        _job(bf16_dir, tmp_path / "w", True, method="wanda", params={})
+@pytest.mark.parametrize("method,params,why", [
+    ("heads", {"ratio": 0.25}, "not one of the block-by-block methods"),
+    ("magnitude", {"scope": "global"}, "scope='global'"),
+    ("wanda", {"calibration_source": "self"}, "calibration_source='self'"),
+])
+def test_stream_refuses_what_cannot_stream(bf16_dir, tmp_path, method, params, why):
+    with pytest.raises(CompressionError, match="cannot stream") as e:
+        _job(bf16_dir, tmp_path / "w", True, method=method, params=params)
+    assert why in str(e.value)
     assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
 
 
@@ -336,3 +342,65 @@ def test_streamed_gguf_job(smollm2_gguf, tmp_path):
     assert r["stages"][0]["streamed"] and r["model_type"] == "llama"
     assert 1.0 < r["summary"]["ppl_ratio"] < 1.5 and r["summary"]["compression_ratio"] > 3
     assert (tmp_path / "o" / "tokenizer.json").exists()
+
+
+CAL = {"num_samples": 4, "seq_len": 64}
+
+
+@pytest.mark.parametrize("method,params", [
+    ("wanda", {"sparsity": 0.5}),
+    ("wanda", {"pattern": "2:4", "sequential": False}),
+    ("wanda", {"sparsity": 0.5, "owl": True, "owl_samples": 2}),
+    ("sparsegpt", {"sparsity": 0.5}),
+    ("sparsegpt", {"pattern": "2:4"}),
+    ("admm", {"pattern": "2:4", "iterations": 4, "ramp_iterations": 2}),
+    ("magnitude", {"sparsity": 0.5}),
+    ("magnitude", {"pattern": "2:4"}),
+])
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_pruning_artifact_equals_in_memory(bf16_dir, bf16_untied_dir, tiny_tokenizer,
+                                                    tmp_path, method, params, tied):
+    """Pruning block by block (wanda/sparsegpt/admm on the calibration engine over a streamed
+    skeleton, magnitude on each block alone) writes what the in-memory job saves: float32
+    tensors, bit for bit, and the same config dtype."""
+    from modelpress.compression.streaming.compress import stream_calibrated
+
+    src = bf16_dir if tied else bf16_untied_dir
+    m = get_method(method)
+    cfg = m.config.model_validate({**(CAL if m.needs_calibration else {}), **params})
+    if m.needs_calibration:
+        res = stream_calibrated(src, tmp_path / "s", m, cfg, scratch=tmp_path / "scratch",
+                                tokenizer=tiny_tokenizer, calibration_text=None,
+                                max_shard_bytes=60_000)
+    else:
+        res = stream_quantize(src, tmp_path / "s", m, cfg, max_shard_bytes=60_000)
+    assert res.fmt == "hf-safetensors" and res.metrics["shards"] > 1
+    whole = load_pretrained(src).model
+    mem = m.apply(whole, cfg, Context(tokenizer=tiny_tokenizer))
+    assert mem.saver is None
+    mem.model.save_pretrained(tmp_path / "m")
+    a, b = _tensors(tmp_path / "s"), _tensors(tmp_path / "m")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.float32, k
+        assert _raw(a[k]) == _raw(b[k]), k
+    assert math.isclose(res.metrics["sparsity_linear"], E.linear_sparsity(mem.model), rel_tol=1e-12)
+    ca = json.loads((tmp_path / "s" / "config.json").read_text())
+    cb = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert ca["dtype"] == cb["dtype"] == "float32" and ca["tie_word_embeddings"] == tied
+    assert not list((tmp_path / "scratch").glob("*.partial"))
+
+
+@pytest.mark.parametrize("method,params", [("wanda", {"sparsity": 0.5, **CAL}),
+                                           ("magnitude", {"pattern": "2:4"})])
+def test_streamed_pruning_job(bf16_dir, tmp_path, method, params):
+    s = _job(bf16_dir, tmp_path / "s", True, method=method, params=params)
+    m = _job(bf16_dir, tmp_path / "m", False, method=method, params=params)
+    st = s.report["stages"][0]
+    assert st["streamed"] and st["format"] == "hf-safetensors" and not st["packed"]
+    assert s.report["format"] == "hf-safetensors"
+    assert math.isclose(st["metrics"]["sparsity_linear"], 0.5, abs_tol=1e-3)
+    for k in ("params", "nonzero_params", "perplexity"):
+        assert math.isclose(s.report["after"][k], m.report["after"][k], rel_tol=1e-6), k
+    reloaded = load_pretrained(tmp_path / "s").model
+    assert math.isclose(E.linear_sparsity(reloaded), st["metrics"]["sparsity_linear"], rel_tol=1e-12)
