@@ -21,9 +21,15 @@ from ..evaluation import decode_prompt, timed_decode
 
 NOT_MEASURABLE = "not measurable on this machine now"
 
+#: new tokens per timed decode: the report's rounds and ``benchmarks/int8_decode.py`` (a user's
+#: fresh processes) time the same greedy decode, so their tokens/s compare directly
+DECODE_NEW_TOKENS = 64
+DECODE_PROMPT_LEN = 16
+
 
 @torch.no_grad()
-def decode_rate(model: nn.Module, new_tokens: int = 32, prompt_len: int = 16) -> float:
+def decode_rate(model: nn.Module, new_tokens: int = DECODE_NEW_TOKENS,
+                prompt_len: int = DECODE_PROMPT_LEN) -> float:
     """One timed greedy decode at batch 1 with the KV cache: generated tokens per second."""
     return timed_decode(model, decode_prompt(model, prompt_len), new_tokens)
 
@@ -60,6 +66,17 @@ def verdict(dense: dict[str, float], compressed: dict[str, float]) -> dict[str, 
             "verdict": f"{ratio:.2f}x ({word}; spreads do not overlap)"}
 
 
+def compare(dense_rates: list[float], compressed_rates: list[float]) -> dict[str, Any]:
+    """Two models' rates over the same rounds: each one's median, min..max and rates, the
+    compressed / dense ratio per round, and the :func:`verdict` (the report's and the
+    benchmark's summary)."""
+    d, c = spread(dense_rates), spread(compressed_rates)
+    return {"dense": {**d, "rates": list(dense_rates)},
+            "compressed": {**c, "rates": list(compressed_rates)},
+            "ratio_per_round": [b / a for a, b in zip(dense_rates, compressed_rates)],
+            **verdict(d, c)}
+
+
 def interleaved(dense: nn.Module, compressed: nn.Module, rate: Callable[[nn.Module], float],
                 rounds: int = 5, check: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """``rounds`` interleaved timings of both models after one warm-up run each."""
@@ -75,10 +92,8 @@ def interleaved(dense: nn.Module, compressed: nn.Module, rate: Callable[[nn.Modu
         order = [(dense, d_rates), (compressed, c_rates)]
         for model, out in (order if i % 2 == 0 else order[::-1]):
             out.append(rate(model))
-    d, c = spread(d_rates), spread(c_rates)
     return {"method": f"{rounds} interleaved rounds (order alternating) after a warm-up; "
                       "median and min..max per model",
             "rounds": rounds, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_before": load_before, "load_average_after": _load(),
-            "dense": {**d, "rates": d_rates}, "compressed": {**c, "rates": c_rates},
-            **verdict(d, c)}
+            **compare(d_rates, c_rates)}

@@ -336,3 +336,48 @@ def test_tokens_per_second_is_the_median_after_a_warm_up(monkeypatch):
     monkeypatch.setattr(evaluation, "time", FakeTime)
     assert evaluation.tokens_per_second(Model()) == pytest.approx(64 / 4.0)
     assert durations == []
+
+
+def _fake_generate_model(record: list[int]) -> torch.nn.Module:
+    class Model(torch.nn.Module):
+        config = type("C", (), {"vocab_size": 100})()
+        generation_config = None
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, prompt, max_new_tokens, **_):
+            record.append((prompt.shape[1], max_new_tokens))
+            return torch.zeros(1, prompt.shape[1] + max_new_tokens, dtype=torch.long)
+
+    return Model()
+
+
+def test_report_and_benchmark_time_the_same_decode(monkeypatch):
+    """The report's rounds (``speed.decode_rate``) and the benchmark's processes
+    (``tokens_per_second`` with ``DECODE_NEW_TOKENS``) time the same greedy decode."""
+    import importlib.util
+
+    from modelpress.compression.measure import speed as S
+
+    report: list[int] = []
+    S.decode_rate(_fake_generate_model(report))
+    assert report == [(S.DECODE_PROMPT_LEN, S.DECODE_NEW_TOKENS)]
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "int8_decode.py"
+    spec = importlib.util.spec_from_file_location("int8_decode_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "load_mode", lambda *a: _fake_generate_model(report))
+    bench.run_mode("int8", "model", "artifact", None)
+    assert report[-3:] == [(S.DECODE_PROMPT_LEN, S.DECODE_NEW_TOKENS)] * 3  # median of 3
+
+    # each round in the reverse order of the one before; the report's summary
+    assert [bench.round_order(["fp32", "int8"], r) for r in range(3)] == [
+        ["fp32", "int8"], ["int8", "fp32"], ["fp32", "int8"]]
+    lines = bench.summary({"fp32": [20.0, 25.0, 22.0], "int8": [80.0, 90.0, 60.0]})
+    assert lines[0] == "fp32: median 22.00 tok/s (min..max 20.00..25.00)"
+    assert lines[1].startswith("int8: median 80.00 tok/s (min..max 60.00..90.00), 3.64x fp32 "
+                               "median (per round 4.00 3.60 2.73); 3.64x (faster")
+    c = S.compare([20.0, 25.0], [24.0, 26.0])
+    assert c["ratio_per_round"] == [1.2, 1.04] and c["verdict"] == S.NOT_MEASURABLE
