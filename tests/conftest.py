@@ -171,10 +171,12 @@ def minilm_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- markers
-# A test is `slow` when it loads a real model and `services` when it needs PostgreSQL or Redis,
-# whichever way the fixture reaches it (directly or through other fixtures).
+# A test is `slow` when it loads a real model, `services` when it needs PostgreSQL or Redis and
+# `processes` when it starts modelpress processes (API, worker), whichever way the fixture
+# reaches it (directly or through other fixtures).
 REAL_MODEL_FIXTURES = {"smollm2_gguf", "smollm2_dir", "minilm_dir"}
 SERVICE_FIXTURES = {"pg_url", "redis_url", "scratch_db"}
+PROCESS_FIXTURES = {"procs"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -184,6 +186,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if used & SERVICE_FIXTURES:
             item.add_marker(pytest.mark.services)
+        if used & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.processes)
 
 
 # --------------------------------------------------------------------------- real services
