@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,6 +42,9 @@ from .base import (
 )
 from .measure import job as MJ
 from .registry import get_method
+
+if TYPE_CHECKING:
+    from .streaming.job import StreamPlan
 
 MAX_STAGES = 8
 
@@ -759,8 +762,10 @@ def _eval_windows(tok: Any, text: str, max_positions: int | None) -> torch.Tenso
                            "(needs at least 64 tokens)")
 
 
-def _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text, dev, prog, hooks,
-                  check, metrics, work, *, speed: bool = True) -> _Run:
+def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
+                  configs: list[MethodConfig], output_dir: Path, cal_text: str, ev_text: str,
+                  dev: torch.device, prog: _Progress, hooks: JobHooks, check: Callable[[], None],
+                  metrics: Metrics, work: Path, *, speed: bool = True) -> _Run:
     """One block in memory at a time (:mod:`streaming`): ``before`` and ``after`` perplexity by a
     block-sequential forward over the eval windows; speed only where the model fits and the job
     measures it (``speed``: measure='full'; loading the model whole for it is the job's peak)."""

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from ..base import CalibrationConfig, CompressionError, CompressionResult, Context, Method
+from ..base import CalibrationConfig, CompressionError, CompressionResult, Context, Method, hf_config
 from ..calib.engine import Step, calibration_tokens, observe, run_sequential
 from ..calib.families import supporting
 from . import fpformats as F
@@ -129,7 +129,7 @@ def save_fp(model: nn.Module, out_dir: str | Path, dense_dtype: DenseDtype = "fl
         raise ValueError("model has no quantized modules to save")
     write_safetensors(out / "model.safetensors", lambda: iter_fp_tensors(model, dense_dtype),
                       metadata={"format": "pt"})
-    cfg = copy.deepcopy(model.config)
+    cfg = copy.deepcopy(hf_config(model))
     cfg.quantization_config = build_fp_config(model, kv_cache)
     cfg.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     if any(getattr(m, FP_ATTR).fmt != "float-quantized" for m in fp_modules(model).values()):

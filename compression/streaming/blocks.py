@@ -10,15 +10,18 @@ method is done and its output format is known (:func:`..compress.stream_calibrat
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from ..base import hf
 from .source import LazyCheckpoint, TensorFiles, _tensors, decoder_blocks, outside_prefixes, release
 from .writer import ShardedWriter
 
 
-def _upcast(_m, _inp, out):
+def _upcast(_m: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
     return out.float()
 
 
@@ -26,10 +29,10 @@ class StreamedBlocks:
     def __init__(self, ckpt: LazyCheckpoint, model: nn.Module, scratch: Path):
         self.ckpt, self.model, self.scratch = ckpt, model, Path(scratch)
         self.prefix, self.blocks = decoder_blocks(model)
-        head = model.get_output_embeddings()
+        head: nn.Module = hf(model).get_output_embeddings()
         head_name = next(n for n, m in model.named_modules() if m is head)
         self.outside_names = [p for p in outside_prefixes(model, self.prefix) if p != head_name]
-        self._hook = None
+        self._hook: RemovableHandle | None = None
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -58,7 +61,8 @@ class StreamedBlocks:
         tmp = d.with_name(d.name + ".partial")
         w = ShardedWriter(tmp, max_shard_bytes=2**62)
         for name, _owner, _leaf, t in _tensors(block):
-            w.add(name, t.detach())
+            if t is not None:
+                w.add(name, t.detach())
         w.close()
         if d.exists():
             for f in d.iterdir():
@@ -70,7 +74,7 @@ class StreamedBlocks:
     def outside(self, device: torch.device) -> None:
         """Embeddings (stored dtype, their output upcast to float32 as the in-memory float32
         model computes it), rotary buffers; ``meta`` releases them."""
-        emb = self.model.get_input_embeddings()
+        emb: nn.Module = hf(self.model).get_input_embeddings()
         if torch.device(device).type == "meta":
             for p in self.outside_names:
                 release(self.model.get_submodule(p))
