@@ -57,7 +57,7 @@ GPTQ = {"method": "gptq", "params": {"num_samples": 8, "seq_len": 512}}
 def test_job_estimate_streams_where_the_worker_would(monkeypatch):
     monkeypatch.delenv(STREAM_ENV, raising=False)
     e = estimate_job(LLAMA_8B, [GPTQ], 23 * GIB)
-    assert e.streamed and e.peak_bytes < 6 * GIB
+    assert e.streamed and e.peak_bytes < 8 * GIB  # six float32 copies of down_proj's 822 MB Hessian
     assert e.peak_bytes == estimate_peak_bytes(LLAMA_8B, "gptq", GPTQ["params"], streamed=True)
     # a method that cannot stream, or a recipe of two stages: the model whole
     whole = estimate_job(LLAMA_8B, [{"method": "heads", "params": {}}], 23 * GIB)
