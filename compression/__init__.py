@@ -27,9 +27,14 @@ from .registry import get_method, method_for_config, methods, parse_params
 def compress(model: nn.Module, config: MethodConfig, ctx: Context | None = None) -> CompressionResult:
     """Run the method that ``config`` belongs to on ``model`` (modified in place where the
     method allows it) and return the result."""
+    from .moe import expert_report, linearize_experts
+
     method = method_for_config(config)
     method.check_model(config, getattr(model, "config", None))
-    return method.apply(model, config, ctx or Context())
+    linearize_experts(model)
+    result = method.apply(model, config, ctx or Context())
+    result.metrics.update(expert_report(result.model))
+    return result
 
 
 __all__ = [

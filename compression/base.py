@@ -159,3 +159,6 @@ class Method:
             )
         if self.validate is not None:
             self.validate(config, model_config)
+        from .moe import check_method
+
+        check_method(self.name, config, model_config)

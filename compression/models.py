@@ -97,6 +97,9 @@ def load_pretrained(source: str | Path, revision: str | None = None,
         _remove_offload(model)
     kwargs.pop("quantization_config", None)
     model.eval()
+    from .moe import linearize_experts
+
+    linearize_experts(model)  # MoE experts as Linears (saved in the per-expert checkpoint layout)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except Exception:  # noqa: BLE001 - a model without a tokenizer can still be compressed

@@ -604,6 +604,7 @@ def _run_in_memory(source: str | Path, revision: str | None, parsed: list[Stage]
                    plan: MJ.MeasurePlan) -> _Run:
     """The whole model in memory: load, measure, run every stage, save, reload, measure."""
     from .models import CAUSAL, load_pretrained, load_source, save_model
+    from .moe import expert_report
 
     prog(_LOAD[0], "loading model")
     hooks.event("stage", {"message": f"loading {source}", "phase": "load"})
@@ -683,6 +684,8 @@ def _run_in_memory(source: str | Path, revision: str | None, parsed: list[Stage]
         t0 = time.monotonic()
         result = method.apply(model, cfg, ctx)
         duration = time.monotonic() - t0
+        # mixture of experts: calibration tokens routed to each expert, fallbacks
+        result.metrics = {**(result.metrics or {}), **expert_report(result.model)}
         model = result.model
         for k, v in (result.metrics or {}).items():
             metric(k, v, UNITS.get(k))

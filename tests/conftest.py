@@ -75,6 +75,10 @@ TINY_CAUSAL = {
     "gemma2": {"query_pre_attn_scalar": 16, "sliding_window": 64},
     "gemma3_text": {"query_pre_attn_scalar": 16, "sliding_window": 64},
     "phi3": {},
+    # mixture of experts: 4 experts, 2 per token, every layer sparse
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "decoder_sparse_step": 1},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
 }
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from ..base import CalibrationConfig, CompressionError, Context, hf, weight_of
 from ..data import default_calibration_text, self_generated_text, token_chunks
 from ..device import return_freed_memory
+from ..moe import count_routed_tokens, end_fallback
 from .families import Family, Group, family_of
 
 
@@ -244,7 +245,13 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, ctx: Context, visit: 
         ctx.check_cancelled()
         block = source.onload(i, ctx.device)
         step = Step(i, n, block, inputs, fam)
-        outs = visit(step)
+        # mixture of experts: count the tokens routed to each expert; experts routed too few
+        # are observed on every token while the method visits the block (..moe)
+        count_routed_tokens(block, lambda: run_block(block, inputs))
+        try:
+            outs = visit(step)
+        finally:
+            end_fallback(block)
         if outs is None:
             advance(block, inputs)
         else:

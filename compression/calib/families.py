@@ -9,7 +9,7 @@ block (relative to the block).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..base import UnsupportedModelError
@@ -101,6 +101,12 @@ FAMILIES: dict[str, Family] = {
     # (post_attention_layernorm normalises the attention output before the residual add)
     "gemma2": _llama_like("gemma2", 1.0, "pre_feedforward_layernorm"),
     "gemma3_text": _llama_like("gemma3_text", 1.0, "pre_feedforward_layernorm"),
+    # mixture of experts: the experts are Linears once ..moe.linearize_experts ran (named as in
+    # the checkpoint layout, mlp.experts.<e>.gate_proj / .w1 ...), each a group of its own; the
+    # router (mlp.gate) is not a Linear and is never quantized or pruned. No structured FFN
+    # pruning (mlp None): an expert's neurons are not the block's FFN width
+    "qwen3_moe": replace(_llama_like("qwen3_moe"), mlp=None),
+    "mixtral": replace(_llama_like("mixtral"), mlp=None),
     "phi3": Family(
         model_type="phi3",
         blocks="layers",

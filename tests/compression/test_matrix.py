@@ -38,7 +38,8 @@ TINY = {
     "mxfp4": {},
 }
 #: every family of the family table (compression/calib/families.py), as a tiny random model
-CAUSAL = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+CAUSAL = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "qwen3_moe",
+          "mixtral"]
 FAMILIES = [*CAUSAL, "bert"]
 #: every device this machine has: CPU always; CUDA too where a GPU is present (the same matrix
 #: then checks that each method keeps its tensors on the chosen device)
@@ -126,3 +127,9 @@ def _reference(src, name: str, causal: bool) -> torch.Tensor:
     lm = load_pretrained(src)
     res = compress(lm.model, parse_params(name, TINY[name]), Context(tokenizer=lm.tokenizer))
     return _outputs(res.model.eval(), causal)
+
+
+def test_every_family_is_in_the_matrix() -> None:
+    from modelpress.compression.calib.families import FAMILIES as TABLE
+
+    assert set(FAMILIES) == set(TABLE)
