@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base import hf
+
 #: an expert routed fewer calibration tokens than this is observed on all of the block's tokens
 MIN_EXPERT_TOKENS = 16
 
@@ -133,7 +135,7 @@ def linearize_experts(model: nn.Module) -> int:
     todo = [(n, m) for n, m in model.named_modules() if _is_fused_experts(m)]
     # the model's dtype: transformers dequantizes FP8 experts of a compressed-tensors artifact to
     # bfloat16 whatever the dtype asked for (a float32 model would then mix dtypes)
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb = hf(model).get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     w = getattr(emb, "weight", None)
     dtype = w.dtype if isinstance(w, torch.Tensor) else torch.float32
     for name, m in todo:

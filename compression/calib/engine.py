@@ -247,7 +247,7 @@ def run_sequential(model: nn.Module, tokens: torch.Tensor, ctx: Context, visit: 
         step = Step(i, n, block, inputs, fam)
         # mixture of experts: count the tokens routed to each expert; experts routed too few
         # are observed on every token while the method visits the block (..moe)
-        count_routed_tokens(block, lambda: run_block(block, inputs))
+        count_routed_tokens(block, lambda b=block, x=inputs: run_block(b, x))  # called at once
         try:
             outs = visit(step)
         finally:
@@ -322,7 +322,6 @@ class InputStats:
         new.sq_sum = None if self.sq_sum is None else self.sq_sum / (s * s)
         new.abs_max = None if self.abs_max is None else self.abs_max / s
         return new
-
 
 
 @contextmanager
