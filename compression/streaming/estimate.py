@@ -110,10 +110,21 @@ def estimate_peak_bytes(config: Any, method: str, params: dict[str, Any] | None 
         return in_memory_bytes(config, method, params)
     d = _dims(config)
     block = BLOCK_FACTOR * 4 * block_params(config)
-    outside = source_dtype_bytes(config) * d["vocab"] * d["hidden"]  # embeddings or head
+    # embeddings or head; a pruned artifact is float32 and its after pass reads them so
+    outside = _outside_dtype_bytes(config, method) * d["vocab"] * d["hidden"]
     acts = 4 * eval_tokens * d["hidden"] * 2
     return int(BASE_BYTES + max(block, outside) + max(
         acts, _calibration_bytes(config, method, _full_params(method, params))))
+
+
+def _outside_dtype_bytes(config: Any, method: str) -> int:
+    from ..registry import get_method
+
+    try:
+        dense = get_method(method).family == "pruning"
+    except Exception:  # noqa: BLE001 - unknown method: refused elsewhere
+        dense = False
+    return 4 if dense else source_dtype_bytes(config)
 
 
 def stream_threshold(memory: int) -> int:
