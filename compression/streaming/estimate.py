@@ -19,11 +19,11 @@ BASE_BYTES = int(0.45 * 2**30)
 BLOCK_FACTOR = 2.0
 IN_MEMORY_FACTOR = 2.3
 #: methods that solve with each Linear's input Hessian, and how many float32 copies of the widest
-#: one they hold at once (the statistics', a permuted copy, its Cholesky factor, the inverse and
-#: its factor: 6 measured on Llama-3.2-1B gptq, 2.71 GiB peak at down_proj); Wanda and AWQ keep
-#: per-feature statistics only
-HESSIAN_METHODS = frozenset({"gptq", "sparsegpt", "admm"})
-HESSIAN_COPIES = 6
+#: one they hold at once: gptq 3 (the statistics', the working copy and its Cholesky factor, or
+#: the inverse and its factor); sparsegpt and admm 6 (measured before gptq's were cut: Llama-3.2-1B
+#: gptq, 2.71 GiB peak at down_proj). Wanda and AWQ keep per-feature statistics only
+HESSIAN_COPIES = {"gptq": 3, "sparsegpt": 6, "admm": 6}
+HESSIAN_METHODS = frozenset(HESSIAN_COPIES)
 STREAM_ENV = "MODELPRESS_STREAM_ABOVE_BYTES"
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -86,7 +86,7 @@ def _calibration_bytes(config: Any, method: str, params: dict[str, Any]) -> int:
     d = _dims(config)
     wide = max(d["hidden"], d["inter"])
     tokens = int(params.get("num_samples", 32)) * int(params.get("seq_len", 512))
-    copies = HESSIAN_COPIES if method in HESSIAN_METHODS else 0
+    copies = HESSIAN_COPIES.get(method, 0)
     return 4 * tokens * wide * 2 + copies * 4 * wide**2
 
 
