@@ -308,8 +308,9 @@ def test_ffn_gradient_needs_causal_lm(tiny_bert, tiny_tokenizer):
 
 def test_registered_and_params():
     decoders = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"}
-    for name, fam in (("heads", decoders), ("ffn", decoders | {"bert"}),
-                      ("layers", decoders | {"bert", "phi3"})):
+    moe = {"qwen3_moe", "mixtral"}  # experts' MLPs: no ffn
+    for name, fam in (("heads", decoders | moe), ("ffn", decoders | {"bert"}),
+                      ("layers", decoders | moe | {"bert", "phi3"})):
         m = get_method(name)  # fused qkv_proj / gate_up_proj (phi3): no heads, no ffn
         assert m.family == "pruning" and m.needs_calibration and set(m.architectures) == fam
     assert parse_params("layers", {}).ratio == 0.25
