@@ -395,6 +395,6 @@ def test_cli_stream_always_and_refusal(tiny_llama_dir, tmp_path, capsys):
     r = json.loads((out / "report.json").read_text())
     assert r["stages"][0]["streamed"] is True and r["evaluation"]["streamed"]["why"] == "asked for"
     assert r["after"]["perplexity"] > 0 and r["summary"]["compression_ratio"] > 3
-    code = cli_main([str(tiny_llama_dir), "--method", "magnitude", "--stream", "always",
-                     "--output", str(tmp_path / "m"), "-q"])
+    code = cli_main([str(tiny_llama_dir), "--method", "magnitude", "--set", "scope=global",
+                     "--stream", "always", "--output", str(tmp_path / "m"), "-q"])
     assert code == 2 and "cannot stream" in capsys.readouterr().err
