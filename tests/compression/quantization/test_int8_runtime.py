@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -321,24 +322,16 @@ def test_tokens_per_second_is_the_median_after_a_warm_up(monkeypatch):
         def perf_counter() -> float:
             return clock[0]
 
-    class Model(torch.nn.Module):
-        config = type("C", (), {"vocab_size": 100})()
-        generation_config = None
-
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def generate(self, prompt, max_new_tokens, **_):
-            clock[0] += durations.pop(0)
-            return torch.zeros(1, prompt.shape[1] + max_new_tokens, dtype=torch.long)
+    def tick(_prompt_len: int, _new: int) -> None:
+        clock[0] += durations.pop(0)
 
     monkeypatch.setattr(evaluation, "time", FakeTime)
-    assert evaluation.tokens_per_second(Model()) == pytest.approx(64 / 4.0)
+    assert evaluation.tokens_per_second(_fake_generate_model(tick)) == pytest.approx(64 / 4.0)
     assert durations == []
 
 
-def _fake_generate_model(record: list[int]) -> torch.nn.Module:
+def _fake_generate_model(on_generate: Callable[[int, int], None]) -> torch.nn.Module:
+    """A model whose ``generate`` calls ``on_generate(prompt length, new tokens)``."""
     class Model(torch.nn.Module):
         config = type("C", (), {"vocab_size": 100})()
         generation_config = None
@@ -348,7 +341,7 @@ def _fake_generate_model(record: list[int]) -> torch.nn.Module:
             self.w = torch.nn.Parameter(torch.zeros(1))
 
         def generate(self, prompt, max_new_tokens, **_):
-            record.append((prompt.shape[1], max_new_tokens))
+            on_generate(prompt.shape[1], max_new_tokens)
             return torch.zeros(1, prompt.shape[1] + max_new_tokens, dtype=torch.long)
 
     return Model()
@@ -361,14 +354,14 @@ def test_report_and_benchmark_time_the_same_decode(monkeypatch):
 
     from modelpress.compression.measure import speed as S
 
-    report: list[int] = []
-    S.decode_rate(_fake_generate_model(report))
+    report: list[tuple[int, ...]] = []
+    S.decode_rate(_fake_generate_model(lambda *a: report.append(a)))
     assert report == [(S.DECODE_PROMPT_LEN, S.DECODE_NEW_TOKENS)]
     path = Path(__file__).resolve().parents[3] / "benchmarks" / "int8_decode.py"
     spec = importlib.util.spec_from_file_location("int8_decode_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    monkeypatch.setattr(bench, "load_mode", lambda *a: _fake_generate_model(report))
+    monkeypatch.setattr(bench, "load_mode", lambda *a: _fake_generate_model(lambda *g: report.append(g)))
     bench.run_mode("int8", "model", "artifact", None)
     assert report[-3:] == [(S.DECODE_PROMPT_LEN, S.DECODE_NEW_TOKENS)] * 3  # median of 3
 
