@@ -34,17 +34,19 @@ registers is invisible to other owners. Errors are `{"error": {"code", "message"
 
 
 @lru_cache
-def api_engine(url: str, pool_timeout_s: float = 10.0) -> Engine:
+def api_engine(url: str, pool_timeout_s: float = 10.0, pool_size: int = 10) -> Engine:
     """The API's connection pool. For a server database it skips the per-checkout ping
     (``pool_pre_ping`` costs a round trip on every request); a connection that died with the
     server is detected on use, the pool is invalidated and the next request reconnects.
 
     A request holds a connection only inside one thread-pool call (see ``deps``), so waiting
     for one is bounded by other requests' database work; past ``pool_timeout_s`` the request is
-    answered 503 with Retry-After."""
+    answered 503 with Retry-After. At most ``2 * pool_size`` connections per process: with
+    several API processes, workers and tools on one PostgreSQL, a larger pool ran the server
+    out of connections under bursts ("too many clients": 503s)."""
     if url.startswith("sqlite"):
         return engine_for(url)
-    return create_engine(url, pool_size=20, max_overflow=20, pool_timeout=pool_timeout_s,
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_timeout=pool_timeout_s,
                          pool_pre_ping=False, pool_recycle=1800, pool_use_lifo=True)
 
 
@@ -104,7 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="modelpress", version="1.0.0", description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.settings = settings
-    engine = api_engine(settings.resolved_database_url, settings.db_pool_timeout_s)
+    engine = api_engine(settings.resolved_database_url, settings.db_pool_timeout_s,
+                        settings.db_pool_size)
     app.state.session_factory = sessionmaker(bind=engine, expire_on_commit=False)
     # read-only requests: autocommit, so there is no transaction to finish after the route
     app.state.read_session_factory = sessionmaker(

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
         24 * 3600.0, description="How long an Idempotency-Key is remembered.")
     db_pool_timeout_s: float = Field(
         10.0, description="API: longest wait for a database connection before answering 503.")
+    db_pool_size: int = Field(
+        10, ge=1, le=200, description="API: pooled database connections per API process; as "
+        "many again may open for bursts. Keep processes x 2 x this under the server's "
+        "max_connections (PostgreSQL's default is 100).")
 
     # webhooks (see README "Webhooks")
     webhook_allow_private: bool = Field(

@@ -488,18 +488,34 @@ _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "storagefull")
 
 
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and everything in its cause/context chain (each once)."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """True if ``exc`` or anything in its cause/context chain is a full disk or quota."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
             return True
         if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
             return True
-        e = e.__cause__ or e.__context__
     return False
+
+
+def is_time_limit(exc: BaseException) -> bool:
+    """True if Celery's soft or hard time limit interrupted the job, even where the library code
+    it interrupted wrapped it (e.g. in a CompressionError while reading the model)."""
+    try:
+        from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(e, (SoftTimeLimitExceeded, TimeLimitExceeded)) for e in exception_chain(exc))
 
 
 #: the compression modules that read a model's files (GGUF, safetensors, config)
@@ -514,13 +530,8 @@ def error_code_for(exc: BaseException) -> str:
         return "disk_full"
     if isinstance(exc, UnsafeWeights):
         return "unsafe_weights"
-    try:
-        from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-
-        if isinstance(exc, (SoftTimeLimitExceeded, TimeLimitExceeded)):
-            return "timeout"
-    except ImportError:  # pragma: no cover
-        pass
+    if is_time_limit(exc):
+        return "timeout"
     try:
         from pydantic import ValidationError
 

@@ -204,3 +204,18 @@ def test_database_restart_is_503_then_recovers(client, alice, model_id, pg_url):
             assert int(r.headers["Retry-After"]) >= 1
             assert r.json()["error"]["code"] == "unavailable"
     assert 500 not in codes and codes[-1] == 201, codes
+
+
+def test_api_pool_is_bounded_per_process(pg_url):
+    """Each API process opens at most 2 x ``db_pool_size`` connections: with two processes, the
+    workers and the test's own pools on one PostgreSQL (max_connections 100), the former 40
+    per process ran the server out of connections under bursts (503 'database unavailable')."""
+    from modelpress.api.app import api_engine
+
+    api_engine.cache_clear()
+    try:
+        eng = api_engine(pg_url, 5.0, 7)
+        assert eng.pool.size() == 7 and eng.pool._max_overflow == 7  # type: ignore[attr-defined]
+        assert eng.pool.timeout() == 5.0  # type: ignore[attr-defined]
+    finally:
+        api_engine.cache_clear()

@@ -120,6 +120,24 @@ def test_error_codes():
     assert error_code_for(RuntimeError("boom")) == "error"
 
 
+def test_a_time_limit_wrapped_by_the_model_reader_is_still_a_timeout(tmp_path, monkeypatch):
+    """The soft limit can land inside AutoConfig.from_pretrained, which load_model wraps in a
+    CompressionError; the job must still say timeout, not invalid_model."""
+    import transformers
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from modelpress.compression.base import CompressionError
+    from modelpress.compression.models import load_pretrained
+
+    def interrupted(*a, **k):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", interrupted)
+    with pytest.raises(CompressionError) as ei:
+        load_pretrained(tmp_path)
+    assert error_code_for(ei.value) == "timeout"
+
+
 def test_one_line_and_jsonable():
     assert one_line(ValueError("first\n  second\tthird")) == "ValueError: first second third"
     assert one_line(KeyError()) == "KeyError"
