@@ -11,7 +11,9 @@ bfloat16 ones as they are.
 
 from __future__ import annotations
 
+import copy
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,25 @@ from ..base import CompressionError
 from .source import is_streamable
 from .writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 
+#: the last GGUF files read (file identity -> config, tokenizer, transformers' parsed config):
+#: parsing a GGUF's metadata (its vocabulary arrays) takes seconds, and one job asks for it from
+#: the size check, the conversion and the tokenizer; a few entries, so a worker never grows
+_PARSED: OrderedDict[tuple[str, int, int], tuple[Any, Any, dict[str, Any]]] = OrderedDict()
+_PARSED_MAX = 2
 
-def _config_and_tokenizer(path: Path) -> tuple[Any, Any]:
+
+def _parsed(path: Path) -> tuple[Any, Any, dict[str, Any]]:
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _PARSED:
+        _PARSED.move_to_end(key)
+        return _PARSED[key]
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False).get("config", {})
     except Exception as e:  # noqa: BLE001 - a bad upload must read as a user error
         raise CompressionError(f"cannot read GGUF file {path.name}: {e}") from e
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -34,10 +49,20 @@ def _config_and_tokenizer(path: Path) -> tuple[Any, Any]:
             delattr(config, attr)
     config._name_or_path = ""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                  config=config)
     except Exception:  # noqa: BLE001 - a model without a tokenizer can still be compressed
         tokenizer = None
-    return config, tokenizer
+    _PARSED[key] = (config, tokenizer, parsed)
+    while len(_PARSED) > _PARSED_MAX:
+        _PARSED.popitem(last=False)
+    return _PARSED[key]
+
+
+def _config_and_tokenizer(path: Path) -> tuple[Any, Any]:
+    """The GGUF's transformers config and tokenizer (copies: callers may change them)."""
+    config, tokenizer, _ = _parsed(path)
+    return copy.deepcopy(config), copy.deepcopy(tokenizer)
 
 
 def _skeleton(config: Any) -> Any:  # a PreTrainedModel on the meta device
@@ -56,8 +81,8 @@ def gguf_config_bytes(path: str | Path) -> int:
     """The model's float32 size from the GGUF's config alone (no tensor is read)."""
     from ..evaluation import param_count
 
-    config, _ = _config_and_tokenizer(Path(path))
-    return 4 * param_count(_skeleton(config))
+    config, _, _ = _parsed(Path(path))
+    return 4 * param_count(_skeleton(copy.deepcopy(config)))
 
 
 def _dtype_of(tensor_type: Any) -> torch.dtype:
@@ -76,7 +101,6 @@ def convert_gguf(path: str | Path, out_dir: str | Path,
         TENSOR_PROCESSORS,
         TensorProcessor,
         get_gguf_hf_weights_map,
-        load_gguf_checkpoint,
         read_field,
     )
 
@@ -86,10 +110,10 @@ def convert_gguf(path: str | Path, out_dir: str | Path,
     if is_streamable(out):
         return out
     config, tokenizer = _config_and_tokenizer(path)
+    parsed_config = copy.deepcopy(_parsed(path)[2])
     model = _skeleton(config)
     reader = GGUFReader(str(path))
     arch = read_field(reader, "general.architecture")[0]
-    parsed_config = load_gguf_checkpoint(str(path), return_tensors=False).get("config", {})
     processor_class: Any = TENSOR_PROCESSORS.get(arch, TensorProcessor)
     processor = processor_class(config=parsed_config)
     name_map = get_gguf_hf_weights_map(model, processor)

@@ -322,7 +322,7 @@ def test_smollm2_magnitude_report_is_true(smollm2_dir, tmp_path):
     """SmolLM2-135M, 2:4 magnitude: the report's after-numbers are those of the artifact."""
     ev = default_eval_text()[:12_000]  # a few 512-token windows keep this test short
     outcome = run_pipeline(smollm2_dir, [{"method": "magnitude", "params": {"pattern": "2:4"}}],
-                           tmp_path / "out", eval_text=ev, device="cpu")
+                           tmp_path / "out", eval_text=ev, device="cpu", measure="quality")
     r = outcome.report
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")

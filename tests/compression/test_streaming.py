@@ -337,7 +337,8 @@ def test_streamed_gptq_job(bf16_dir, tmp_path):
 
 @pytest.mark.slow
 def test_streamed_gguf_job(smollm2_gguf, tmp_path):
-    out = _job(smollm2_gguf, tmp_path / "o", True, method="rtn", params={"group_size": 64})
+    out = _job(smollm2_gguf, tmp_path / "o", True, method="rtn", params={"group_size": 64},
+               measure="quality")
     r = out.report
     assert r["stages"][0]["streamed"] and r["model_type"] == "llama"
     assert 1.0 < r["summary"]["ppl_ratio"] < 1.5 and r["summary"]["compression_ratio"] > 3
@@ -404,3 +405,26 @@ def test_streamed_pruning_job(bf16_dir, tmp_path, method, params):
         assert math.isclose(s.report["after"][k], m.report["after"][k], rel_tol=1e-6), k
     reloaded = load_pretrained(tmp_path / "s").model
     assert math.isclose(E.linear_sparsity(reloaded), st["metrics"]["sparsity_linear"], rel_tol=1e-12)
+
+
+def test_gguf_metadata_is_parsed_once_per_file(smollm2_gguf, monkeypatch):
+    """A job asks for the GGUF's config and tokenizer three times (size check, conversion,
+    tokenizer); parsing its metadata takes seconds, so it is read once and handed out as copies."""
+    import transformers
+
+    from modelpress.compression.streaming import gguf
+
+    gguf._PARSED.clear()
+    c1, t1 = gguf._config_and_tokenizer(smollm2_gguf)
+
+    def refuse(*a, **k):
+        raise AssertionError("parsed the GGUF again")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    c2, t2 = gguf._config_and_tokenizer(smollm2_gguf)
+    assert gguf.gguf_config_bytes(smollm2_gguf) > 4 * 100e6
+    assert c2 is not c1 and c2.to_dict() == c1.to_dict()
+    c2.hidden_size = 1
+    assert gguf._config_and_tokenizer(smollm2_gguf)[0].hidden_size == 576
+    assert t2 is not t1 and t2("hello world")["input_ids"] == t1("hello world")["input_ids"]

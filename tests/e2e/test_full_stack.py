@@ -51,8 +51,8 @@ def test_smollm2_gguf_through_api_worker_postgres_redis_s3(procs, tmp_path, own_
 
     model = c.upload_model(smollm2_gguf, "smollm2-135m")
     assert model["kind"] == "gguf" and model["model_type"] == "llama"
-    # a short held-out text keeps the before/after perplexity cheap on CI's two cores (and
-    # exercises the dataset path: upload -> store -> worker)
+    # a short held-out text and no speed rounds keep the measurement cheap on CI's two cores
+    # (and exercise the dataset path: upload -> store -> worker)
     from modelpress.compression.data import default_eval_text
 
     ev_path = tmp_path / "eval.txt"
@@ -61,7 +61,7 @@ def test_smollm2_gguf_through_api_worker_postgres_redis_s3(procs, tmp_path, own_
         r = c.http.post("/v1/datasets", files={"file": ("eval.txt", f)}, data={"name": "eval"})
     assert r.status_code == 201, r.text
     job = c.submit(model_id=model["id"], method="magnitude", params={"sparsity": 0.5},
-                   eval_dataset_id=r.json()["id"])
+                   eval_dataset_id=r.json()["id"], measure="quality")
     job = c.wait(job["id"], timeout=1000, logs=lambda: worker.text() + api.text())
     assert job["state"] == "succeeded", (job["error"], worker.text()[-4000:])
     art = job["artifact"]

@@ -109,6 +109,7 @@ def tiny_artifact(tiny_llama_dir, tmp_path_factory):
     return d / "art", ev, report
 
 
+@pytest.mark.processes  # a fresh Python process per case
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tiny_artifact_served_fresh(tiny_artifact, dtype, mode):

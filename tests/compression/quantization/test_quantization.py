@@ -464,6 +464,7 @@ def _force_kernel(model, kernel):
         g.set_traced()
 
 
+@pytest.mark.slow  # torch.compile: seconds per case
 @pytest.mark.parametrize("kernel", _cpu_kernels())
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_int8_dynamic_compiled_group_matches_reference(kernel, tokens):
@@ -501,6 +502,7 @@ def test_int8_dynamic_compiled_group_matches_reference(kernel, tokens):
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("kernel", _cpu_kernels())
 def test_int8_dynamic_compiled_generate_matches_eager(tiny_llama, kernel):
     """``to_runtime(compile=True)``: plain ``generate`` decodes through torch.compile with a
