@@ -38,9 +38,10 @@ check: install typecheck-tree
 test: install
 	$(BIN)/python -m pytest -q --timeout 1200 --durations=25
 
-# The quick lane: no real model, no PostgreSQL/Redis, no service processes, no browser.
+# The quick lane: no real model, no PostgreSQL/Redis, no service processes, no browser, the
+# method matrix on llama and bert only.
 test-fast: install
-	$(BIN)/python -m pytest -q --timeout 600 -m "not slow and not services and not processes and not browser"
+	$(BIN)/python -m pytest -q --timeout 600 -m "not slow and not services and not processes and not browser and not wide"
 
 bench: install
 	$(BIN)/pip install -q -e ".[bench]"

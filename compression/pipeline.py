@@ -12,6 +12,7 @@ in the method's serving form where it declares one, e.g. int8_dynamic's int8 ker
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -19,7 +20,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -464,87 +465,34 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]],
     if output_dir.exists() and any(output_dir.iterdir()):
         raise CompressionError(f"output directory {output_dir} is not empty")
 
-    metrics: list[tuple[str, str, float, str | None]] = []
+    metrics: Metrics = []
     work = Path(tempfile.mkdtemp(prefix="modelpress-pipeline-"))
+    phases = Phases()
+    env = _Env(prog=prog, hooks=hooks, check=check, metrics=metrics, work=work, dev=dev, gpu=gpu,
+               plan=mplan, phases=phases, cal_text=cal_text, ev_text=ev_text)
     peak = E.PeakMemory()
     peak.__enter__()
     try:
         check()
-        plan = streaming_plan(source, methods, stream, work,
-                              configs[0].model_dump() if len(configs) == 1 else None)
-        if plan is not None:
-            run = _run_streamed(plan, parsed, methods, configs, output_dir, cal_text, ev_text,
-                                dev, prog, hooks, check, metrics, work,
-                                speed=mplan.mode == "full")
+        splan = streaming_plan(source, methods, stream, work,
+                               configs[0].model_dump() if len(configs) == 1 else None)
+        if splan is not None:
+            run = _run_streamed(splan, parsed, methods, configs, output_dir, env)
         else:
-            run = _run_in_memory(source, revision, parsed, methods, configs, output_dir,
-                                 cal_text, ev_text, dev, gpu, prog, hooks, check, metrics, work,
-                                 keep_intermediate, measure_stages, mplan)
-        before, after, kind = run.before, run.after, run.kind
+            run = _run_in_memory(source, revision, parsed, methods, configs, output_dir, env,
+                                 keep_intermediate, measure_stages)
         peak.stop()
-        wall = time.monotonic() - t_start
-        after["compression_ratio"] = before["bytes"] / after["bytes"] if after["bytes"] else float("nan")
-        for sfx in ("", "_gpu"):  # interleaved rounds: the dense numbers are from the same rounds
-            if f"dense_tokens_per_s{sfx}" in after:
-                before[f"tokens_per_s{sfx}"] = after.pop(f"dense_tokens_per_s{sfx}")
-                metrics.append(("before", f"tokens_per_s{sfx}", before[f"tokens_per_s{sfx}"],
-                                "tokens/s"))
-                v = mplan.details.get(f"speed{sfx}", {})
-                if v.get("measurable"):
-                    after[f"speedup{sfx}"] = v["speedup"]
-            elif f"tokens_per_s{sfx}" in after and before.get(f"tokens_per_s{sfx}"):
-                after[f"speedup{sfx}"] = after[f"tokens_per_s{sfx}"] / before[f"tokens_per_s{sfx}"]
-        if "perplexity" in after and "perplexity" in before:
-            after["ppl_ratio"] = after["perplexity"] / before["perplexity"]
-            after["accuracy_loss"] = after["ppl_ratio"] - 1.0
-        if "perplexity_other" in after and "perplexity_other" in before:
-            after["ppl_ratio_other"] = after["perplexity_other"] / before["perplexity_other"]
-        elif "embedding_fidelity" in after:
-            after["accuracy_loss"] = 1.0 - after["embedding_fidelity"]
-        after["wall_time_s"] = wall
-        after["peak_rss_bytes"] = float(peak.peak_rss_bytes)
-        if peak.peak_gpu_bytes is not None and gpu is not None:
-            after["peak_gpu_bytes"] = float(peak.peak_gpu_bytes)
-        for k, v in after.items():
+        phases.seconds["total"] = time.monotonic() - t_start
+        _derive(run, mplan, peak, gpu, phases.seconds["total"], metrics)
+        for k, v in run.after.items():
             metrics.append(("after", k, v, UNITS.get(k)))
-
-        gate, gate_passed = _gate(max_ppl_increase, before, after)
-        gate, gate_passed = _more_gates(gate, gate_passed, MJ.gates(mplan, before, after))
-        summary_keys = ("compression_ratio", "speedup", "speedup_gpu", "ppl_ratio",
-                        "ppl_ratio_other", "accuracy_loss", "wall_time_s", "peak_rss_bytes",
-                        "peak_gpu_bytes")
-        if "task_accuracy" in after and "task_accuracy" in before:
-            after["accuracy_drop"] = before["task_accuracy"] - after["task_accuracy"]
-        report = {
-            "report_version": REPORT_VERSION,
-            "source": str(source),
-            "revision": revision,
-            "model_type": run.model_type,
-            "model_kind": kind,
-            "recipe": [st.model_dump(mode="json") for st in parsed],
-            "stages": run.stage_reports,
-            "before": before,
-            "after": {k: v for k, v in after.items() if k not in summary_keys or k in before},
-            "summary": {k: after[k] for k in summary_keys if k in after},
-            "format": run.fmt,
-            "gate": gate,
-            "evaluation": {
-                "perplexity": {"seq_len": 512, "num_chunks": 16, "text": "held-out eval text"},
-                "eval_text": "custom" if eval_text else "default (wikitext-2 valid, held-out part)",
-                "calibration_text": "custom" if calibration_text else
-                "default (wikitext-2 valid, first 55%)",
-                "after_measured_on": run.after_measured_on,
-                "tokens_per_s": "greedy decode, batch 1, KV cache, CPU"
-                if kind == CAUSAL_KIND else "encoder forward tokens/s, CPU",
-                **MJ.evaluation_notes(mplan),
-                **run.notes,
-            },
-            "device": _device_info(dev),
-            "versions": _versions(),
-            "started_at": started_at,
-            "finished_at": datetime.now(UTC).isoformat(),
-        }
-        report = _jsonable(report)
+        gate, gate_passed = _gate(max_ppl_increase, run.before, run.after)
+        gate, gate_passed = _more_gates(gate, gate_passed, MJ.gates(mplan, run.before, run.after))
+        if "task_accuracy" in run.after and "task_accuracy" in run.before:
+            run.after["accuracy_drop"] = run.before["task_accuracy"] - run.after["task_accuracy"]
+        report = _report(run, source=source, revision=revision, parsed=parsed, gate=gate,
+                         custom_eval=bool(eval_text), custom_calibration=bool(calibration_text),
+                         plan=mplan, dev=dev, started_at=started_at, timings=phases.seconds)
         (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=False))
         prog(100, "done")
         hooks.event("done", {"message": "pipeline finished", "gate_passed": gate_passed,
@@ -554,6 +502,80 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]],
     finally:
         peak.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+_SUMMARY_KEYS = ("compression_ratio", "speedup", "speedup_gpu", "ppl_ratio", "ppl_ratio_other",
+                 "accuracy_loss", "wall_time_s", "peak_rss_bytes", "peak_gpu_bytes")
+
+
+def _derive(run: _Run, plan: MJ.MeasurePlan, peak: E.PeakMemory, gpu: torch.device | None,
+            wall: float, metrics: Metrics) -> None:
+    """The ratios of ``after`` to ``before`` (compression, speed-up, perplexity), the job's wall
+    time and peak memory, set on ``run.after`` (the dense speed moves to ``run.before``)."""
+    before, after = run.before, run.after
+    after["compression_ratio"] = before["bytes"] / after["bytes"] if after["bytes"] else float("nan")
+    for sfx in ("", "_gpu"):  # interleaved rounds: the dense numbers are from the same rounds
+        if f"dense_tokens_per_s{sfx}" in after:
+            before[f"tokens_per_s{sfx}"] = after.pop(f"dense_tokens_per_s{sfx}")
+            metrics.append(("before", f"tokens_per_s{sfx}", before[f"tokens_per_s{sfx}"],
+                            "tokens/s"))
+            v = plan.details.get(f"speed{sfx}", {})
+            if v.get("measurable"):
+                after[f"speedup{sfx}"] = v["speedup"]
+        elif f"tokens_per_s{sfx}" in after and before.get(f"tokens_per_s{sfx}"):
+            after[f"speedup{sfx}"] = after[f"tokens_per_s{sfx}"] / before[f"tokens_per_s{sfx}"]
+    if "perplexity" in after and "perplexity" in before:
+        after["ppl_ratio"] = after["perplexity"] / before["perplexity"]
+        after["accuracy_loss"] = after["ppl_ratio"] - 1.0
+    if "perplexity_other" in after and "perplexity_other" in before:
+        after["ppl_ratio_other"] = after["perplexity_other"] / before["perplexity_other"]
+    elif "embedding_fidelity" in after:
+        after["accuracy_loss"] = 1.0 - after["embedding_fidelity"]
+    after["wall_time_s"] = wall
+    after["peak_rss_bytes"] = float(peak.peak_rss_bytes)
+    if peak.peak_gpu_bytes is not None and gpu is not None:
+        after["peak_gpu_bytes"] = float(peak.peak_gpu_bytes)
+
+
+def _report(run: _Run, *, source: str | Path, revision: str | None, parsed: list[Stage],
+            gate: dict[str, Any] | None, custom_eval: bool, custom_calibration: bool,
+            plan: MJ.MeasurePlan, dev: torch.device, started_at: str,
+            timings: dict[str, float]) -> dict[str, Any]:
+    after = run.after
+    report = {
+        "report_version": REPORT_VERSION,
+        "source": str(source),
+        "revision": revision,
+        "model_type": run.model_type,
+        "model_kind": run.kind,
+        "recipe": [st.model_dump(mode="json") for st in parsed],
+        "stages": run.stage_reports,
+        "before": run.before,
+        "after": {k: v for k, v in after.items() if k not in _SUMMARY_KEYS or k in run.before},
+        "summary": {k: after[k] for k in _SUMMARY_KEYS if k in after},
+        "format": run.fmt,
+        "gate": gate,
+        "evaluation": {
+            "perplexity": {"seq_len": 512, "num_chunks": 16, "text": "held-out eval text"},
+            "eval_text": "custom" if custom_eval else "default (wikitext-2 valid, held-out part)",
+            "calibration_text": "custom" if custom_calibration else
+            "default (wikitext-2 valid, first 55%)",
+            "after_measured_on": run.after_measured_on,
+            "tokens_per_s": "greedy decode, batch 1, KV cache, CPU"
+            if run.kind == CAUSAL_KIND else "encoder forward tokens/s, CPU",
+            **MJ.evaluation_notes(plan),
+            **run.notes,
+        },
+        # wall seconds per phase: load, before (0 when reused from the baseline cache), stages,
+        # save, after (reload and measure), total
+        "timings": {f"{k}_s": round(v, 3) for k, v in timings.items()},
+        "device": _device_info(dev),
+        "versions": _versions(),
+        "started_at": started_at,
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
+    out: dict[str, Any] = _jsonable(report)
+    return out
 
 
 CAUSAL_KIND = "causal-lm"  # models.CAUSAL, without importing transformers at module load
@@ -596,159 +618,245 @@ def _more_gates(gate: dict[str, Any] | None, passed: bool, more: list[dict[str, 
 Metrics = list[tuple[str, str, float, str | None]]  # (stage label, name, value, unit)
 
 
+@dataclass
+class _Env:
+    """What every phase of one job run shares."""
+
+    prog: _Progress
+    hooks: JobHooks
+    check: Callable[[], None]
+    metrics: Metrics
+    work: Path
+    dev: torch.device
+    gpu: torch.device | None
+    plan: MJ.MeasurePlan
+    phases: Phases
+    cal_text: str
+    ev_text: str
+
+
+class Phases:
+    """Wall seconds per phase of a job (``report["timings"]``): load, before, stages, save,
+    after, and the job's total."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - t0
+
+
 def _run_in_memory(source: str | Path, revision: str | None, parsed: list[Stage],
                    methods: list[Method], configs: list[MethodConfig], output_dir: Path,
-                   cal_text: str, ev_text: str, dev: torch.device, gpu: torch.device | None,
-                   prog: _Progress, hooks: JobHooks, check: Callable[[], None], metrics: Metrics,
-                   work: Path, keep_intermediate: bool, measure_stages: bool,
-                   plan: MJ.MeasurePlan) -> _Run:
+                   env: _Env, keep_intermediate: bool, measure_stages: bool) -> _Run:
     """The whole model in memory: load, measure, run every stage, save, reload, measure."""
-    from .models import CAUSAL, load_pretrained, load_source, save_model
-    from .moe import expert_report
+    from .models import CAUSAL
 
-    prog(_LOAD[0], "loading model")
-    hooks.event("stage", {"message": f"loading {source}", "phase": "load"})
-    loaded = load_source(source, revision=revision)
-    model, tok, kind = loaded.model, loaded.tokenizer, loaded.kind
-    del loaded
+    with env.phases("load"):
+        model, tok, kind = _load_whole(source, revision, methods, configs, env)
     model_type = getattr(model.config, "model_type", None)
-    model.eval()
-    for m, cfg in zip(methods, configs):
-        m.check_model(cfg, model.config)
-    prog(_LOAD[1], "model loaded")
-    check()
-
-    # ---- before (the source's numbers from the baseline cache where measured already)
-    before = MJ.lookup_before(plan, str(source), revision, ev_text, dev)
-    if before is None:
-        before_bytes = _source_weight_bytes(str(source), model, work)
-        before = _measure(model, tok, kind, ev_text, reference=None, gpu=gpu,
-                          weight_bytes=before_bytes,
-                          progress=prog.span(*_BEFORE, "measuring before"), check=check,
-                          plan=plan, phase="before")
-        MJ.store_before(plan, before)
-    else:
-        prog(_BEFORE[1], "source model's numbers reused from the baseline cache")
-        hooks.event("stage", {"message": "source model's numbers reused from the baseline cache",
-                              "phase": "before", "key": plan.details["baseline"]["key"]})
-    if kind == CAUSAL:
-        MJ.dense_behaviour(plan, model, tok)
-    for k, v in before.items():
-        metrics.append(("before", k, v, UNITS.get(k)))
-    hooks.event("metrics", {"stage": "before", "metrics": before})
-
-    need_original = (kind != CAUSAL or plan.mode == "full"
+    with env.phases("before"):
+        before = _before_in_memory(source, revision, model, tok, kind, env)
+    need_original = (kind != CAUSAL or env.plan.mode == "full"
                      or any(m.family == "distillation" for m in methods))
     original = copy.deepcopy(model).eval() if need_original else None
     if original is not None:
         original.requires_grad_(False)
-    model.to(dev)
-
-    # ---- stages
-    weights = [_stage_weight(m) for m in methods]
-    total_w = sum(weights)
-    lo = _STAGES[0]
-    stage_reports: list[dict[str, Any]] = []
-    result: CompressionResult | None = None
-    for i, (_st, method, cfg) in enumerate(zip(parsed, methods, configs)):
-        check()
-        hi = lo + (_STAGES[1] - _STAGES[0]) * weights[i] / total_w
-        label = f"{i}:{method.name}"
-        stage_metrics: dict[str, float] = {}
-        curve: list[dict[str, Any]] = []
-
-        def metric(name: str, value: float, unit: str | None = None, *, _l: str = label,
-                   _d: dict[str, float] = stage_metrics) -> None:
-            metrics.append((_l, name, float(value), unit))
-            _d[name] = float(value)
-
-        def event(kind_: str, data: dict[str, Any], *, _l: str = label,
-                  _c: list[dict[str, Any]] = curve) -> None:
-            if kind_ == "train":
-                _c.append(dict(data))
-            hooks.event(kind_, {"stage": _l, **data})
-
-        stage_work = work / f"stage-{i}"
-        stage_work.mkdir()
-        ctx = Context(
-            device=dev, tokenizer=tok, calibration_text=cal_text, eval_text=ev_text,
-            work_dir=stage_work, progress=prog.span(lo, hi, label), event=event,
-            metric=metric, should_stop=hooks.should_stop,
-            checkpoints=(_PrefixedCheckpoints(hooks.checkpoints, f"{i}-{method.name}/")
-                         if hooks.checkpoints is not None else None),
-            load_model=hooks.load_model, original_model=original,
-        )
-        prog(lo, f"{label}: starting")
-        hooks.event("stage", {"stage": label, "message": f"stage {i} ({method.name}) started",
-                              "params": cfg.model_dump(mode="json")})
-        t0 = time.monotonic()
-        result = method.apply(model, cfg, ctx)
-        duration = time.monotonic() - t0
-        # mixture of experts: calibration tokens routed to each expert, fallbacks
-        result.metrics = {**(result.metrics or {}), **expert_report(result.model)}
-        model = result.model
-        for k, v in (result.metrics or {}).items():
-            metric(k, v, UNITS.get(k))
-        metric("duration_s", duration, "s")
-        if not result.packed:
-            metric("params", E.param_count(model))
-            metric("nonzero_params", E.nonzero_count(model))
-            metric("sparsity", E.linear_sparsity(model), "ratio")
-        if measure_stages and tok is not None:
-            try:
-                if kind == CAUSAL:
-                    metric("perplexity", _perplexity(model, tok, ev_text))
-                elif original is not None:
-                    metric("embedding_fidelity",
-                           E.embedding_fidelity(model, original, tok, ev_text), "cosine")
-            except CompressionError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a packed model may not run in memory
-                hooks.event("warning", {"stage": label, "message": f"stage metric: {e}"})
-        artifact = None
-        if keep_intermediate and i < len(parsed) - 1:
-            d = output_dir / "stages" / f"{i}-{method.name}"
-            save_model(model, tok, d, saver=result.saver)
-            artifact = str(d.relative_to(output_dir))
-        stage_reports.append({
-            "index": i, "method": method.name, "params": cfg.model_dump(mode="json"),
-            "duration_s": duration, "metrics": dict(stage_metrics), "packed": result.packed,
-            "format": result.format, "artifact": artifact if artifact else
-            (".") if i == len(parsed) - 1 else None,
-            **({"train_curve": curve} if curve else {}),
-        })
-        hooks.event("stage", {"stage": label, "message": f"stage {i} ({method.name}) done "
-                              f"in {duration:.1f} s", "metrics": dict(stage_metrics)})
-        if result.packed and i != len(parsed) - 1:  # validate_recipe should have caught it
-            raise RecipeError(f"stage {i} ({method.name}) packed the weights but is not last")
-        lo = hi
-    assert result is not None
-    check()
-
-    # ---- save, reload, after
-    prog(_AFTER[0], "saving")
-    if kind == CAUSAL and plan.mode != "full":
-        original = None  # the teacher is no longer needed: free it before reloading
-    model = model.to("cpu")
-    save_model(model, tok, output_dir, saver=result.saver)
-    fmt = result.format
-    del model, result
-    check()
-    reloaded = load_pretrained(output_dir).model
-    last, last_cfg = methods[-1], configs[-1]
-    last_runtime = last.runtime
-    after = _measure(reloaded, tok, kind, ev_text, reference=original, gpu=gpu,
-                     weight_bytes=_top_weight_bytes(output_dir),
-                     progress=prog.span(_AFTER[0] + 1, 99.0, "measuring after"), check=check,
-                     # quality and speed of what serves the artifact (e.g. int8 kernels)
-                     runtime=(lambda m: last_runtime(m, last_cfg)) if last_runtime else None,
-                     plan=plan, phase="after",
-                     speed_against=original if plan.mode == "full" else None)
-    del reloaded, original
+    model.to(env.dev)
+    with env.phases("stages"):
+        result, stage_reports = _run_stages(model, tok, kind, parsed, methods, configs, output_dir,
+                                            original, env, keep_intermediate, measure_stages)
+    env.check()
+    after, fmt = _save_and_measure(result, tok, kind, methods[-1], configs[-1], output_dir,
+                                   original, env)
+    last = methods[-1]
     on = "the saved artifact reloaded with from_pretrained" + (
         f"; quality and speed on it put in {last.name}'s runtime (what serves it)"
         if last.runtime else "")
     return _Run(before, after, kind, model_type, stage_reports, fmt, on, {})
+
+
+def _load_whole(source: str | Path, revision: str | None, methods: list[Method],
+                configs: list[MethodConfig], env: _Env) -> tuple[nn.Module, Any, str]:
+    from .models import load_source
+
+    env.prog(_LOAD[0], "loading model")
+    env.hooks.event("stage", {"message": f"loading {source}", "phase": "load"})
+    loaded = load_source(source, revision=revision)
+    model, tok, kind = loaded.model, loaded.tokenizer, loaded.kind
+    model.eval()
+    for m, cfg in zip(methods, configs):
+        m.check_model(cfg, model.config)
+    env.prog(_LOAD[1], "model loaded")
+    env.check()
+    return model, tok, kind
+
+
+def _before_in_memory(source: str | Path, revision: str | None, model: nn.Module, tok: Any,
+                      kind: str, env: _Env) -> dict[str, float]:
+    """The source's numbers: from the baseline cache where measured already, else measured."""
+    from .models import CAUSAL
+
+    plan = env.plan
+    before = MJ.lookup_before(plan, str(source), revision, env.ev_text, env.dev)
+    if before is None:
+        before_bytes = _source_weight_bytes(str(source), model, env.work)
+        before = _measure(model, tok, kind, env.ev_text, reference=None, gpu=env.gpu,
+                          weight_bytes=before_bytes,
+                          progress=env.prog.span(*_BEFORE, "measuring before"), check=env.check,
+                          plan=plan, phase="before")
+        MJ.store_before(plan, before)
+    else:
+        env.prog(_BEFORE[1], "source model's numbers reused from the baseline cache")
+        env.hooks.event("stage", {"message": "source model's numbers reused from the baseline "
+                                  "cache", "phase": "before", "key": plan.details["baseline"]["key"]})
+    if kind == CAUSAL:
+        MJ.dense_behaviour(plan, model, tok)
+    for k, v in before.items():
+        env.metrics.append(("before", k, v, UNITS.get(k)))
+    env.hooks.event("metrics", {"stage": "before", "metrics": before})
+    return before
+
+
+def _run_stages(model: nn.Module, tok: Any, kind: str, parsed: list[Stage],
+                methods: list[Method], configs: list[MethodConfig], output_dir: Path,
+                original: nn.Module | None, env: _Env, keep_intermediate: bool,
+                measure_stages: bool) -> tuple[CompressionResult, list[dict[str, Any]]]:
+    """Every stage in order on the in-memory model; returns the last stage's result."""
+    weights = [_stage_weight(m) for m in methods]
+    lo = _STAGES[0]
+    stage_reports: list[dict[str, Any]] = []
+    result: CompressionResult | None = None
+    for i, (method, cfg) in enumerate(zip(methods, configs)):
+        env.check()
+        hi = lo + (_STAGES[1] - _STAGES[0]) * weights[i] / sum(weights)
+        result, rep = _run_stage(i, model, tok, kind, method, cfg, len(parsed), output_dir,
+                                 original, env, (lo, hi), keep_intermediate, measure_stages)
+        model = result.model
+        stage_reports.append(rep)
+        lo = hi
+    assert result is not None
+    return result, stage_reports
+
+
+def _run_stage(i: int, model: nn.Module, tok: Any, kind: str, method: Method, cfg: MethodConfig,
+               n_stages: int, output_dir: Path, original: nn.Module | None, env: _Env,
+               span: tuple[float, float], keep_intermediate: bool, measure_stages: bool
+               ) -> tuple[CompressionResult, dict[str, Any]]:
+    from .models import save_model
+    from .moe import expert_report
+
+    label = f"{i}:{method.name}"
+    stage_metrics: dict[str, float] = {}
+    curve: list[dict[str, Any]] = []
+
+    def metric(name: str, value: float, unit: str | None = None) -> None:
+        env.metrics.append((label, name, float(value), unit))
+        stage_metrics[name] = float(value)
+
+    def event(kind_: str, data: dict[str, Any]) -> None:
+        if kind_ == "train":
+            curve.append(dict(data))
+        env.hooks.event(kind_, {"stage": label, **data})
+
+    stage_work = env.work / f"stage-{i}"
+    stage_work.mkdir()
+    hooks = env.hooks
+    ctx = Context(
+        device=env.dev, tokenizer=tok, calibration_text=env.cal_text, eval_text=env.ev_text,
+        work_dir=stage_work, progress=env.prog.span(span[0], span[1], label), event=event,
+        metric=metric, should_stop=hooks.should_stop,
+        checkpoints=(_PrefixedCheckpoints(hooks.checkpoints, f"{i}-{method.name}/")
+                     if hooks.checkpoints is not None else None),
+        load_model=hooks.load_model, original_model=original,
+    )
+    env.prog(span[0], f"{label}: starting")
+    hooks.event("stage", {"stage": label, "message": f"stage {i} ({method.name}) started",
+                          "params": cfg.model_dump(mode="json")})
+    t0 = time.monotonic()
+    result = method.apply(model, cfg, ctx)
+    duration = time.monotonic() - t0
+    # mixture of experts: calibration tokens routed to each expert, fallbacks
+    result.metrics = {**(result.metrics or {}), **expert_report(result.model)}
+    for k, v in (result.metrics or {}).items():
+        metric(k, v, UNITS.get(k))
+    metric("duration_s", duration, "s")
+    _stage_counts(result, kind, tok, original, env.ev_text, measure_stages, metric, event)
+    artifact = None
+    if keep_intermediate and i < n_stages - 1:
+        d = output_dir / "stages" / f"{i}-{method.name}"
+        save_model(result.model, tok, d, saver=result.saver)
+        artifact = str(d.relative_to(output_dir))
+    hooks.event("stage", {"stage": label, "message": f"stage {i} ({method.name}) done "
+                          f"in {duration:.1f} s", "metrics": dict(stage_metrics)})
+    if result.packed and i != n_stages - 1:  # validate_recipe should have caught it
+        raise RecipeError(f"stage {i} ({method.name}) packed the weights but is not last")
+    rep = {"index": i, "method": method.name, "params": cfg.model_dump(mode="json"),
+           "duration_s": duration, "metrics": dict(stage_metrics), "packed": result.packed,
+           "format": result.format,
+           "artifact": artifact if artifact else "." if i == n_stages - 1 else None,
+           **({"train_curve": curve} if curve else {})}
+    return result, rep
+
+
+def _stage_counts(result: CompressionResult, kind: str, tok: Any, original: nn.Module | None,
+                  ev_text: str, measure_stages: bool, metric: Callable[..., None],
+                  event: Callable[[str, dict[str, Any]], None]) -> None:
+    """The in-memory model's counts after a stage (and its quality with ``measure_stages``)."""
+    from .models import CAUSAL
+
+    model = result.model
+    if not result.packed:
+        metric("params", E.param_count(model))
+        metric("nonzero_params", E.nonzero_count(model))
+        metric("sparsity", E.linear_sparsity(model), "ratio")
+    if not (measure_stages and tok is not None):
+        return
+    try:
+        if kind == CAUSAL:
+            metric("perplexity", _perplexity(model, tok, ev_text))
+        elif original is not None:
+            metric("embedding_fidelity", E.embedding_fidelity(model, original, tok, ev_text),
+                   "cosine")
+    except CompressionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a packed model may not run in memory
+        event("warning", {"message": f"stage metric: {e}"})
+
+
+def _save_and_measure(result: CompressionResult, tok: Any, kind: str, last: Method,
+                      last_cfg: MethodConfig, output_dir: Path, original: nn.Module | None,
+                      env: _Env) -> tuple[dict[str, float], str]:
+    """Save the artifact, reload it with plain from_pretrained and measure it (``after``)."""
+    from .models import CAUSAL, load_pretrained, save_model
+
+    env.prog(_AFTER[0], "saving")
+    plan = env.plan
+    if kind == CAUSAL and plan.mode != "full":
+        original = None  # the teacher is no longer needed: free it before reloading
+    with env.phases("save"):
+        model = result.model.to("cpu")
+        save_model(model, tok, output_dir, saver=result.saver)
+        fmt = result.format
+        del model, result
+    env.check()
+    with env.phases("after"):
+        reloaded = load_pretrained(output_dir).model
+        runtime = last.runtime
+        after = _measure(reloaded, tok, kind, env.ev_text, reference=original, gpu=env.gpu,
+                         weight_bytes=_top_weight_bytes(output_dir),
+                         progress=env.prog.span(_AFTER[0] + 1, 99.0, "measuring after"),
+                         check=env.check,
+                         # quality and speed of what serves the artifact (e.g. int8 kernels)
+                         runtime=(lambda m: runtime(m, last_cfg)) if runtime else None,
+                         plan=plan, phase="after",
+                         speed_against=original if plan.mode == "full" else None)
+    return after, fmt
 
 
 def _eval_windows(tok: Any, text: str, max_positions: int | None) -> torch.Tensor:
@@ -766,9 +874,7 @@ def _eval_windows(tok: Any, text: str, max_positions: int | None) -> torch.Tenso
 
 
 def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
-                  configs: list[MethodConfig], output_dir: Path, cal_text: str, ev_text: str,
-                  dev: torch.device, prog: _Progress, hooks: JobHooks, check: Callable[[], None],
-                  metrics: Metrics, work: Path, *, speed: bool = True) -> _Run:
+                  configs: list[MethodConfig], output_dir: Path, env: _Env) -> _Run:
     """One block in memory at a time (:mod:`streaming`): ``before`` and ``after`` perplexity by a
     block-sequential forward over the eval windows; speed only where the model fits and the job
     measures it (``speed``: measure='full'; loading the model whole for it is the job's peak)."""
@@ -778,6 +884,9 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
     from .streaming.source import LazyCheckpoint
 
     method, cfg, _st = methods[0], configs[0], parsed[0]
+    prog, hooks, check, metrics, dev = env.prog, env.hooks, env.check, env.metrics, env.dev
+    cal_text, ev_text, work = env.cal_text, env.ev_text, env.work
+    speed = env.plan.mode == "full"
     prog(_LOAD[0], "reading the model lazily")
     hooks.event("stage", {"message": f"streaming {plan.source_dir} block by block "
                           f"({plan.reason})", "phase": "load"})
@@ -791,11 +900,13 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
         windows = (_eval_windows(tok, ev_text, getattr(ckpt.config, "max_position_embeddings", None))
                    if tok is not None else None)
         prog(_LOAD[1], "model read")
-        before = J.measure_blockwise(ckpt, windows, dev, plan.fp32_bytes,
-                                     prog.span(*_BEFORE, "measuring before (block by block)"),
-                                     check_stop(check))
+        with env.phases("before"):
+            before = J.measure_blockwise(ckpt, windows, dev, plan.fp32_bytes,
+                                         prog.span(*_BEFORE, "measuring before (block by block)"),
+                                         check_stop(check))
     if plan.fits and speed:
-        before["tokens_per_s"] = _speed_of(plan.source_dir, None)
+        with env.phases("before"):
+            before["tokens_per_s"] = _speed_of(plan.source_dir, None)
     for k, v in before.items():
         metrics.append(("before", k, v, UNITS.get(k)))
     hooks.event("metrics", {"stage": "before", "metrics": before})
@@ -804,9 +915,10 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
     hooks.event("stage", {"stage": label, "message": f"stage 0 ({method.name}) started "
                           "(block by block)", "params": cfg.model_dump(mode="json")})
     t0 = time.monotonic()
-    res = J.compress(plan, method, cfg, output_dir, dev, prog.span(_STAGES[0], _STAGES[1], label),
-                     check_stop(check), tokenizer=tok, calibration_text=cal_text,
-                     scratch=work / "blocks")
+    with env.phases("stages"):  # block by block: compressing and writing are one pass
+        res = J.compress(plan, method, cfg, output_dir, dev,
+                         prog.span(_STAGES[0], _STAGES[1], label), check_stop(check),
+                         tokenizer=tok, calibration_text=cal_text, scratch=work / "blocks")
     stage_metrics = res.metrics
     duration = time.monotonic() - t0
     stage_metrics["duration_s"] = duration
@@ -818,7 +930,7 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
                           f"{duration:.1f} s", "metrics": dict(stage_metrics)})
     check()
 
-    with ArtifactCheckpoint(output_dir) as art:
+    with env.phases("after"), ArtifactCheckpoint(output_dir) as art:
         after = J.measure_blockwise(art, windows, dev, _top_weight_bytes(output_dir),
                                     prog.span(_AFTER[0] + 1, 99.0, "measuring after "
                                               "(block by block)"), check_stop(check))
@@ -829,7 +941,8 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
         "before_bytes": "the source's size in float32 (computed from its tensors' shapes)",
     }}
     if plan.fits and speed:
-        after["tokens_per_s"] = _speed_of(output_dir, (method, cfg))
+        with env.phases("after"):
+            after["tokens_per_s"] = _speed_of(output_dir, (method, cfg))
     elif not speed:
         notes["tokens_per_s_absent"] = "not measured: the job measures quality only"
     else:

@@ -51,8 +51,13 @@ def test_every_registered_method_is_in_the_matrix():
     assert set(TINY) == set(methods())
 
 
+#: the fast lane (``make test-fast``) runs every method on these; CI runs every family
+CORE = ("llama", "bert")
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f if f in CORE else pytest.param(f, marks=pytest.mark.wide)
+                                    for f in FAMILIES])
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_method_on_tiny_model(name, family, device, request, tmp_path):
     if family in ("llama", "bert"):

@@ -176,6 +176,12 @@ def test_baseline_is_measured_once_and_reused(tiny_llama_dir, tmp_path):
     assert B.COUNTERS == {"hits": 1, "misses": 1, "stores": 1}
     assert second.report["before"] == first.report["before"]
     assert set(first.report["before"]) >= {"perplexity", "perplexity_other", "bytes"}
+    # the report times each phase; the repeated job spends (almost) nothing on ``before``
+    t1, t2 = first.report["timings"], second.report["timings"]
+    assert set(t1) == {"load_s", "before_s", "stages_s", "save_s", "after_s", "total_s"}
+    assert sum(v for k, v in t1.items() if k != "total_s") <= t1["total_s"]
+    assert t1["before_s"] > 0 and t1["after_s"] > 0
+    assert t2["before_s"] < 0.2 * t1["before_s"]
     assert "tokens_per_s" not in second.report["after"]  # measure=quality: no speed
     assert second.report["summary"]["ppl_ratio_other"] == pytest.approx(
         second.report["after"]["perplexity_other"] / first.report["before"]["perplexity_other"])
