@@ -308,12 +308,11 @@ def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
              progress: Callable[[float, str | None], None],
              check: Callable[[], None],
              runtime: Callable[[nn.Module], nn.Module] | None = None,
-             plan: MJ.MeasurePlan | None = None, phase: str = "before",
-             speed_against: nn.Module | None = None) -> dict[str, float]:
+             plan: MJ.MeasurePlan | None = None, phase: str = "before") -> dict[str, float]:
     """The standard metrics of ``model``. With ``runtime`` the counts are taken on ``model`` as
     loaded (weights by their logical size) and quality and speed on ``runtime(model)`` (the
-    form that serves it). Quality as ``plan`` says (:mod:`measure.job`); speed only with
-    ``speed_against`` (the dense model), in interleaved rounds of both (GPU too when ``gpu``)."""
+    form that serves it). Quality as ``plan`` says (:mod:`measure.job`); speed is measured
+    apart (:func:`_speed`)."""
     from .models import CAUSAL
 
     m: dict[str, float] = {}
@@ -333,10 +332,6 @@ def _measure(model: nn.Module, tokenizer: Any, kind: str, eval_text: str, *,
             m["embedding_fidelity"] = E.embedding_fidelity(model, reference, tokenizer, eval_text)
         else:
             m["embedding_fidelity"] = 1.0
-    if speed_against is not None:
-        progress(0.6, "measuring speed (interleaved rounds, dense and compressed)")
-        check()
-        m.update(MJ.speed(plan, speed_against, model, kind == CAUSAL, gpu, check))
     progress(1.0, "measured")
     return m
 
@@ -561,8 +556,9 @@ def _report(run: _Run, *, source: str | Path, revision: str | None, parsed: list
             "calibration_text": "custom" if custom_calibration else
             "default (wikitext-2 valid, first 55%)",
             "after_measured_on": run.after_measured_on,
-            "tokens_per_s": "greedy decode, batch 1, KV cache, CPU"
-            if run.kind == CAUSAL_KIND else "encoder forward tokens/s, CPU",
+            "tokens_per_s": "greedy decode, batch 1, KV cache, CPU, each model in a fresh "
+            "process" if run.kind == CAUSAL_KIND else "encoder forward tokens/s, CPU, each "
+            "model in a fresh process",
             **MJ.evaluation_notes(plan),
             **run.notes,
         },
@@ -662,18 +658,21 @@ def _run_in_memory(source: str | Path, revision: str | None, parsed: list[Stage]
     model_type = getattr(model.config, "model_type", None)
     with env.phases("before"):
         before = _before_in_memory(source, revision, model, tok, kind, env)
-    need_original = (kind != CAUSAL or env.plan.mode == "full"
+    full = env.plan.mode == "full"
+    need_original = (kind != CAUSAL or (full and env.gpu is not None)
                      or any(m.family == "distillation" for m in methods))
     original = copy.deepcopy(model).eval() if need_original else None
     if original is not None:
         original.requires_grad_(False)
+    # the dense model on disk for the speed rounds' fresh processes (before any stage changes it)
+    dense_dir = _dense_dir(source, model, env.work) if full else None
     model.to(env.dev)
     with env.phases("stages"):
         result, stage_reports = _run_stages(model, tok, kind, parsed, methods, configs, output_dir,
                                             original, env, keep_intermediate, measure_stages)
     env.check()
     after, fmt = _save_and_measure(result, tok, kind, methods[-1], configs[-1], output_dir,
-                                   original, env)
+                                   original, env, dense_dir)
     last = methods[-1]
     on = "the saved artifact reloaded with from_pretrained" + (
         f"; quality and speed on it put in {last.name}'s runtime (what serves it)"
@@ -829,10 +828,22 @@ def _stage_counts(result: CompressionResult, kind: str, tok: Any, original: nn.M
         event("warning", {"message": f"stage metric: {e}"})
 
 
+def _dense_dir(source: str | Path, model: nn.Module, work: Path) -> str:
+    """A folder ``from_pretrained`` loads the dense model from: the source itself where it is a
+    local model folder, else (GGUF, hub id) the loaded model saved to the job's scratch."""
+    p = Path(source)
+    if p.is_dir() and (p / "config.json").is_file():
+        return str(p)
+    d = work / "dense"
+    hf(model).save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
 def _save_and_measure(result: CompressionResult, tok: Any, kind: str, last: Method,
                       last_cfg: MethodConfig, output_dir: Path, original: nn.Module | None,
-                      env: _Env) -> tuple[dict[str, float], str]:
-    """Save the artifact, reload it with plain from_pretrained and measure it (``after``)."""
+                      env: _Env, dense_dir: str | None) -> tuple[dict[str, float], str]:
+    """Save the artifact, reload it with plain from_pretrained and measure it (``after``); with
+    ``dense_dir`` (measure='full') the speed rounds too."""
     from .models import CAUSAL, load_pretrained, save_model
 
     env.prog(_AFTER[0], "saving")
@@ -850,13 +861,34 @@ def _save_and_measure(result: CompressionResult, tok: Any, kind: str, last: Meth
         runtime = last.runtime
         after = _measure(reloaded, tok, kind, env.ev_text, reference=original, gpu=env.gpu,
                          weight_bytes=_top_weight_bytes(output_dir),
-                         progress=env.prog.span(_AFTER[0] + 1, 99.0, "measuring after"),
+                         progress=env.prog.span(_AFTER[0] + 1, 94.0, "measuring after"),
                          check=env.check,
                          # quality and speed of what serves the artifact (e.g. int8 kernels)
                          runtime=(lambda m: runtime(m, last_cfg)) if runtime else None,
-                         plan=plan, phase="after",
-                         speed_against=original if plan.mode == "full" else None)
+                         plan=plan, phase="after")
+        del reloaded
+        if dense_dir is not None:
+            after.update(_speed(dense_dir, output_dir, kind, last, last_cfg, original, env))
     return after, fmt
+
+
+def _speed(dense_dir: str, output_dir: Path, kind: str, last: Method, last_cfg: MethodConfig,
+           original: nn.Module | None, env: _Env) -> dict[str, float]:
+    """Interleaved speed rounds of the dense model and the artifact, each in a fresh process
+    as a user loads it (the artifact in ``last``'s runtime where it has one); on a GPU job also
+    in this process on the GPU."""
+    from .models import CAUSAL, load_pretrained
+
+    env.prog(94.0, "measuring speed (fresh processes, interleaved rounds)")
+    spec = (last.name, last_cfg.model_dump(mode="json")) if last.runtime else None
+    out = MJ.speed_processes(env.plan, dense_dir, str(output_dir), kind == CAUSAL, spec,
+                             env.check)
+    if env.gpu is not None and original is not None:
+        comp = load_pretrained(output_dir).model
+        if last.runtime is not None:
+            comp = last.runtime(comp, last_cfg)
+        out.update(MJ.speed_gpu(env.plan, original, comp, kind == CAUSAL, env.gpu, env.check))
+    return out
 
 
 def _eval_windows(tok: Any, text: str, max_positions: int | None) -> torch.Tensor:
@@ -904,9 +936,6 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
             before = J.measure_blockwise(ckpt, windows, dev, plan.fp32_bytes,
                                          prog.span(*_BEFORE, "measuring before (block by block)"),
                                          check_stop(check))
-    if plan.fits and speed:
-        with env.phases("before"):
-            before["tokens_per_s"] = _speed_of(plan.source_dir, None)
     for k, v in before.items():
         metrics.append(("before", k, v, UNITS.get(k)))
     hooks.event("metrics", {"stage": "before", "metrics": before})
@@ -940,15 +969,19 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
                "block-sequential forward over the same eval windows",
         "before_bytes": "the source's size in float32 (computed from its tensors' shapes)",
     }}
-    if plan.fits and speed:
+    both_fit = J.fits_in_memory(2 * plan.fp32_bytes)  # the two speed processes at once
+    if both_fit and speed:
         with env.phases("after"):
-            after["tokens_per_s"] = _speed_of(output_dir, (method, cfg))
+            spec = (method.name, cfg.model_dump(mode="json")) if method.runtime else None
+            after.update(MJ.speed_processes(env.plan, str(plan.source_dir), str(output_dir),
+                                            True, spec, check))
     elif not speed:
         notes["tokens_per_s_absent"] = "not measured: the job measures quality only"
     else:
         notes["tokens_per_s_absent"] = (
-            f"not measured: the model needs {plan.fp32_bytes / 2**30:.1f} GiB in float32, more "
-            f"than fits in this machine's {J.memory_bytes() / 2**30:.1f} GiB")
+            f"not measured: the dense model and the artifact need {2 * plan.fp32_bytes / 2**30:.1f}"
+            f" GiB in float32 side by side, more than fits in this machine's "
+            f"{J.memory_bytes() / 2**30:.1f} GiB")
     stage_reports = [{
         "index": 0, "method": method.name, "params": cfg.model_dump(mode="json"),
         "duration_s": duration, "metrics": dict(stage_metrics),
@@ -966,18 +999,6 @@ def check_stop(check: Callable[[], None]) -> Callable[[], bool]:
         return False
 
     return should_stop
-
-
-def _speed_of(path: Path, runtime: tuple[Method, Any] | None) -> float:
-    """Decode speed of the model at ``path`` loaded whole (only called where it fits)."""
-    from .models import load_pretrained
-
-    model = load_pretrained(path).model
-    if runtime is not None and runtime[0].runtime is not None:
-        model = runtime[0].runtime(model, runtime[1])
-    speed = E.tokens_per_second(model)
-    del model
-    return speed
 
 
 __all__ = [

@@ -146,29 +146,37 @@ def dense_behaviour(plan: MeasurePlan, model: nn.Module, tok: Any) -> None:
 # ------------------------------------------------------------------------------ speed
 
 
-def speed(plan: MeasurePlan, dense: nn.Module, compressed: nn.Module, causal: bool,
-          gpu: torch.device | None, check: Callable[[], None]) -> dict[str, float]:
-    """Interleaved rounds on CPU (and GPU when given): sets ``tokens_per_s`` (compressed) and
-    ``dense_tokens_per_s``; the verdict goes to ``details['speed']``."""
+def speed_processes(plan: MeasurePlan, dense_dir: str, compressed_dir: str, causal: bool,
+                    runtime: tuple[str, dict[str, Any]] | None,
+                    check: Callable[[], None]) -> dict[str, float]:
+    """Interleaved CPU rounds with each model in a fresh process, loaded as a user loads it
+    (``runtime``: the method whose runtime serves the artifact, with its params): sets
+    ``tokens_per_s`` (compressed) and ``dense_tokens_per_s``; the verdict goes to
+    ``details['speed']``."""
     if plan.mode != "full":
         return {}
-    rate = S.decode_rate if causal else S.encoder_rate
-    out: dict[str, float] = {}
-    res = S.interleaved(dense, compressed, rate, plan.speed_rounds, check)
+    res = S.interleaved_processes(dense_dir, compressed_dir, causal, runtime, plan.speed_rounds,
+                                  check)
     plan.details["speed"] = res
-    out["tokens_per_s"] = res["compressed"]["median"]
-    out["dense_tokens_per_s"] = res["dense"]["median"]
-    if gpu is not None:
-        import copy
+    return {"tokens_per_s": res["compressed"]["median"],
+            "dense_tokens_per_s": res["dense"]["median"]}
 
-        d, c = copy.deepcopy(dense).to(gpu), copy.deepcopy(compressed).to(gpu)
-        res = S.interleaved(d, c, rate, plan.speed_rounds, check)
-        del d, c
-        torch.cuda.empty_cache()
-        plan.details["speed_gpu"] = res
-        out["tokens_per_s_gpu"] = res["compressed"]["median"]
-        out["dense_tokens_per_s_gpu"] = res["dense"]["median"]
-    return out
+
+def speed_gpu(plan: MeasurePlan, dense: nn.Module, compressed: nn.Module, causal: bool,
+              gpu: torch.device, check: Callable[[], None]) -> dict[str, float]:
+    """Interleaved rounds of both models moved to the GPU (in this process)."""
+    if plan.mode != "full":
+        return {}
+    import copy
+
+    rate = S.decode_rate if causal else S.encoder_rate
+    d, c = copy.deepcopy(dense).to(gpu), copy.deepcopy(compressed).to(gpu)
+    res = S.interleaved(d, c, rate, plan.speed_rounds, check)
+    del d, c
+    torch.cuda.empty_cache()
+    plan.details["speed_gpu"] = res
+    return {"tokens_per_s_gpu": res["compressed"]["median"],
+            "dense_tokens_per_s_gpu": res["dense"]["median"]}
 
 
 # ------------------------------------------------------------------------------ gates

@@ -97,3 +97,89 @@ def interleaved(dense: nn.Module, compressed: nn.Module, rate: Callable[[nn.Modu
             "rounds": rounds, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_before": load_before, "load_average_after": _load(),
             **compare(d_rates, c_rates)}
+
+
+# ------------------------------------------------------------------ rounds in fresh processes
+
+
+class ProbeError(RuntimeError):
+    """A speed probe process failed to load its model or to time it."""
+
+
+class _Probe:
+    """One model in a fresh process (``measure.probe``), timed on request."""
+
+    def __init__(self, model_dir: str, causal: bool, runtime: tuple[str, dict[str, Any]] | None,
+                 env: dict[str, str] | None = None):
+        import json
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-m", "modelpress.compression.measure.probe", str(model_dir),
+               "--causal" if causal else "--encoder"]
+        if runtime is not None:
+            cmd += ["--runtime", runtime[0], "--params", json.dumps(runtime[1])]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, env=env)
+        self.threads = 0
+
+    def wait_ready(self) -> None:
+        self.threads = int(self._read("ready").get("threads", 0))
+
+    def _read(self, key: str) -> dict[str, Any]:
+        import json
+
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        msg = json.loads(line) if line.strip() else {"error": "the probe process ended"}
+        if key not in msg:
+            raise ProbeError(str(msg.get("error", msg)))
+        return dict(msg)
+
+    def rate(self) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("rate\n")
+        self.proc.stdin.flush()
+        return float(self._read("rate")["rate"])
+
+    def close(self) -> None:
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+            self.proc.wait(30)
+        except Exception:  # noqa: BLE001 - a probe that does not quit is killed
+            self.proc.kill()
+            self.proc.wait()
+
+
+def interleaved_processes(dense_dir: str, compressed_dir: str, causal: bool,
+                          runtime: tuple[str, dict[str, Any]] | None = None, rounds: int = 5,
+                          check: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """:func:`interleaved`, with each model in a fresh process of its own loaded as a user
+    loads it (``runtime``: the compressed model's method and params, whose runtime serves it),
+    the default thread count, one warm-up each, then ``rounds`` rounds in alternating order."""
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    probes: list[_Probe] = []
+    try:
+        probes.append(_Probe(dense_dir, causal, None))
+        probes.append(_Probe(compressed_dir, causal, runtime))
+        for p in probes:  # both load at once
+            p.wait_ready()
+        load_before = _load()
+        for p in probes:
+            p.rate()
+        rates: tuple[list[float], list[float]] = ([], [])
+        for i in range(rounds):
+            check()
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                rates[j].append(probes[j].rate())
+    finally:
+        for p in probes:
+            p.close()
+    return {"method": f"{rounds} interleaved rounds (order alternating) after a warm-up, each "
+                      "model in a fresh process as a user loads it; median and min..max per model",
+            "processes": "fresh", "rounds": rounds, "threads": probes[0].threads,
+            "cpu_count": os.cpu_count(), "load_average_before": load_before,
+            "load_average_after": _load(), **compare(rates[0], rates[1])}

@@ -205,6 +205,32 @@ def test_full_job_speed_is_interleaved_and_honest(tiny_llama_dir, tmp_path):
         assert out.report["summary"]["speedup"] == pytest.approx(sp["speedup"])
     else:
         assert "speedup" not in out.report["summary"] and sp["verdict"] == S.NOT_MEASURABLE
+    # timed as a user runs them: each model in a fresh process with the default threads
+    assert sp["processes"] == "fresh"
+    assert "fresh process" in out.report["evaluation"]["tokens_per_s"]
+
+
+def test_speed_probes_time_each_model_in_its_own_process(tiny_llama_dir, tmp_path):
+    """The probes load the dense model and the artifact (in its method's runtime) in two fresh
+    processes: their threads are a fresh interpreter's default, and a probe that cannot load
+    its model fails the rounds with its reason instead of hanging."""
+    import subprocess
+    import sys
+
+    from modelpress.compression.pipeline import run_pipeline
+
+    out = run_pipeline(str(tiny_llama_dir), [{"method": "int8_dynamic", "params": {
+        "num_samples": 2, "seq_len": 32}}], tmp_path / "a", eval_text=EVAL, device="cpu",
+        measure="none")
+    default = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                 capture_output=True, text=True, check=True).stdout)
+    res = S.interleaved_processes(str(tiny_llama_dir), str(out.output_dir), True,
+                                  ("int8_dynamic", {"num_samples": 2, "seq_len": 32}), rounds=2)
+    assert res["threads"] == default and res["processes"] == "fresh"
+    assert len(res["dense"]["rates"]) == len(res["compressed"]["rates"]) == 2
+    assert min(res["dense"]["rates"] + res["compressed"]["rates"]) > 0
+    with pytest.raises(S.ProbeError, match="config"):
+        S.interleaved_processes(str(tmp_path / "missing"), str(out.output_dir), True, rounds=1)
 
 
 def test_task_and_prompt_gates_fail_the_job_with_a_reason(tiny_llama_dir, tmp_path):
