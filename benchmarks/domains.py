@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from repeat_job import smollm2_dir  # the benchmark folder's helper
+from testmodels import smollm2_dir
 
 from modelpress.compression import Context, compress, parse_params
 from modelpress.compression.data import default_eval_text

