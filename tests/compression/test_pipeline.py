@@ -36,6 +36,9 @@ def _one_thread():
 
 
 def _run(src, stages, out, **kw):
+    """A job with the test texts; quality only unless a test times speed (``measure='full'``:
+    two fresh processes per job)."""
+    kw.setdefault("measure", "quality")
     kw.setdefault("eval_text", EVAL)
     kw.setdefault("calibration_text", CAL)
     kw.setdefault("device", "cpu")
@@ -50,7 +53,7 @@ def magnitude_run(tiny_llama_dir, tmp_path_factory):
                      event=lambda k, d: events.append((k, d)))
     torch.set_num_threads(1)
     outcome = _run(tiny_llama_dir, [{"method": "magnitude", "params": {"sparsity": 0.5}}], out,
-                   hooks=hooks, max_ppl_increase=1000.0)
+                   hooks=hooks, max_ppl_increase=1000.0, measure="full")
     return outcome, progress, events
 
 
@@ -373,7 +376,7 @@ def test_int8_dynamic_job_measures_its_int8_runtime(tiny_llama_dir, tmp_path, mo
 
     monkeypatch.setattr(int8_dynamic, "to_runtime", spy)
     outcome = _run(tiny_llama_dir, [{"method": "int8_dynamic", "params": {"smoothing_alpha": None}}],
-                   tmp_path / "out")
+                   tmp_path / "out", measure="full")
     r = outcome.report
     # once in the stage, once on the reloaded artifact; every Linear (and the head) in int8
     assert len(seen) == 2 and seen[1] == seen[0] > 0

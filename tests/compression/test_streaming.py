@@ -199,13 +199,14 @@ def test_artifact_checkpoint_dequantizes_as_from_pretrained(bf16_dir, tmp_path):
 
 
 def _job(src, out, stream, method="rtn", params=None, **kw):
+    kw.setdefault("measure", "quality")  # the speed rounds start two processes: where tested
     stage = {"method": method, "params": {"group_size": 16} if params is None else params}
     return run_pipeline(src, [stage], out, device="cpu", stream=stream, **kw)
 
 
 def test_streamed_job_reports_what_the_in_memory_job_reports(bf16_dir, tmp_path):
-    s = _job(bf16_dir, tmp_path / "s", True)
-    m = _job(bf16_dir, tmp_path / "m", False)
+    s = _job(bf16_dir, tmp_path / "s", True, measure="full")
+    m = _job(bf16_dir, tmp_path / "m", False, measure="full")
     rs, rm = s.report, m.report
     assert rs["stages"][0]["streamed"] and "streamed" in rs["evaluation"]
     for side in ("before", "after"):
