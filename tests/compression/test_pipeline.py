@@ -272,7 +272,7 @@ def test_packed_result_uses_its_saver_and_format(fake_terminal, tiny_llama_dir, 
 def test_cli_method(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "o"
     code = cli_main([str(tiny_llama_dir), "--method", "magnitude", "--set", "sparsity=0.5",
-                     "--set", "scope=global", "--output", str(out), "-q"])
+                     "--set", "scope=global", "--output", str(out), "-q", "--measure", "quality"])
     assert code == 0
     r = json.loads((out / "report.json").read_text())
     assert r["recipe"] == [{"method": "magnitude", "params": {"sparsity": 0.5, "scope": "global"}}]
@@ -286,7 +286,8 @@ def test_cli_recipe_yaml_and_gate(tiny_llama_dir, tmp_path, capsys):
     ev = tmp_path / "eval.txt"
     ev.write_text(EVAL)
     code = cli_main([str(tiny_llama_dir), "--recipe", str(recipe), "--eval-file", str(ev),
-                     "--max-ppl-increase", "0.001", "--output", str(tmp_path / "o"), "-q"])
+                     "--max-ppl-increase", "0.001", "--output", str(tmp_path / "o"), "-q",
+                     "--measure", "quality"])
     assert code == 3
     r = json.loads((tmp_path / "o" / "report.json").read_text())
     assert r["gate"]["passed"] is False and r["after"]["sparsity"] == pytest.approx(0.5)
