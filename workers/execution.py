@@ -218,7 +218,8 @@ class JobChannel:
         try:
             if not self._touch(progress=pct, stage=stage):
                 self.lost.set()
-        except Exception:  # noqa: BLE001 - progress is best effort
+        except Exception as e:  # noqa: BLE001 - progress is best effort
+            _raise_time_limit(e)
             log.exception("job %s: progress write failed", self.claim.job_id)
 
     def flush_progress(self) -> None:
@@ -227,7 +228,8 @@ class JobChannel:
         if pending is not None:
             try:
                 self._touch(progress=pending[0], stage=pending[1])
-            except Exception:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001
+                _raise_time_limit(e)
                 log.exception("job %s: progress write failed", self.claim.job_id)
 
     def event(self, kind: str, data: dict | None = None) -> None:
@@ -236,7 +238,8 @@ class JobChannel:
                 add_event(s, self.claim.job_id, str(kind)[:50],
                           str((data or {}).get("message", ""))[:2000] if isinstance(data, dict)
                           else "", jsonable(data) if data is not None else None)
-        except Exception:  # noqa: BLE001 - the event log is best effort
+        except Exception as e:  # noqa: BLE001 - the event log is best effort
+            _raise_time_limit(e)
             log.exception("job %s: event write failed", self.claim.job_id)
 
     def should_stop(self) -> bool:
@@ -255,7 +258,8 @@ class JobChannel:
                     self.lost.set()
                     return True
                 self._cancel = bool(row.cancel_requested)
-            except Exception:  # noqa: BLE001 - keep the last known answer
+            except Exception as e:  # noqa: BLE001 - keep the last known answer
+                _raise_time_limit(e)
                 log.exception("job %s: reading cancel flag failed", self.claim.job_id)
         return self._cancel
 
@@ -522,6 +526,13 @@ def is_time_limit(exc: BaseException) -> bool:
 MODEL_READERS = frozenset({"modelpress.compression.models",
                            "modelpress.compression.streaming.gguf",
                            "modelpress.compression.streaming.source"})
+
+
+def _raise_time_limit(exc: BaseException) -> None:
+    """Re-raise a job's time limit that a best-effort write caught: Celery raises it wherever the
+    job is, and swallowed there the job would run on past its limit and succeed."""
+    if is_time_limit(exc):
+        raise exc
 
 
 def error_code_for(exc: BaseException) -> str:

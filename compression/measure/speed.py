@@ -143,14 +143,24 @@ class _Probe:
         return float(self._read("rate")["rate"])
 
     def close(self) -> None:
+        """Ask the probe to quit; kill it if it does not within 30 s or if anything (a job's
+        time limit, a cancellation) interrupts the wait, which then goes on propagating."""
+        import subprocess
+
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.write("quit\n")
                 self.proc.stdin.close()
+        except OSError:  # it has ended already
+            pass
+        try:
             self.proc.wait(30)
-        except Exception:  # noqa: BLE001 - a probe that does not quit is killed
-            self.proc.kill()
-            self.proc.wait()
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def interleaved_processes(dense_dir: str, compressed_dir: str, causal: bool,

@@ -276,3 +276,31 @@ def test_method_descriptions_say_what_a_parameter_does_not_what_it_measured():
         texts.update({k: f.description or "" for k, f in m.config.model_fields.items()})
         for k, t in texts.items():
             assert not measured.search(t), f"{name}.{k}: {t}"
+
+
+def test_an_interrupted_probe_close_propagates_and_kills_the_probe():
+    """A job's soft time limit (an exception raised in the worker wherever it is) that lands
+    while a probe is closing must go on propagating (the job fails 'timeout'), and the probe
+    process must not outlive it."""
+    import subprocess
+    import sys
+
+    class Interrupted(Exception):
+        pass
+
+    probe = S._Probe.__new__(S._Probe)
+    probe.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                  stdin=subprocess.PIPE, text=True)
+    real_wait = probe.proc.wait
+    calls = []
+
+    def wait(timeout=None):
+        if not calls:
+            calls.append(timeout)
+            raise Interrupted()
+        return real_wait(timeout)
+
+    probe.proc.wait = wait
+    with pytest.raises(Interrupted):
+        probe.close()
+    assert probe.proc.poll() is not None

@@ -155,3 +155,29 @@ def test_unreadable_gguf_is_invalid_model(tmp_path):
     with pytest.raises(Exception) as ei:
         load_source(bad)
     assert error_code_for(ei.value) == "invalid_model"
+
+
+def test_best_effort_job_writes_do_not_swallow_the_time_limit(monkeypatch):
+    """Celery raises the soft time limit wherever the job is; when that is inside a progress,
+    event or cancel-flag write (best effort: other errors are logged), it must propagate, or the
+    job runs on past its limit and succeeds."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from modelpress.domain.settings import Settings
+    from modelpress.workers import execution as X
+
+    def interrupted(*a, **k):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(X, "session_scope", interrupted)
+    ch = X.JobChannel(X.Claim("j1", "w", "o", "m", [], None, None, None, 1), Settings(),
+                      cache_s=0.0)
+    for call in (lambda: ch.progress(50, "x"), lambda: ch.event("stage", {"message": "m"}),
+                 ch.should_stop):
+        with pytest.raises(SoftTimeLimitExceeded):
+            call()
+    monkeypatch.setattr(X, "session_scope", lambda: (_ for _ in ()).throw(OSError("db blip")))
+    ch._progress_at = 0.0
+    ch.progress(60, "y")  # any other failure stays best effort
+    ch.event("stage", {"message": "m"})
+    assert ch.should_stop() is False
