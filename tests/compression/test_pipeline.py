@@ -322,15 +322,23 @@ def test_cli_bad_source_and_recipe(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_magnitude_report_is_true(smollm2_dir, tmp_path):
+def test_smollm2_magnitude_report_is_true(smollm2_dir, tmp_path, monkeypatch):
     """SmolLM2-135M, 2:4 magnitude: the report's after-numbers are those of the artifact."""
-    ev = default_eval_text()[:12_000]  # a few 512-token windows keep this test short
+    import modelpress.compression.measure.job as MJ
+
+    # a few 512-token windows keep this test short: 3 of the eval text and 2 of the other
+    # domain's (the shipped text would be 16 windows measured twice)
+    ev = default_eval_text()[:8_000]
+    other = MJ.other_domain_text()[:4_500]
+    monkeypatch.setattr(MJ, "other_domain_text", lambda: other)
     outcome = run_pipeline(smollm2_dir, [{"method": "magnitude", "params": {"pattern": "2:4"}}],
                            tmp_path / "out", eval_text=ev, device="cpu", measure="quality")
     r = outcome.report
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert r["after"]["perplexity"] == pytest.approx(E.perplexity(model, tok, ev), rel=0.01)
+    assert r["after"]["perplexity_other"] == pytest.approx(E.perplexity(model, tok, other),
+                                                           rel=0.01)
     assert r["after"]["sparsity"] == pytest.approx(E.linear_sparsity(model), rel=0.01)
     assert r["after"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert r["after"]["params"] == E.param_count(model) == r["before"]["params"]
