@@ -15,6 +15,7 @@ from torch import nn
 from ..base import CompressionResult, Context, Method
 from ..calib.engine import InputStats
 from ..calib.families import supporting
+from ..quantization.gptq_math import inverse_factor_
 from . import calibrated
 from .masks import parse_nm
 from .wanda import wanda_mask
@@ -36,21 +37,20 @@ class SparseGPTConfig(calibrated.CalibratedPruningConfig):
         return self
 
 
-def _inverse_hessian_factor(H: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping until it is positive
-    definite."""
-    diag = torch.arange(H.shape[0], device=H.device)
-    damp = dampening * torch.mean(torch.diag(H)).clamp_min(1e-8)
+def _inverse_hessian_factor(H: torch.Tensor, dead: torch.Tensor, dampening: float
+                            ) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1`` (dead inputs' diagonal set to 1), raising
+    the damping until it is positive definite; one [n, n] matrix besides ``H``."""
+    damp = None
     for _ in range(6):
-        Hd = H.clone()
-        Hd[diag, diag] += damp
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
-                factor: torch.Tensor = U
-                return factor
+        Hd = H.detach().to(dtype=torch.float32, copy=True)
+        Hd.diagonal()[dead] = 1.0
+        if damp is None:
+            damp = dampening * torch.mean(torch.diag(Hd)).clamp_min(1e-8)
+        Hd.diagonal().add_(damp)
+        if inverse_factor_(Hd):
+            return Hd
+        del Hd
         damp = damp * 10
     raise RuntimeError("Hessian is not positive definite even with strong dampening")
 
@@ -64,12 +64,11 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float,
     N of every M kept) with the remaining weights updated to minimise ``||(W - W') X||^2``.
     ``mask`` (True = keep) fixes the pattern instead of choosing it. Pure: inputs untouched."""
     W = weight.detach().clone().float()
-    H = H.detach().clone().float().to(W.device)
+    H = H.detach().to(W.device)
     rows, cols = W.shape
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    U = _inverse_hessian_factor(H, dampening)
+    U = _inverse_hessian_factor(H, dead, dampening)
     keep = torch.ones_like(W, dtype=torch.bool) if mask is None else mask.clone().bool().to(W.device)
     pruned_total = 0
     for i1 in range(0, cols, block_size):

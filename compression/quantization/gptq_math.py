@@ -115,24 +115,37 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     return qw
 
 
+def inverse_factor_(Hw: torch.Tensor) -> bool:
+    """Overwrite the symmetric positive definite ``Hw`` with the upper Cholesky factor ``U`` of
+    its inverse (``Hw^-1 = U^T U``) and return True; False (``Hw`` overwritten with garbage)
+    when it is not positive definite. No second [n, n] matrix: the factorization, the inverse
+    and the inverse's factorization each overwrite ``Hw`` (a 14336-wide layer's Hessian is
+    822 MB in float32)."""
+    # Hw is symmetric, so its transpose (a column-major view of the same memory) is the same
+    # matrix in the layout LAPACK works in place on
+    F = Hw.mT
+    info = torch.zeros((), dtype=torch.int32, device=Hw.device)
+    torch.linalg.cholesky_ex(F, out=(F, info))  # F = L (lower), Hw = L L^T
+    if int(info) != 0:
+        return False
+    torch.cholesky_inverse(F, out=F)  # F = Hw^-1 (both triangles)
+    torch.linalg.cholesky_ex(F, out=(F, info))  # Hw^-1 = L' L'^T: Hw (row-major) = L'^T = U
+    return int(info) == 0
+
+
 def _inverse_cholesky(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None,
                       dampening: float) -> torch.Tensor:
     """The upper Cholesky factor of the inverse of the dampened Hessian (columns in ``perm``
-    order; dead inputs' diagonal set to 1). At most two [n, n] matrices besides ``H`` live at
-    once (a 14336-wide layer's Hessian is 822 MB in float32)."""
-    Hw = H.clone() if perm is None else H[perm][:, perm]
-    Hw.diagonal()[dead if perm is None else dead[perm]] = 1
-    damp = dampening * torch.mean(torch.diag(Hw))
-    Hw.diagonal().add_(damp)
-    L, info = torch.linalg.cholesky_ex(Hw)
-    if int(info) != 0:  # not positive definite: add more dampening once
-        Hw.diagonal().add_(10 * damp)
-        L = torch.linalg.cholesky(Hw)
-    del Hw
-    Hinv = torch.cholesky_inverse(L)
-    del L
-    U: torch.Tensor = torch.linalg.cholesky(Hinv, upper=True)
-    return U
+    order; dead inputs' diagonal set to 1), in one [n, n] matrix besides ``H``
+    (:func:`inverse_factor_`)."""
+    for extra in (1.0, 11.0):  # not positive definite: once more with more dampening
+        Hw = H.clone() if perm is None else H[perm][:, perm]
+        Hw.diagonal()[dead if perm is None else dead[perm]] = 1
+        Hw.diagonal().add_(extra * dampening * torch.mean(torch.diag(Hw)))
+        if inverse_factor_(Hw):
+            return Hw
+        del Hw
+    raise torch.linalg.LinAlgError("the dampened Hessian is not positive definite")
 
 
 @torch.no_grad()
