@@ -1,8 +1,9 @@
 """A job's peak memory estimated from the model's config alone (admission control).
 
-Streamed jobs (:func:`compress.cannot_stream`) hold one block in float32 plus the largest
-tensor outside the blocks in the stored dtype, the activations of the eval windows (and, when
-calibrated, of the calibration tokens plus the Hessian work of gptq/sparsegpt/admm); jobs in
+Streamed jobs (:func:`compress.cannot_stream`) hold one block in float32 (or, while a
+calibrated method captures the first block's inputs, the embeddings in the stored dtype), the
+activations of the eval windows (and, when calibrated, of the calibration tokens plus the
+Hessian work of gptq/sparsegpt/admm); jobs in
 memory hold the model in float32 about twice (the job's model, then the reloaded artifact next
 to its measurements), plus a calibrated method's calibration. The constants are measured, not
 derived: the process itself (Python, torch, transformers: ``BASE_BYTES``) and the factor over
@@ -110,21 +111,13 @@ def estimate_peak_bytes(config: Any, method: str, params: dict[str, Any] | None 
         return in_memory_bytes(config, method, params)
     d = _dims(config)
     block = BLOCK_FACTOR * 4 * block_params(config)
-    # embeddings or head; a pruned artifact is float32 and its after pass reads them so
-    outside = _outside_dtype_bytes(config, method) * d["vocab"] * d["hidden"]
+    # the embeddings in the stored dtype while a calibrated method captures the first block's
+    # inputs (the perplexity passes read only the rows they use, the head a piece at a time)
+    outside = (source_dtype_bytes(config) * d["vocab"] * d["hidden"]
+               if _calibration_bytes(config, method, _full_params(method, params)) else 0)
     acts = 4 * eval_tokens * d["hidden"] * 2
     return int(BASE_BYTES + max(block, outside) + max(
         acts, _calibration_bytes(config, method, _full_params(method, params))))
-
-
-def _outside_dtype_bytes(config: Any, method: str) -> int:
-    from ..registry import get_method
-
-    try:
-        dense = get_method(method).family == "pruning"
-    except Exception:  # noqa: BLE001 - unknown method: refused elsewhere
-        dense = False
-    return 4 if dense else source_dtype_bytes(config)
 
 
 def stream_threshold(memory: int) -> int:

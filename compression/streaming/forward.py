@@ -5,8 +5,9 @@ by window through the whole model.
 The first block's inputs are captured by running the model's own forward up to it (embeddings,
 rotary position embeddings, masks: what transformers computes for every family), then each block
 runs on every window in turn. The embeddings and the output head stay in their stored dtype (a
-float32 copy of Llama-3.1-8B's embeddings alone is 2.1 GB): their outputs are upcast (exact) and
-the head's logits are computed in float32 from row pieces of its weight.
+float32 copy of Llama-3.1-8B's embeddings alone is 2.1 GB): their outputs are upcast (exact); the
+embeddings are released once the first block's inputs are captured, and the head's logits are
+computed in float32 from pieces of its weight's rows read from the files one at a time.
 
 The numbers are the same as :func:`evaluation.perplexity` on the float32 model (same windows,
 same per-token loss); the summation order of the loss differs by float rounding only.
@@ -104,6 +105,43 @@ def _capture(model: nn.Module, first: nn.Module, windows: torch.Tensor, batch_si
     return caps
 
 
+def _plain(ckpt: Any, src: str) -> bool:
+    """Whether tensor ``src`` is stored as it is (readable a piece of rows at a time)."""
+    return hasattr(ckpt, "rows") and src in getattr(ckpt, "files", {})
+
+
+def _row_pieces(ckpt: Any, src: str) -> Any:
+    """(first row, rows) of the stored tensor ``src``, a piece of rows at a time."""
+    vocab, width = (int(d) for d in ckpt.shape_of(src)[:2])
+    step = max(1, _HEAD_ROWS_ELEMS // width)
+    for a in range(0, vocab, step):
+        yield a, ckpt.rows(src, a, min(vocab, a + step))
+
+
+def _used_embeddings(ckpt: Any, model: nn.Module, name: str, windows: torch.Tensor,
+                     dev: torch.device, stats: BlockwiseStats, seen: set[str]
+                     ) -> torch.Tensor | None:
+    """Put only the rows of the embeddings ``name`` that ``windows`` use in the module (a
+    Llama-3 vocabulary is 128k rows, an eval set uses a few thousand) and return the windows'
+    ids renumbered into them; count the whole weight's nonzeros on the way (read a piece at a
+    time). None, with nothing done, where the weight is not stored plainly."""
+    src = ckpt.source_name(f"{name}.weight")
+    if not _plain(ckpt, src):
+        return None
+    used = torch.unique(windows)
+    rows, count = [], 0
+    for a, piece in _row_pieces(ckpt, src):
+        count += int(torch.count_nonzero(piece).item())
+        inside = used[(used >= a) & (used < a + piece.shape[0])]
+        rows.append(piece[inside - a].clone())
+    if src not in seen:
+        seen.add(src)
+        stats.nonzero_params += count
+    mod = model.get_submodule(name)
+    mod._parameters["weight"] = nn.Parameter(torch.cat(rows).to(dev), requires_grad=False)
+    return torch.searchsorted(used, windows)
+
+
 def _run_block(block: nn.Module, caps: list[Capture]) -> None:
     for j, (args, kwargs) in enumerate(caps):
         if args:
@@ -123,20 +161,53 @@ def _hidden(cap: Capture) -> torch.Tensor:
     return h
 
 
-def _nll(hidden: torch.Tensor, head_w: torch.Tensor, head_b: torch.Tensor | None,
-         targets: torch.Tensor) -> float:
+class _Head:
+    """The output head's weight a piece of rows at a time, in float32 on the device: read from
+    the checkpoint's files piece by piece where it is stored plainly (never whole in memory: a
+    float32 Llama-3 head is 2.1 GB), else sliced from the materialized module."""
+
+    def __init__(self, ckpt: Any, module: nn.Module, name: str, dev: torch.device):
+        self.ckpt, self.module, self.dev = ckpt, module, dev
+        self.src = ckpt.source_name(f"{name}.weight")
+        self.lazy = _plain(ckpt, self.src)
+        shape = ckpt.shape_of(self.src) if self.lazy else list(weight_of(module).shape)
+        self.vocab, self.width = int(shape[0]), int(shape[1])
+        self.bias = getattr(module, "bias", None)
+        if self.lazy and self.bias is not None:
+            self.bias = ckpt.tensor(ckpt.source_name(f"{name}.bias")).to(dev)
+        self.rows = max(1, _HEAD_ROWS_ELEMS // self.width)
+
+    def pieces(self) -> Any:
+        w = weight_of(self.module)
+        stored = (_row_pieces(self.ckpt, self.src) if self.lazy else
+                  ((a, w[a : a + self.rows]) for a in range(0, self.vocab, self.rows)))
+        for a, piece in stored:
+            bias = self.bias[a : a + piece.shape[0]].float() if self.bias is not None else None
+            yield a, piece.to(self.dev).float(), bias
+
+    def count(self, stats: BlockwiseStats, seen: set[str]) -> None:
+        """Nonzeros of the head's weight (once; a tied head's are the embeddings')."""
+        if self.src in seen:
+            return
+        seen.add(self.src)
+        stats.nonzero_params += sum(int(torch.count_nonzero(w).item())
+                                    for _a, w, _b in self.pieces())
+        if self.bias is not None:
+            stats.nonzero_params += int(torch.count_nonzero(self.bias).item())
+
+
+def _nll(hidden: torch.Tensor, head: _Head, targets: torch.Tensor) -> float:
     """Summed next-token loss of one window in float32, the head's rows a piece at a time: a
     running log-sum-exp instead of the whole ``[seq, vocab]`` logits (Llama-3's 128k vocabulary:
     263 MB per 512 tokens, and as much again for their softmax)."""
     x, tgt = hidden[:-1], targets[1:]
-    rows = max(1, _HEAD_ROWS_ELEMS // head_w.shape[1])
     run_max = torch.full((x.shape[0],), -math.inf, device=x.device)
     run_sum = torch.zeros(x.shape[0], device=x.device)
     picked = torch.zeros(x.shape[0], device=x.device)
-    for a in range(0, head_w.shape[0], rows):
-        z = x @ head_w[a : a + rows].float().T
-        if head_b is not None:
-            z += head_b[a : a + rows].float()
+    for a, w, bias in head.pieces():
+        z = x @ w.T
+        if bias is not None:
+            z += bias
         new_max = torch.maximum(run_max, z.amax(1))
         run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(1)
         run_max = new_max
@@ -168,23 +239,27 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
     """Perplexity of the skeleton ``model`` whose weights ``ckpt`` materializes (a
     :class:`LazyCheckpoint` or an artifact reader) over ``windows`` (``[n, seq_len]``), and the
     nonzero counts of every weight seen on the way. At most one of: the embeddings, one block,
-    the output head is in memory at a time (with the activations)."""
+    a piece of the output head's rows is in memory at a time (with the activations)."""
     dev = torch.device(device)
     blocks_name, blocks = decoder_blocks(model)
     stats = BlockwiseStats(perplexity=float("nan"))
     seen: set[str] = set()
-    head: nn.Module = hf(model).get_output_embeddings()
-    head_name = next(n for n, m in model.named_modules() if m is head)
-    tied = f"{head_name}.weight" in ckpt.alias
+    head_mod: nn.Module = hf(model).get_output_embeddings()
+    head_name = next(n for n, m in model.named_modules() if m is head_mod)
+    head = _Head(ckpt, head_mod, head_name, dev)
     before = [p for p in outside_prefixes(model, blocks_name) if p != head_name]
     try:
-        for p in before:  # stored dtype: the embeddings' output is upcast
-            _count(stats, ckpt.materialize(model, p, dev), p, ckpt, seen)
-        _move_buffers(model, blocks_name, dev)
-        caps = _capture(model, blocks[0], windows, batch_size, dev)
         emb: nn.Module = hf(model).get_input_embeddings()
-        if not tied:
-            release(emb)
+        emb_name = next(n for n, m in model.named_modules() if m is emb)
+        ids = _used_embeddings(ckpt, model, emb_name, windows, dev, stats, seen)
+        for p in before:  # stored dtype: the embeddings' output is upcast
+            if p != emb_name or ids is None:
+                _count(stats, ckpt.materialize(model, p, dev), p, ckpt, seen)
+        _move_buffers(model, blocks_name, dev)
+        caps = _capture(model, blocks[0], windows if ids is None else ids, batch_size, dev)
+        tied = f"{head_name}.weight" in ckpt.alias
+        if head.lazy or not tied or ids is not None:
+            release(emb)  # the head is read in pieces from the files, or is not the embeddings
         for i, block in enumerate(blocks):
             ckpt.materialize(model, f"{blocks_name}.{i}", dev, dtype=torch.float32)
             _count(stats, block, f"{blocks_name}.{i}", ckpt, seen)
@@ -194,14 +269,17 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
             progress((i + 1) / (len(blocks) + 1), f"block {i + 1}/{len(blocks)}")
             if should_stop():
                 raise Cancelled("job cancelled")
-        if tied:  # one copy of a tied weight
-            head.weight = emb.weight
+        if not head.lazy:
+            if tied:  # one copy of a tied weight
+                head_mod.weight = emb.weight
+            else:
+                ckpt.materialize(model, head_name, dev)
+            _count(stats, head_mod, head_name, ckpt, seen)
+            # the output head is not a pruned/quantized Linear: not in the sparsity
+            stats.linear_zeros -= zeros(weight_of(head_mod))
+            stats.linear_total -= weight_of(head_mod).numel()
         else:
-            ckpt.materialize(model, head_name, dev)
-        _count(stats, head, head_name, ckpt, seen)
-        # the output head is not a pruned/quantized Linear: not in the sparsity
-        stats.linear_zeros -= zeros(weight_of(head))
-        stats.linear_total -= weight_of(head).numel()
+            head.count(stats, seen)
         stats.perplexity = _loss(model, blocks_name, head, caps, windows, dev)
     finally:
         for p in [*before, head_name]:
@@ -210,7 +288,7 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
     return stats
 
 
-def _loss(model: nn.Module, blocks_name: str, head: nn.Module, caps: list[Capture],
+def _loss(model: nn.Module, blocks_name: str, head: _Head, caps: list[Capture],
           windows: torch.Tensor, dev: torch.device) -> float:
     norm = model.get_submodule(blocks_name.rpartition(".")[0]).get_submodule("norm")
     nll, count, w = 0.0, 0, 0
@@ -218,7 +296,7 @@ def _loss(model: nn.Module, blocks_name: str, head: nn.Module, caps: list[Captur
         h = norm(_hidden(cap))
         for j in range(h.shape[0]):
             ids = windows[w].to(dev)
-            nll += _nll(h[j], weight_of(head), getattr(head, "bias", None), ids)
+            nll += _nll(h[j], head, ids)
             count += ids.numel() - 1
             w += 1
     return math.exp(nll / count)

@@ -88,8 +88,19 @@ def test_blockwise_perplexity_equals_whole_model(bf16_dir, bf16_untied_dir, tiny
     windows = token_chunks(tiny_tokenizer, default_eval_text(), 6, 64)
     with LazyCheckpoint(d) as ck:
         model = ck.skeleton()
+        materialized: list[str] = []
+        real = ck.materialize
+
+        def spy(m, prefix, *a, **kw):
+            materialized.append(prefix)
+            return real(m, prefix, *a, **kw)
+
+        ck.materialize = spy
         st = blockwise_perplexity(ck, model, windows, batch_size=4)
         assert all(p.is_meta for p in model.parameters())
+    # never whole: the embeddings' used rows only, the head's rows a piece at a time
+    assert "model.embed_tokens" not in materialized and "lm_head" not in materialized
+    assert sum(p.startswith("model.layers.") for p in materialized) == 4
     whole = load_pretrained(d).model  # float32, as jobs load it
     ref = E.perplexity(whole, tiny_tokenizer, default_eval_text(), seq_len=64, num_chunks=6)
     assert math.isclose(st.perplexity, ref, rel_tol=1e-6)
