@@ -69,10 +69,15 @@ def run_one(size: str, method: str, out: Path, eval_tokens: int) -> dict:
     name, params = METHODS[method]
     if size == "135m" and params.get("group_size") == 128:  # 576 columns: 64 divides them
         params = {**params, "group_size": 64}
+    from modelpress.compression.pipeline import JobHooks
+
     t0 = time.perf_counter()
+    peak = _PeakAt()
     # measure='quality': a model that fits would otherwise be loaded whole for its decode speed
-    outcome = run_pipeline(SIZES[size], [{"method": name, "params": params}], out, device="cpu",
-                           stream=True, eval_text=_eval_text(eval_tokens), measure="quality")
+    with peak:
+        outcome = run_pipeline(SIZES[size], [{"method": name, "params": params}], out,
+                               device="cpu", stream=True, eval_text=_eval_text(eval_tokens),
+                               measure="quality", hooks=JobHooks(progress=peak.progress))
     wall = time.perf_counter() - t0
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the checks
     rep = outcome.report
@@ -87,10 +92,43 @@ def run_one(size: str, method: str, out: Path, eval_tokens: int) -> dict:
         "shards": len(list(out.glob("*.safetensors"))),
         "tokens_per_s_absent": rep["evaluation"].get("tokens_per_s_absent"),
         "torch_threads": torch.get_num_threads(),
+        "peak_at": peak.label, "peak_sampled_gb": peak.rss / 2**30,
         "loadavg": list(os.getloadavg()),
     }
     row.update(check_artifact(SIZES[size], out, name, params))
     return row
+
+
+class _PeakAt:
+    """Samples this process's RSS every 0.1 s and keeps the job's progress label at the
+    highest sample: where the peak is."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.label, self.rss, self._now = "", 0, "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def progress(self, pct: int, label: str) -> None:
+        self._now = f"{pct}% {label}"
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.1):
+            rss = me.memory_info().rss
+            if rss > self.rss:
+                self.rss, self.label = rss, self._now
+
+    def __enter__(self) -> _PeakAt:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _header(out: Path) -> dict[str, tuple[str, list[int]]]:
@@ -186,7 +224,7 @@ def print_table(rows: list[dict]) -> None:
           f"{'artifact GB':>11} {'shards':>6} {'blocks err':>10} {'bad':>4}")
     for r in rows:
         if "error" in r:
-            print(f"{r['size']:>5} {r['method']:>6}  FAILED: {r['error'][:90]}")
+            print(f"{r['size']:>5} {r['method']:>6}  FAILED: {r['error'][-300:]}")
             continue
         goal = GOALS_GB.get((r["size"], r["method"]))
         print(f"{r['size']:>5} {r['method']:>6} {r['params'] / 1e9:6.2f}B {r['compress_s']:10.0f} "
@@ -253,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = [r for r in rows if (r["size"], r["method"]) != (size, method)] + [row]
             args.results.write_text(json.dumps(rows, indent=1))
             print_table([row])
+            if "peak_at" in row:
+                print(f"  peak {row['peak_sampled_gb']:.2f} GiB at: {row['peak_at']}")
             if not args.keep:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
     print_table(rows)
