@@ -72,16 +72,28 @@ def test_cli_submit_wait_download_and_exit_codes(service, tiny_llama_dir, tmp_pa
 @pytest.mark.slow
 def test_cli_on_smollm2_a_failed_quality_gate_exits_3(service, smollm2_gguf):
     """One job on the real model (quality measured before and after, no speed rounds: minutes
-    on a CPU): 80% magnitude pruning with a 1.1x perplexity gate fails the gate -> exit code 3."""
+    on a CPU): 80% magnitude pruning with a 1.1x perplexity gate fails the gate -> exit code 3.
+    A short eval text (two 512-token windows, uploaded as a dataset) keeps it to about half
+    the perplexity passes of the default text."""
+    import httpx
+
+    from modelpress.compression.data import default_eval_text
+
     r = cli(service, "models", "upload", str(smollm2_gguf), "--json")
     assert r.returncode == 0, r.stderr
     mid = json.loads(r.stdout)["id"]
+    base, key, _ = service
+    up = httpx.post(f"{base}/v1/datasets", headers={"Authorization": f"Bearer {key}"},
+                    files={"file": ("eval.txt", default_eval_text()[:6000].encode())},
+                    data={"name": "eval"}, timeout=60)
+    assert up.status_code == 201, up.text
     r = cli(service, "jobs", "submit", mid, "--method", "magnitude", "--set", "sparsity=0.8",
-            "--max-ppl-increase", "1.1", "--measure", "quality", "--wait", "--json",
-            timeout=1100)
+            "--max-ppl-increase", "1.1", "--measure", "quality", "--eval-dataset-id",
+            up.json()["id"], "--wait", "--json", timeout=1100)
     gated = json.loads(r.stdout)
     got = (r.returncode, gated["state"], gated["error"]["code"])
     assert got == (3, "failed", "quality_gate"), (r.stderr, service[2].text()[-3000:])
+    assert gated["eval_dataset_id"] == up.json()["id"]
     ppl = {m["stage"]: m["value"] for m in gated["metrics"] if m["name"] == "perplexity"}
     assert ppl["after"] > 1.1 * ppl["before"]
 
