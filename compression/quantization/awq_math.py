@@ -55,6 +55,36 @@ def output_error_lr(W: torch.Tensor, Wq: torch.Tensor, factor: tuple[torch.Tenso
     return (D @ B).square().sum() + (D.square() @ r).sum()
 
 
+_ROWS_ELEMS = 2**22  # weights fake-quantized at a time (16 MB per float32 copy)
+
+
+def _error(W: torch.Tensor, s: torch.Tensor | None, fake_quant: FakeQuant,
+           factor: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """``output_error_lr`` of ``W`` fake-quantized (scaled by ``s`` first when given), a piece
+    of rows at a time (rows are quantized independently; a stacked gate/up of Llama-3.1-8B is
+    28672 x 4096, 470 MB per float32 copy, and a trial makes several)."""
+    step = max(1, _ROWS_ELEMS // W.shape[1])
+    err = 0.0
+    for a in range(0, W.shape[0], step):
+        Wc = W[a : a + step]
+        Wq = fake_quant(Wc) if s is None else fake_quant(Wc * s) / s
+        err += output_error_lr(Wc, Wq, factor).item()
+    return err
+
+
+def _relative_mean(W: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``|W|`` relative to each row's largest ``|w|`` (a piece of rows at a
+    time where ``W`` is large)."""
+    step = max(1, _ROWS_ELEMS // W.shape[1])
+    if step >= W.shape[0]:
+        return (W.abs() / W.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)).mean(0)
+    total = torch.zeros(W.shape[1], device=W.device)
+    for a in range(0, W.shape[0], step):
+        Wa = W[a : a + step].abs()
+        total += Wa.div_(Wa.amax(dim=1, keepdim=True).clamp(min=1e-8)).sum(0)
+    return total / W.shape[0]
+
+
 def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     s = x_mean.clamp(min=1e-6).pow(alpha) / w_mean.clamp(min=1e-6).pow(1 - alpha)
     s = s.clamp(min=1e-4)
@@ -72,9 +102,9 @@ def search_scale(W: torch.Tensor, G: torch.Tensor, x_mean: torch.Tensor, fake_qu
     quantization.
     """
     W = W.float()
-    w_mean = (W.abs() / W.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)).mean(0)
+    w_mean = _relative_mean(W)
     factor = gram_factor(G, rank)
-    base = output_error_lr(W, fake_quant(W), factor).item()
+    base = _error(W, None, fake_quant, factor)
     best_s, best_a, best = torch.ones_like(x_mean), 0.0, base
     tried: dict[int, float] = {}
 
@@ -83,7 +113,7 @@ def search_scale(W: torch.Tensor, G: torch.Tensor, x_mean: torch.Tensor, fake_qu
         if not 0 < i < grid or i in tried:
             return
         s = candidate_scales(x_mean, w_mean, i / grid)
-        tried[i] = err = output_error_lr(W, fake_quant(W * s) / s, factor).item()
+        tried[i] = err = _error(W, s, fake_quant, factor)
         if err < best:
             best, best_s, best_a = err, s, i / grid
 

@@ -40,11 +40,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     check_group(group_size, n)
     g = effective_group(group_size, n)
     qmin, qmax = qrange(bits)
-    W = W.detach().float().clone()
+    src = W.detach().float()  # the caller's weights (no copy when float32), never modified
     H0 = H.detach().float()  # the caller's Hessian (no copy when float32), never modified
     dead = torch.diag(H0) == 0
+    W = src.clone()
     W[:, dead] = 0
-    W0 = W.clone() if refit else W  # refit: the weights before the updates
+    # refit: the weights before the updates (dead inputs' columns 0), the caller's where equal
+    W0 = (W.clone() if bool(dead.any()) else src) if refit else W
+    del src
 
     static = act_order or g == n or qparams is not None
     scale = torch.ones(out, n // g, device=W.device)
@@ -106,7 +109,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
                                   ).to(torch.int8)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
-    del Hinv, W  # the refit needs neither (a 14336-wide Hinv is 822 MB)
+    # the refit needs none of these (a 14336-wide Hinv is 822 MB, and a view keeps it alive)
+    del Hinv, W, W1, Err1, Hinv1, w_cols, err_cols, h_rows, h_diag
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     qw = QuantizedWeight(Q, scale, zp, bits, group_size, symmetric)

@@ -22,6 +22,7 @@ from ..calib.engine import (
     run_sequential,
 )
 from ..calib.families import Family, Group
+from ..device import return_freed_memory
 from .artifact import DenseDtype, attach, compact
 from .awq_math import search_scale
 from .common import GroupFieldsMixin, dense_dtype_field, group_size_field
@@ -77,10 +78,9 @@ def apply_awq_scaling(block: nn.Module, groups: list[Group], family: Family,
     """Search and fold AWQ scales into ``block`` (function-preserving in float) for every group
     whose producer takes a scale (:func:`can_fold`; e.g. not GQA v_proj -> o_proj: one scale per
     kv channel, tried on SmolLM2 awq asymmetric, did not help: 34.64 -> 35.08); returns the
-    input statistics of the rescaled inputs. Candidates are scored with groups clipped to
-    ``search_clip`` of their range."""
+    input statistics of the rescaled inputs (``stats``' own, rescaled in place). Candidates are
+    scored with groups clipped to ``search_clip`` of their range."""
     fq = _rtn_fake_quant(bits, group_size, symmetric, search_clip)
-    stats = dict(stats)
     for g in groups:
         if not all(n in stats for n in g.linears) or not can_fold(block, g):
             continue
@@ -91,9 +91,7 @@ def apply_awq_scaling(block: nn.Module, groups: list[Group], family: Family,
         if torch.all(s == 1):
             continue
         fold_scale(block, g, s, family)
-        new = st.scaled(s)
-        for n in g.linears:
-            stats[n] = new
+        st.scale_(s)  # shared by the group's Linears
     return stats
 
 
@@ -127,6 +125,11 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
                                       cfg.group_size, cfg.symmetric, grid=awq_grid,
                                       search_clip=awq_search_clip)
         lins = step.linears()
+        return_freed_memory()  # the forwards' and the scale search's work tensors
+        if not true_sequential:
+            # each group's statistics are fixed: the widest input first, and each group's
+            # statistics freed once it is quantized (a [n, n] Hessian each)
+            groups = sorted(groups, key=lambda g: -lins[g.linears[0]].in_features)
         for gi, group in enumerate(groups):
             names = list(group.linears)
             if true_sequential and gi > 0:
@@ -136,10 +139,13 @@ def quantize_layerwise(model: nn.Module, cfg: WeightCalibConfig, ctx: Context, *
                 # for all the Linears reading this input (same result, fewer steps)
                 n_lin += _gptq_stacked([lins[n] for n in names], stats[names[0]], cfg,
                                        act_order, dampening)
-                continue
+            else:
+                for name in names:
+                    n_lin += _quantize_one(lins[name], stats[name], cfg, algorithm, act_order,
+                                           dampening, refit_rounds, clip_error, clip_refine)
             for name in names:
-                n_lin += _quantize_one(lins[name], stats[name], cfg, algorithm, act_order,
-                                       dampening, refit_rounds, clip_error, clip_refine)
+                del stats[name]
+            return_freed_memory()  # the group's work tensors, before the next group's
 
     def pack(step: Step) -> None:  # once the block's outputs are propagated
         compact(step.block, model)  # its float weights are not needed any more

@@ -20,10 +20,10 @@ BASE_BYTES = int(0.45 * 2**30)
 BLOCK_FACTOR = 2.0
 IN_MEMORY_FACTOR = 2.3
 #: methods that solve with each Linear's input Hessian, and how many float32 copies of the widest
-#: one they hold at once: gptq 3 (the statistics', the working copy and its Cholesky factor, or
-#: the inverse and its factor); sparsegpt and admm 6 (measured before gptq's were cut: Llama-3.2-1B
-#: gptq, 2.71 GiB peak at down_proj). Wanda and AWQ keep per-feature statistics only
-HESSIAN_COPIES = {"gptq": 3, "sparsegpt": 6, "admm": 6}
+#: one they hold at once: gptq and sparsegpt 2 (the statistics' and one working copy that the
+#: factorization, the inverse and its factor overwrite in turn); admm 6. Wanda and AWQ keep
+#: per-feature statistics only
+HESSIAN_COPIES = {"gptq": 2, "sparsegpt": 2, "admm": 6}
 HESSIAN_METHODS = frozenset(HESSIAN_COPIES)
 STREAM_ENV = "MODELPRESS_STREAM_ABOVE_BYTES"
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}

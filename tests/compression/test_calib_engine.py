@@ -104,7 +104,7 @@ def test_input_stats_are_exact():
     torch.testing.assert_close(st.sq_sum.double(), (X * X).sum(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st.abs_max.double(), X.abs().amax(0))
     s = torch.rand(8, generator=g) + 0.5
-    sc = st.scaled(s)
+    sc = st.scale_(s)
     torch.testing.assert_close(sc.H.double(), 2 * (X / s).T @ (X / s) / 45, rtol=1e-5, atol=1e-6)
 
 
