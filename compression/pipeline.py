@@ -929,13 +929,16 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
             raise CompressionError("only causal language models stream block by block")
         method.check_model(cfg, ckpt.config)
         model_type = getattr(ckpt.config, "model_type", None)
-        windows = (_eval_windows(tok, ev_text, getattr(ckpt.config, "max_position_embeddings", None))
-                   if tok is not None else None)
+        max_pos = getattr(ckpt.config, "max_position_embeddings", None)
+        windows = _eval_windows(tok, ev_text, max_pos) if tok is not None else None
+        # the shipped text of another domain, measured in the same block-by-block passes
+        other = (_eval_windows(tok, MJ.other_domain_text(), max_pos)
+                 if windows is not None and env.plan.mode != "none" else None)
         prog(_LOAD[1], "model read")
         with env.phases("before"):
             before = J.measure_blockwise(ckpt, windows, dev, plan.fp32_bytes,
                                          prog.span(*_BEFORE, "measuring before (block by block)"),
-                                         check_stop(check))
+                                         check_stop(check), other)
     for k, v in before.items():
         metrics.append(("before", k, v, UNITS.get(k)))
     hooks.event("metrics", {"stage": "before", "metrics": before})
@@ -962,11 +965,12 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
     with env.phases("after"), ArtifactCheckpoint(output_dir) as art:
         after = J.measure_blockwise(art, windows, dev, _top_weight_bytes(output_dir),
                                     prog.span(_AFTER[0] + 1, 99.0, "measuring after "
-                                              "(block by block)"), check_stop(check))
+                                              "(block by block)"), check_stop(check), other)
     notes: dict[str, Any] = {"streamed": {
         "why": plan.reason,
-        "how": "one decoder block in memory at a time; before/after perplexity by a "
-               "block-sequential forward over the same eval windows",
+        "how": "one decoder block in memory at a time; before/after perplexity (the eval "
+               "text and the other domain's) by a block-sequential forward over the same "
+               "windows",
         "before_bytes": "the source's size in float32 (computed from its tensors' shapes)",
     }}
     both_fit = J.fits_in_memory(2 * plan.fp32_bytes)  # the two speed processes at once

@@ -118,17 +118,17 @@ def _row_pieces(ckpt: Any, src: str) -> Any:
         yield a, ckpt.rows(src, a, min(vocab, a + step))
 
 
-def _used_embeddings(ckpt: Any, model: nn.Module, name: str, windows: torch.Tensor,
+def _used_embeddings(ckpt: Any, model: nn.Module, name: str, sets: list[torch.Tensor],
                      dev: torch.device, stats: BlockwiseStats, seen: set[str]
-                     ) -> torch.Tensor | None:
+                     ) -> list[torch.Tensor] | None:
     """Put only the rows of the embeddings ``name`` that ``windows`` use in the module (a
-    Llama-3 vocabulary is 128k rows, an eval set uses a few thousand) and return the windows'
-    ids renumbered into them; count the whole weight's nonzeros on the way (read a piece at a
+    Llama-3 vocabulary is 128k rows, an eval set uses a few thousand) and return each set of
+    windows' ids renumbered into them; count the whole weight's nonzeros on the way (read a piece at a
     time). None, with nothing done, where the weight is not stored plainly."""
     src = ckpt.source_name(f"{name}.weight")
     if not _plain(ckpt, src):
         return None
-    used = torch.unique(windows)
+    used = torch.unique(torch.cat([w.reshape(-1) for w in sets]))
     rows, count = [], 0
     for a, piece in _row_pieces(ckpt, src):
         count += int(torch.count_nonzero(piece).item())
@@ -139,7 +139,7 @@ def _used_embeddings(ckpt: Any, model: nn.Module, name: str, windows: torch.Tens
         stats.nonzero_params += count
     mod = model.get_submodule(name)
     mod._parameters["weight"] = nn.Parameter(torch.cat(rows).to(dev), requires_grad=False)
-    return torch.searchsorted(used, windows)
+    return [torch.searchsorted(used, w) for w in sets]
 
 
 def _run_block(block: nn.Module, caps: list[Capture]) -> None:
@@ -233,13 +233,16 @@ def _count(stats: BlockwiseStats, module: nn.Module, prefix: str, ckpt: Any,
 
 @torch.no_grad()
 def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
+                         more: tuple[torch.Tensor, ...] = (),
                          device: torch.device | str = "cpu", batch_size: int = 4,
                          progress: Callable[[float, str | None], None] = lambda *_: None,
                          should_stop: Callable[[], bool] = lambda: False) -> BlockwiseStats:
     """Perplexity of the skeleton ``model`` whose weights ``ckpt`` materializes (a
     :class:`LazyCheckpoint` or an artifact reader) over ``windows`` (``[n, seq_len]``), and the
-    nonzero counts of every weight seen on the way. At most one of: the embeddings, one block,
-    a piece of the output head's rows is in memory at a time (with the activations)."""
+    nonzero counts of every weight seen on the way; ``more``: other sets of windows (another
+    text) measured in the same pass, their perplexities in ``extra["perplexities"]``. At most
+    one of: the embeddings' used rows, one block, a piece of the output head's rows is in
+    memory at a time (with the activations)."""
     dev = torch.device(device)
     blocks_name, blocks = decoder_blocks(model)
     stats = BlockwiseStats(perplexity=float("nan"))
@@ -251,19 +254,21 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
     try:
         emb: nn.Module = hf(model).get_input_embeddings()
         emb_name = next(n for n, m in model.named_modules() if m is emb)
-        ids = _used_embeddings(ckpt, model, emb_name, windows, dev, stats, seen)
+        sets = [windows, *more]
+        ids = _used_embeddings(ckpt, model, emb_name, sets, dev, stats, seen)
         for p in before:  # stored dtype: the embeddings' output is upcast
             if p != emb_name or ids is None:
                 _count(stats, ckpt.materialize(model, p, dev), p, ckpt, seen)
         _move_buffers(model, blocks_name, dev)
-        caps = _capture(model, blocks[0], windows if ids is None else ids, batch_size, dev)
+        caps = [_capture(model, blocks[0], w, batch_size, dev) for w in (ids or sets)]
         tied = f"{head_name}.weight" in ckpt.alias
         if head.lazy or not tied or ids is not None:
             release(emb)  # the head is read in pieces from the files, or is not the embeddings
         for i, block in enumerate(blocks):
             ckpt.materialize(model, f"{blocks_name}.{i}", dev, dtype=torch.float32)
             _count(stats, block, f"{blocks_name}.{i}", ckpt, seen)
-            _run_block(block, caps)
+            for c in caps:
+                _run_block(block, c)
             release(block)
             return_freed_memory()
             progress((i + 1) / (len(blocks) + 1), f"block {i + 1}/{len(blocks)}")
@@ -280,7 +285,9 @@ def blockwise_perplexity(ckpt: Any, model: nn.Module, windows: torch.Tensor, *,
             stats.linear_total -= weight_of(head_mod).numel()
         else:
             head.count(stats, seen)
-        stats.perplexity = _loss(model, blocks_name, head, caps, windows, dev)
+        ppl = [_loss(model, blocks_name, head, c, w, dev) for c, w in zip(caps, sets)]
+        stats.perplexity = ppl[0]
+        stats.extra["perplexities"] = ppl[1:]
     finally:
         for p in [*before, head_name]:
             release(model.get_submodule(p))

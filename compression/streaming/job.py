@@ -125,9 +125,11 @@ def load_tokenizer(path: Path) -> Any:
 def measure_blockwise(ckpt: LazyCheckpoint, windows: torch.Tensor | None, device: torch.device,
                       weight_bytes: int,
                       progress: Callable[[float, str | None], None],
-                      should_stop: Callable[[], bool]) -> dict[str, float]:
+                      should_stop: Callable[[], bool],
+                      other: torch.Tensor | None = None) -> dict[str, float]:
     """params, nonzero params, bytes, sparsity and (with ``windows``) perplexity, block by
-    block."""
+    block; with ``other`` (windows of another domain's text) ``perplexity_other`` in the same
+    pass."""
     from .. import evaluation as E
     from .forward import blockwise_perplexity
 
@@ -135,11 +137,13 @@ def measure_blockwise(ckpt: LazyCheckpoint, windows: torch.Tensor | None, device
     m: dict[str, float] = {"params": float(E.param_count(model)), "bytes": float(weight_bytes)}
     if windows is None:
         return m
-    st = blockwise_perplexity(ckpt, model, windows, device=device, progress=progress,
-                              should_stop=should_stop)
+    st = blockwise_perplexity(ckpt, model, windows, more=() if other is None else (other,),
+                              device=device, progress=progress, should_stop=should_stop)
     m["nonzero_params"] = float(st.nonzero_params)
     m["sparsity"] = float(st.sparsity)
     m["perplexity"] = st.perplexity
+    if other is not None:
+        m["perplexity_other"] = st.extra["perplexities"][0]
     return m
 
 

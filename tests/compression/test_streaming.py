@@ -221,7 +221,7 @@ def test_streamed_job_reports_what_the_in_memory_job_reports(bf16_dir, tmp_path)
     rs, rm = s.report, m.report
     assert rs["stages"][0]["streamed"] and "streamed" in rs["evaluation"]
     for side in ("before", "after"):
-        for k in ("params", "nonzero_params", "sparsity", "perplexity"):
+        for k in ("params", "nonzero_params", "sparsity", "perplexity", "perplexity_other"):
             assert math.isclose(rs[side][k], rm[side][k], rel_tol=1e-6), (side, k)
         assert rs[side]["tokens_per_s"] > 0  # fits in memory: measured
     assert abs(rs["after"]["bytes"] - rm["after"]["bytes"]) < 200  # the headers' digits
@@ -348,12 +348,21 @@ def test_streamed_gptq_job(bf16_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_streamed_gguf_job(smollm2_gguf, tmp_path):
+def test_streamed_gguf_job(smollm2_gguf, tmp_path, monkeypatch):
+    import modelpress.compression.measure.job as MJ
+
+    # 3 windows of the eval text and 2 of the other domain's, measured block by block before
+    # and after (the shipped texts would be 16 + 16 windows twice)
+    other = MJ.other_domain_text()[:4_500]
+    monkeypatch.setattr(MJ, "other_domain_text", lambda: other)
     out = _job(smollm2_gguf, tmp_path / "o", True, method="rtn", params={"group_size": 64},
-               measure="quality")
+               measure="quality", eval_text=default_eval_text()[:8_000])
     r = out.report
     assert r["stages"][0]["streamed"] and r["model_type"] == "llama"
     assert 1.0 < r["summary"]["ppl_ratio"] < 1.5 and r["summary"]["compression_ratio"] > 3
+    # the other domain's text, measured in the same block-by-block passes (4-bit rounding
+    # costs more on the two windows of KJV than on the wiki text: 4.19 -> 7.89)
+    assert 1.0 < r["after"]["perplexity_other"] / r["before"]["perplexity_other"] < 2.5
     assert (tmp_path / "o" / "tokenizer.json").exists()
 
 
