@@ -12,7 +12,8 @@ After each job the artifact is checked: every tensor's shape and dtype (each blo
 against block 0's in-memory quantized reference), loadable by transformers (``from_pretrained``
 with ``num_hidden_layers=3``: the first blocks only), and those two blocks' outputs on a few
 tokens equal to the block-wise reference (the source's blocks quantized in memory).
-Perplexity runs on a short eval text (``--eval-tokens``, default 2 x 512) to bound the time.
+Perplexity runs on a short eval text (``--eval-tokens``, default 2 x 512) and as many tokens of
+the shipped text of another domain, to bound the time.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ METHODS = {
     "wanda": ("wanda", {"sparsity": 0.5, "num_samples": 8, "seq_len": 512}),
 }
 #: weight-only twins of the calibrated methods (for the artifact check)
-TWINS = {"gptq": lambda p: ("rtn", {"bits": p["bits"], "group_size": p["group_size"]}),
+TWINS = {"gptq": lambda p: ("rtn", {"bits": p["bits"], "group_size": p["group_size"],
+                                    "symmetric": p.get("symmetric", True)}),  # gptq's default
          "wanda": lambda p: ("magnitude", {"sparsity": p["sparsity"], "scope": "row"})}
 GOALS_GB = {("8b", "int8"): 3.0, ("8b", "rtn"): 3.0, ("8b", "gptq"): 4.0,
             ("1b", "gptq"): 1.5, ("1b", "wanda"): 1.5}
@@ -60,11 +62,27 @@ def _eval_text(tokens: int) -> str:
     return tok.decode(ids)
 
 
+def _other_text(tokens: int) -> str:
+    """The start of the shipped text of another domain, about ``tokens`` tokens long (the job
+    measures it too; the whole text would be 16 windows per pass)."""
+    from transformers import AutoTokenizer
+
+    from modelpress.compression.measure.job import other_domain_text
+
+    tok = AutoTokenizer.from_pretrained(str(SIZES["135m"]))
+    ids = tok(other_domain_text()[: tokens * 8], add_special_tokens=False)["input_ids"]
+    return tok.decode(ids[: tokens + 8])
+
+
 def run_one(size: str, method: str, out: Path, eval_tokens: int) -> dict:
     """One job in this process; returns its row."""
     import torch
 
+    import modelpress.compression.measure.job as MJ
     from modelpress.compression.pipeline import run_pipeline
+
+    other = _other_text(eval_tokens)
+    MJ.other_domain_text = lambda: other  # this process only
 
     name, params = METHODS[method]
     if size == "135m" and params.get("group_size") == 128:  # 576 columns: 64 divides them
@@ -88,6 +106,9 @@ def run_one(size: str, method: str, out: Path, eval_tokens: int) -> dict:
         "ru_maxrss_gb": maxrss,
         "params": rep["before"]["params"],
         "ppl_before": rep["before"].get("perplexity"), "ppl_after": rep["after"].get("perplexity"),
+        "ppl_other_before": rep["before"].get("perplexity_other"),
+        "ppl_other_after": rep["after"].get("perplexity_other"),
+        "timings": rep.get("timings"),
         "artifact_gb": rep["after"]["bytes"] / 1e9,
         "shards": len(list(out.glob("*.safetensors"))),
         "tokens_per_s_absent": rep["evaluation"].get("tokens_per_s_absent"),
