@@ -947,6 +947,9 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
     hooks.event("stage", {"stage": label, "message": f"stage 0 ({method.name}) started "
                           "(block by block)", "params": cfg.model_dump(mode="json")})
     t0 = time.monotonic()
+    from .device import return_freed_memory
+
+    return_freed_memory()  # the before pass's work tensors
     with env.phases("stages"):  # block by block: compressing and writing are one pass
         res = J.compress(plan, method, cfg, output_dir, dev,
                          prog.span(_STAGES[0], _STAGES[1], label), check_stop(check),
