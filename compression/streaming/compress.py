@@ -142,17 +142,9 @@ class _Written:
 def _dense_pieces(ckpt: LazyCheckpoint, name: str, dtype: torch.dtype
                   ) -> tuple[list[int], Iterator[torch.Tensor]]:
     shape = ckpt.shape_of(name)
-    row = max(1, torch.Size(shape[1:]).numel())
-    step = max(1, _PIECE_ELEMS // row)
-
-    def pieces() -> Iterator[torch.Tensor]:
-        if not shape:
-            yield ckpt.tensor(name).to(dtype)
-            return
-        for a in range(0, shape[0], step):
-            yield ckpt.rows(name, a, min(shape[0], a + step)).to(dtype)
-
-    return shape, pieces()
+    if not shape:
+        return shape, iter([ckpt.tensor(name).to(dtype)])
+    return shape, (p.to(dtype) for _a, p in ckpt.row_pieces(name, _PIECE_ELEMS))
 
 
 def _write_outside(ckpt: LazyCheckpoint, model: nn.Module, blocks_name: str,

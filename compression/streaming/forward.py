@@ -110,14 +110,6 @@ def _plain(ckpt: Any, src: str) -> bool:
     return hasattr(ckpt, "rows") and src in getattr(ckpt, "files", {})
 
 
-def _row_pieces(ckpt: Any, src: str) -> Any:
-    """(first row, rows) of the stored tensor ``src``, a piece of rows at a time."""
-    vocab, width = (int(d) for d in ckpt.shape_of(src)[:2])
-    step = max(1, _HEAD_ROWS_ELEMS // width)
-    for a in range(0, vocab, step):
-        yield a, ckpt.rows(src, a, min(vocab, a + step))
-
-
 def _used_embeddings(ckpt: Any, model: nn.Module, name: str, sets: list[torch.Tensor],
                      dev: torch.device, stats: BlockwiseStats, seen: set[str]
                      ) -> list[torch.Tensor] | None:
@@ -130,7 +122,7 @@ def _used_embeddings(ckpt: Any, model: nn.Module, name: str, sets: list[torch.Te
         return None
     used = torch.unique(torch.cat([w.reshape(-1) for w in sets]))
     rows, count = [], 0
-    for a, piece in _row_pieces(ckpt, src):
+    for a, piece in ckpt.row_pieces(src, _HEAD_ROWS_ELEMS):
         count += int(torch.count_nonzero(piece).item())
         inside = used[(used >= a) & (used < a + piece.shape[0])]
         rows.append(piece[inside - a].clone())
@@ -179,7 +171,7 @@ class _Head:
 
     def pieces(self) -> Any:
         w = weight_of(self.module)
-        stored = (_row_pieces(self.ckpt, self.src) if self.lazy else
+        stored = (self.ckpt.row_pieces(self.src, _HEAD_ROWS_ELEMS) if self.lazy else
                   ((a, w[a : a + self.rows]) for a in range(0, self.vocab, self.rows)))
         for a, piece in stored:
             bias = self.bias[a : a + piece.shape[0]].float() if self.bias is not None else None

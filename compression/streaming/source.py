@@ -122,6 +122,14 @@ class TensorFiles:
         buf = self._read(fh, e["start"] + start * row, (stop - start) * row)
         return buf.view(dt).reshape([stop - start, *shape[1:]])
 
+    def row_pieces(self, name: str, elems: int = 2**24) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows) of tensor ``name``, about ``elems`` elements at a time (never the
+        whole tensor in memory: a float32 Llama-3 head is 2.1 GB)."""
+        shape = self.shape_of(name)
+        step = max(1, elems // max(1, torch.Size(shape[1:]).numel()))
+        for a in range(0, shape[0], step):
+            yield a, self.rows(name, a, min(shape[0], a + step))
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the floating-point weights are stored in (the first float tensor's)."""
