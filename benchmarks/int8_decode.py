@@ -88,7 +88,7 @@ def child(mode: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(CACHE / "smollm2-135m-fp32"))
+    ap.add_argument("--model", help="float model folder (default: the SmolLM2 test model)")
     ap.add_argument("--artifact", help="int8_dynamic artifact (default: made from --model)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode:
         run_mode(args.mode, args.model, args.artifact, args.threads)
         return
+    if args.model is None:
+        from testmodels import smollm2_dir
+
+        args.model = str(smollm2_dir())
     args.artifact = args.artifact or make_artifact(args.model)
     load_before = os.getloadavg()
     rates: dict[str, list[float]] = {m: [] for m in args.modes}

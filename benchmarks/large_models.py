@@ -266,11 +266,15 @@ def plot(rows: list[dict], path: Path) -> None:
         rs = sorted((r for r in rows if r["method"] == method and "error" not in r),
                     key=lambda r: r["params"])
         x = [r["params"] / 1e9 for r in rs]
-        a.plot(x, [r["compress_s"] for r in rs], "o-", label=method)
-        b.plot(x, [r["peak_rss_gb"] for r in rs], "o-", label=method)
-    a.set(xlabel="parameters (billions)", ylabel="compress time (s)", title="time")
-    b.set(xlabel="parameters (billions)", ylabel="job peak RSS (GiB)", title="memory",
-          ylim=(0, None))
+        a.plot(x, [r["compress_s"] for r in rs], "o-", label=f"{method}: compress")
+        a.plot(x, [r["wall_s"] for r in rs], "o--", label=f"{method}: whole job")
+        b.plot(x, [r["peak_rss_gb"] for r in rs], "o-", label=f"{method}: job peak RSS")
+    sizes = sorted({r["params"] for r in rows if "error" not in r})
+    # what loading the model whole would take, for scale
+    b.plot([p / 1e9 for p in sizes], [2 * p / 2**30 for p in sizes], ":", color="gray",
+           label="the model whole in bf16")
+    a.set(xlabel="parameters (billions)", ylabel="seconds", title="time")
+    b.set(xlabel="parameters (billions)", ylabel="GiB", title="memory", ylim=(0, None))
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
