@@ -152,13 +152,21 @@ def _onednn_available() -> bool:
         and torch.backends.mkldnn.is_available()
 
 
-def _best_time(fn: Callable[[], Any], reps: int = 3) -> float:
+def _best_time(fn: Callable[[], Any], reps: int = 3, give_up: float = float("inf")) -> float:
+    """The best of ``reps`` timed calls after a warm-up; a call slower than ``give_up`` seconds
+    ends the timing (a kernel 1000x slower than the other one on a CPU need not be timed 4
+    times: on one such Xeon that made the first generate 12 s longer)."""
+    t = time.perf_counter()
     fn()
+    if time.perf_counter() - t > 50 * give_up:  # hopeless even counting a first call's setup
+        return time.perf_counter() - t
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
+        if best > give_up:
+            break
     return best
 
 
@@ -176,11 +184,13 @@ class _CpuGroup:
         self.kernel: str | None = None  # "onednn" or "int_mm", chosen on first use
         self.packed: torch.Tensor | None = None
         self.qweight: torch.Tensor | None = None  # the members' int8 weights, one tensor
+        self.qweight_t: torch.Tensor | None = None  # its transpose (a view), for torch._int_mm
         self._reset_cache()
 
     def __getstate__(self) -> dict[str, Any]:  # oneDNN's opaque tensor cannot be copied:
         state = self.__dict__.copy()  # a copy chooses and packs again on first use
-        state.update(kernel=None, packed=None, qweight=None, cache=(None, -1, {}), traced_out=None)
+        state.update(kernel=None, packed=None, qweight=None, qweight_t=None, cache=(None, -1, {}),
+                     traced_out=None)
         return state
 
     def _reset_cache(self) -> None:
@@ -205,14 +215,15 @@ class _CpuGroup:
             for m, part in zip(ms, torch.split(self.qweight, self.n_out)):
                 m.qweight = part
                 getattr(m, QUANT_ATTR).q = part
+        self.qweight_t = self.qweight.t()  # a view, made once (not per call)
         if Int8DynamicLinear.onednn_ok:
             try:
                 self.packed = torch.ops.onednn.qlinear_prepack(self.qweight,
                                                                [1, ms[0].in_features])
                 self.zeros = torch.zeros(sum(self.n_out), dtype=torch.int64)
                 xq, xs = quantize_per_tensor_int8(torch.randn(1, ms[0].in_features))
-                t_one = _best_time(lambda: self._matmul_onednn(xq, xs))
                 t_int = _best_time(lambda: self._matmul_int_mm(xq, xs))
+                t_one = _best_time(lambda: self._matmul_onednn(xq, xs), give_up=4 * t_int)
                 if t_one < t_int:
                     self.kernel = "onednn"
             except RuntimeError:  # a oneDNN build without these kernels
@@ -245,8 +256,8 @@ class _CpuGroup:
         return y if self.bias is None else y.add_(self.bias)
 
     def _matmul_int_mm(self, xq: torch.Tensor, xs: Any) -> torch.Tensor:
-        assert self.qweight is not None  # set by _prepare
-        return scale_accumulator(torch._int_mm(xq, self.qweight.t()), xs, self.w_scale, self.bias)
+        assert self.qweight_t is not None  # set by _prepare
+        return scale_accumulator(torch._int_mm(xq, self.qweight_t), xs, self.w_scale, self.bias)
 
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``i``'s output for input ``x``."""
@@ -270,9 +281,12 @@ class _CpuGroup:
         else:
             xq, xs = quantize_per_token_int8(x2)
         y = self._matmul_onednn(xq, xs) if self.kernel == "onednn" else self._matmul_int_mm(xq, xs)
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
         if len(self.members) == 1:
-            return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
-        outs = [part.to(x.dtype).reshape(*shape[:-1], part.shape[-1]).contiguous()
+            return y.reshape(*shape[:-1], y.shape[-1])
+        lead = shape[:-1]
+        outs = [part.reshape(*lead, part.shape[-1]).contiguous()
                 for part in torch.split(y, self.n_out, dim=1)]
         self.cache = (x, _version(x), {j: o for j, o in enumerate(outs) if j != i})
         return outs[i]
@@ -378,6 +392,7 @@ class Int8DynamicLinear(nn.Module):
         self._cpu_weights = self.qweight.device.type == "cpu"
         if self._cpu is not None:  # weights moved or changed: repack on next use
             self._cpu.kernel, self._cpu.packed, self._cpu.qweight = None, None, None
+            self._cpu.qweight_t = None
             for m in self._cpu.members:
                 m._traced = m._packed = None
             self._cpu._reset_cache()
