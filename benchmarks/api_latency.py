@@ -14,7 +14,7 @@ directory built here), then measures
   201 (no 5xx, no 429, no timeout); prints throughput and latency under load
 * optionally (``--pickup N``) submit -> worker start latency with a real ``modelpress worker``
 
-Goals (issue 2): POST p99 <= 50 ms, GET >= 1,000 req/s. Everything stays on 127.0.0.1; counts are
+Goals: POST p99 <= 50 ms, GET >= 1,000 req/s. Everything stays on 127.0.0.1; counts are
 bounded. The database is dropped and the Redis database flushed at the end.
 
     python benchmarks/api_latency.py [--workers 2] [--posts 500] [--gets 6000] [--clients 16]

@@ -1,14 +1,15 @@
 """Quality and time of every calibrated method on SmolLM2-135M, to compare two versions of the
-calibration code (the engine refactor of issue 14 must keep perplexity within 0.5% in at most
-1.1x the time).
+calibration code (a change to the calibration engine should keep perplexity within 0.5% in at
+most 1.1x the time).
 
 Each row runs in a process of its own on the same calibration tokens and the same held-out
 text; it prints one JSON line: held-out perplexity (of the artifact reloaded with plain
-``from_pretrained``; int8_dynamic: of the smoothed model with its weights fake-quantized as the
-artifact stores them), compress seconds and a SHA-256 of the compressed weights (equal hashes:
-bit-identical results).
+``from_pretrained``, on the eval text and on KJV Genesis, another domain; int8_dynamic: of the
+smoothed model with its weights fake-quantized as the artifact stores them), compress seconds
+and a SHA-256 of the compressed weights (equal hashes: bit-identical results).
 
     python benchmarks/calib_quality.py --rows wanda,gptq --log before.jsonl
+    PYTHONPATH=<folder with a modelpress link to another checkout> python ...   # the old code
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ ROWS = {
     "int8_dynamic": ("int8_dynamic", {**CAL}),
 }
 EVAL_CHUNKS = int(os.environ.get("EVAL_CHUNKS", "8"))
+#: held-out text of another domain (KJV Genesis, shipped with this checkout's package data; read
+#: from here so that an older checkout under test is measured on the same text)
+OTHER = Path(__file__).resolve().parents[1] / "compression" / "data" / "kjv_genesis.txt"
 
 
 def _digest(tensors: dict) -> str:
@@ -79,8 +83,11 @@ def run_row(name: str, q) -> None:
         digest = _digest(tensors)
         model = AutoModelForCausalLM.from_pretrained(td).eval()
         ppl = perplexity(model, lm.tokenizer, ev, seq_len=512, num_chunks=EVAL_CHUNKS)
+        ppl_other = perplexity(model, lm.tokenizer, OTHER.read_text("utf-8"), seq_len=512,
+                               num_chunks=EVAL_CHUNKS)
     q.put({"name": name, "cal": f"{CAL['num_samples']}x{CAL['seq_len']}",
-           "eval_chunks": EVAL_CHUNKS, "ppl": ppl, "compress_s": seconds, "sha": digest,
+           "eval_chunks": EVAL_CHUNKS, "ppl": ppl, "ppl_other": ppl_other,
+           "compress_s": seconds, "sha": digest,
            "code": str(Path(modelpress.compression.__file__).parent)})
 
 

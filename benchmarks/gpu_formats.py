@@ -89,13 +89,10 @@ def _llmc(model, tok, ids, scheme: str, observer: str | None, out: Path) -> None
     model.save_pretrained(out, save_compressed=True)
 
 
-def run_row(name: str, chunks: int, cal: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def make_row(name: str, cal: int, out: Path) -> dict:
+    """Compress SmolLM2 into ``out`` (the artifact); returns the row's time and bytes."""
     from modelpress.compression.base import Context
-    from modelpress.compression.data import default_calibration_text, default_eval_text, token_chunks
-    from modelpress.compression.evaluation import perplexity
+    from modelpress.compression.data import default_calibration_text, token_chunks
     from modelpress.compression.models import load_pretrained, save_model, weight_bytes
     from modelpress.compression.registry import get_method, parse_params
 
@@ -106,30 +103,67 @@ def run_row(name: str, chunks: int, cal: int) -> dict:
     model, tok = lm.model, lm.tokenizer
     method, params = ROWS[name]
     row: dict = {"name": name, "method": method, "params": params}
+    t = time.perf_counter()
+    if method == "dense":
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    elif method == "llmc":
+        ids = token_chunks(tok, default_calibration_text(), cal, 512)
+        _llmc(model, tok, ids, params["scheme"], params.get("observer"), out)
+        tok.save_pretrained(out)
+    else:
+        cfg = parse_params(method, {**params, "num_samples": cal, "seq_len": 512}
+                           if "num_samples" in get_method(method).config.model_fields
+                           else params)
+        res = get_method(method).apply(model, cfg, Context(
+            tokenizer=tok, calibration_text=default_calibration_text()))
+        row["metrics"] = {k: v for k, v in res.metrics.items() if k.startswith("kv")}
+        save_model(res.model, tok, out, saver=res.saver)
+    row["compress_s"] = time.perf_counter() - t
+    row["bytes"] = weight_bytes(out)
+    return row
+
+
+def eval_row(out: Path, chunks: int) -> dict:
+    """Held-out perplexity of the artifact in ``out`` reloaded with plain ``from_pretrained``,
+    always in the project's environment (llm-compressor's pinned compressed-tensors 0.19 leaves
+    its FP4 weights in bfloat16 inside a float32 model on reload)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modelpress.compression.data import default_eval_text
+    from modelpress.compression.evaluation import perplexity
+
+    tok = AutoTokenizer.from_pretrained(out)
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    back = back.to(torch.float32)
+    return {"ppl_wiki": perplexity(back, tok, default_eval_text(), num_chunks=chunks),
+            "ppl_code": perplexity(back, tok, other_domain_text(), num_chunks=chunks)}
+
+
+def run_row(name: str, chunks: int, cal: int) -> dict:
+    """One row: compressed in a process of its own (llm-compressor's rows with its side package
+    folder first on the path), evaluated in another with the project's packages."""
+    env = dict(os.environ)
+    if ROWS[name][0] == "llmc":
+        if not LLMC_SITE.exists():
+            return {"name": name, "error": f"llm-compressor not installed in {LLMC_SITE}"}
+        env["PYTHONPATH"] = os.pathsep.join([str(LLMC_SITE), env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "a"
-        t = time.perf_counter()
-        if method == "dense":
-            model.save_pretrained(out)
-        elif method == "llmc":
-            ids = token_chunks(tok, default_calibration_text(), cal, 512)
-            _llmc(model, tok, ids, params["scheme"], params.get("observer"), out)
-        else:
-            cfg = parse_params(method, {**params, "num_samples": cal, "seq_len": 512}
-                               if "num_samples" in get_method(method).config.model_fields
-                               else params)
-            res = get_method(method).apply(model, cfg, Context(
-                tokenizer=tok, calibration_text=default_calibration_text()))
-            row["metrics"] = {k: v for k, v in res.metrics.items() if k.startswith("kv")}
-            save_model(res.model, tok, out, saver=res.saver)
-        row["compress_s"] = time.perf_counter() - t
-        row["bytes"] = weight_bytes(out)
-        del model
-        back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        back = back.to(torch.float32)
-        row["ppl_wiki"] = perplexity(back, tok, default_eval_text(), num_chunks=chunks)
-        row["ppl_code"] = perplexity(back, tok, other_domain_text(), num_chunks=chunks)
+        row = _child(["--row", name, "--out", str(out), "--cal", str(cal)], env, name)
+        if "error" not in row:
+            row.update(_child(["--eval", str(out), "--chunks", str(chunks)], dict(os.environ),
+                              name))
     return row
+
+
+def _child(args: list[str], env: dict, name: str) -> dict:
+    p = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("ROW ")), None)
+    if line:
+        return dict(json.loads(line[4:]))
+    return {"name": name, "error": " ".join(p.stderr.strip().splitlines()[-1:])}
 
 
 def table(rows: list[dict], chunks: int, cal: int) -> str:
@@ -160,9 +194,14 @@ def main() -> None:
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (in --log)")
     ap.add_argument("--table", type=Path, help="only print the table of a --log file")
     ap.add_argument("--row", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--eval", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.row:
-        print("ROW " + json.dumps(run_row(a.row, a.chunks, a.cal)))
+        print("ROW " + json.dumps(make_row(a.row, a.cal, a.out)))
+        return
+    if a.eval:
+        print("ROW " + json.dumps(eval_row(a.eval, a.chunks)))
         return
     if a.table:
         rows = {r["name"]: r for r in map(json.loads, a.table.read_text().splitlines())}
@@ -171,19 +210,7 @@ def main() -> None:
     names = ([] if a.no_dense else ["dense"]) + [n for n in (a.only or ROWS) if n != "dense"]
     rows = []
     for name in names:
-        env = dict(os.environ)
-        if ROWS[name][0] == "llmc":
-            if not LLMC_SITE.exists():
-                rows.append({"name": name, "error": f"llm-compressor not installed in {LLMC_SITE}"})
-                continue
-            env["PYTHONPATH"] = os.pathsep.join([str(LLMC_SITE), env.get("PYTHONPATH", "")])
-        p = subprocess.run([sys.executable, __file__, "--row", name, "--chunks", str(a.chunks),
-                            "--cal", str(a.cal)], env=env, capture_output=True, text=True)
-        line = next((x for x in p.stdout.splitlines() if x.startswith("ROW ")), None)
-        row = json.loads(line[4:]) if line else {"name": name,
-                                                 "error": p.stderr.strip().splitlines()[-1:]}
-        if isinstance(row.get("error"), list):
-            row["error"] = " ".join(row["error"])
+        row = run_row(name, a.chunks, a.cal)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.log:
