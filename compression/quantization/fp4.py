@@ -22,7 +22,7 @@ from ..base import (
     hf,
 )
 from ..calib.engine import Step, calibration_tokens, run_sequential
-from ..calib.families import supporting
+from ..calib.families import shared_inputs, supporting
 from . import fpformats as F
 from .artifact import DenseDtype
 from .common import dense_dtype_field, model_in_features, target_linears
@@ -63,10 +63,26 @@ class NVFP4Config(CalibrationConfig):
     dense_dtype: DenseDtype = dense_dtype_field()
 
 
-def _nvfp4_weight(lin: nn.Linear, cfg: NVFP4Config, input_gs: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, FPWeight]:
+def weight_global_scales(model: nn.Module, lins: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Each Linear's NVFP4 weight global scale: one per group of Linears that read the same
+    tensor (q/k/v, gate/up, from the family table), from the group's largest weight, as vLLM
+    fuses them into one matmul with one global scale; a Linear of no group has its own."""
+    amax = {n: lin.weight.detach().abs().amax().float() for n, lin in lins.items()}
+    out = {n: F.nvfp4_global_scale(a) for n, a in amax.items()}
+    for names in shared_inputs(model):
+        for prefix in {n.rpartition(names[0])[0] for n in lins if n.endswith(names[0])}:
+            group = [prefix + m for m in names]
+            if all(g in lins for g in group):
+                gs = F.nvfp4_global_scale(torch.stack([amax[g] for g in group]).amax())
+                out.update(dict.fromkeys(group, gs))
+    return out
+
+
+def _nvfp4_weight(lin: nn.Linear, cfg: NVFP4Config, input_gs: torch.Tensor | None,
+                  weight_gs: torch.Tensor) -> tuple[torch.Tensor, FPWeight]:
     w = lin.weight.detach()
-    codes, scale, gs = F.nvfp4_quantize(w, search=NVFP4_SEARCH if cfg.scale_search else (1.0,))
+    codes, scale, gs = F.nvfp4_quantize(w, weight_gs,
+                                        search=NVFP4_SEARCH if cfg.scale_search else (1.0,))
     deq = F.nvfp4_dequant(codes, scale, gs)
     tensors = {"weight_packed": F.pack_e2m1(codes), "weight_scale": scale.to(torch.float8_e4m3fn),
                "weight_global_scale": gs.float()}
@@ -82,9 +98,10 @@ def _nvfp4_weight(lin: nn.Linear, cfg: NVFP4Config, input_gs: torch.Tensor | Non
 def apply_nvfp4(model: nn.Module, cfg: NVFP4Config, ctx: Context) -> CompressionResult:
     t0 = time.perf_counter()
     lins = target_linears(model, 16)
+    wgs = weight_global_scales(model, lins)
     if cfg.activations == "none":
         for i, (name, lin) in enumerate(lins.items()):
-            attach_fp(lin, *_nvfp4_weight(lin, cfg, None))
+            attach_fp(lin, *_nvfp4_weight(lin, cfg, None, wgs[name]))
             ctx.progress((i + 1) / len(lins), f"quantized {name}")
     else:
         def visit(step: Step) -> None:
@@ -92,7 +109,8 @@ def apply_nvfp4(model: nn.Module, cfg: NVFP4Config, ctx: Context) -> Compression
             pre = _prefix(model, step)
             for name, lin in step.linears().items():
                 if pre + name in lins:
-                    attach_fp(lin, *_nvfp4_weight(lin, cfg, F.nvfp4_global_scale(amax[name])))
+                    attach_fp(lin, *_nvfp4_weight(lin, cfg, F.nvfp4_global_scale(amax[name]),
+                                                  wgs[pre + name]))
 
         run_sequential(model, calibration_tokens(model, cfg, ctx), ctx, visit,
                        batch_size=cfg.batch_size, label="nvfp4 block")

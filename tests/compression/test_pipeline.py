@@ -51,9 +51,13 @@ def magnitude_run(tiny_llama_dir, tmp_path_factory):
     progress, events = [], []
     hooks = JobHooks(progress=lambda p, label: progress.append((p, label)),
                      event=lambda k, d: events.append((k, d)))
+    n = torch.get_num_threads()  # set up before the autouse one-thread fixture: restore too
     torch.set_num_threads(1)
-    outcome = _run(tiny_llama_dir, [{"method": "magnitude", "params": {"sparsity": 0.5}}], out,
-                   hooks=hooks, max_ppl_increase=1000.0, measure="full")
+    try:
+        outcome = _run(tiny_llama_dir, [{"method": "magnitude", "params": {"sparsity": 0.5}}],
+                       out, hooks=hooks, max_ppl_increase=1000.0, measure="full")
+    finally:
+        torch.set_num_threads(n)
     return outcome, progress, events
 
 

@@ -99,6 +99,25 @@ def test_nvfp4_w4a16_artifact(tiny_llama, tmp_path, search):
     assert ((ref - dense).norm() / dense.norm()) < 0.4
 
 
+def test_nvfp4_fused_linears_share_one_weight_global_scale(tiny_llama, tmp_path):
+    """vLLM multiplies q/k/v (and gate/up) as one fused matmul with one weight global scale:
+    the artifact gives every Linear of such a group the same one, from the group's largest
+    weight; o_proj and down_proj keep their own."""
+    lins = {n: m.weight.abs().amax().item() for n, m in tiny_llama.named_modules()
+            if n.startswith("model.layers.0.") and isinstance(m, torch.nn.Linear)}
+    _run(tiny_llama, None, "nvfp4", {"scale_search": False}, tmp_path)
+    pre = "model.layers.0."
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        gs = {n[len(pre):-len(".weight_global_scale")]: f.get_tensor(n).item()
+              for n in f.keys() if n.startswith(pre) and n.endswith("weight_global_scale")}
+    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert len({gs[n] for n in qkv}) == 1 and gs["mlp.gate_proj"] == gs["mlp.up_proj"]
+    want = F.nvfp4_global_scale(max(lins[pre + n] for n in qkv)).item()
+    assert gs["self_attn.q_proj"] == pytest.approx(want, rel=1e-6)
+    assert gs["self_attn.o_proj"] == pytest.approx(
+        F.nvfp4_global_scale(lins[pre + "self_attn.o_proj"]).item(), rel=1e-6)
+
+
 def test_nvfp4_w4a4_calibrated_global_scale(tiny_llama, tiny_tokenizer, tmp_path):
     _dense, model, back = _run(tiny_llama, tiny_tokenizer, "nvfp4",
                                {"activations": "dynamic", **CAL}, tmp_path)
