@@ -47,12 +47,16 @@ ROWS = {
     "fp8_kv": ("fp8", {"kv_cache": True}),
     "nvfp4": ("nvfp4", {}),
     "nvfp4_nosearch": ("nvfp4", {"scale_search": False}),
+    "nvfp4_gptq": ("nvfp4", {"gptq": True}),
     "nvfp4_w4a4": ("nvfp4", {"activations": "dynamic"}),
     "mxfp4": ("mxfp4", {}),
     "mxfp4_nosearch": ("mxfp4", {"scale_search": False}),
     "llmc_fp8_dynamic": ("llmc", {"scheme": "FP8_DYNAMIC"}),
     "llmc_nvfp4a16": ("llmc", {"scheme": "NVFP4A16"}),
     "llmc_nvfp4a16_mse": ("llmc", {"scheme": "NVFP4A16", "observer": "memoryless_mse"}),
+    "llmc_nvfp4a16_gptq": ("llmc", {"scheme": "NVFP4A16", "gptq": True}),
+    "llmc_nvfp4a16_gptq_mse": ("llmc", {"scheme": "NVFP4A16", "gptq": True,
+                                        "observer": "memoryless_mse"}),
     "llmc_nvfp4": ("llmc", {"scheme": "NVFP4"}),
     "llmc_mxfp4a16": ("llmc", {"scheme": "MXFP4A16"}),
 }
@@ -63,7 +67,8 @@ def other_domain_text() -> str:
     return "\n".join((lib / f).read_text("utf-8") for f in STDLIB)
 
 
-def _llmc(model, tok, ids, scheme: str, observer: str | None, out: Path) -> None:
+def _llmc(model, tok, ids, scheme: str, observer: str | None, out: Path,
+          gptq: bool = False) -> None:
     import uuid
 
     import datasets.fingerprint
@@ -71,7 +76,7 @@ def _llmc(model, tok, ids, scheme: str, observer: str | None, out: Path) -> None
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     # datasets 5.2 (llm-compressor's pin) cannot hash its own arrow schema with this Python's
     # dill ("Can't pickle MonthDayNano"): fingerprints are only cache keys, make them random
@@ -79,7 +84,8 @@ def _llmc(model, tok, ids, scheme: str, observer: str | None, out: Path) -> None
     preset = {k: v.model_copy() for k, v in PRESET_SCHEMES[scheme].items()}
     if observer:
         preset["weights"] = preset["weights"].model_copy(update={"observer": observer})
-    recipe = QuantizationModifier(
+    modifier = GPTQModifier if gptq else QuantizationModifier  # GPTQ: dampening 0.01, as ours
+    recipe = modifier(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], **preset)},
         ignore=["lm_head"])
     ds = Dataset.from_dict({"input_ids": ids.tolist(),
@@ -109,7 +115,8 @@ def make_row(name: str, cal: int, out: Path) -> dict:
         tok.save_pretrained(out)
     elif method == "llmc":
         ids = token_chunks(tok, default_calibration_text(), cal, 512)
-        _llmc(model, tok, ids, params["scheme"], params.get("observer"), out)
+        _llmc(model, tok, ids, params["scheme"], params.get("observer"), out,
+              params.get("gptq", False))
         tok.save_pretrained(out)
     else:
         cfg = parse_params(method, {**params, "num_samples": cal, "seq_len": 512}
@@ -135,7 +142,14 @@ def eval_row(out: Path, chunks: int) -> dict:
     from modelpress.compression.evaluation import perplexity
 
     tok = AutoTokenizer.from_pretrained(out)
-    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    kw = {}
+    if "quantization_config" in json.loads((out / "config.json").read_text()):
+        from transformers.utils.quantization_config import CompressedTensorsConfig
+
+        # decompressed at load (llm-compressor's NVFP4 artifacts otherwise stay packed and
+        # decompress to bfloat16 at each forward, which a float32 model cannot multiply)
+        kw["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kw).eval()
     back = back.to(torch.float32)
     return {"ppl_wiki": perplexity(back, tok, default_eval_text(), num_chunks=chunks),
             "ppl_code": perplexity(back, tok, other_domain_text(), num_chunks=chunks)}

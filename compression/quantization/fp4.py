@@ -21,12 +21,13 @@ from ..base import (
     MethodConfig,
     hf,
 )
-from ..calib.engine import Step, calibration_tokens, run_sequential
+from ..calib.engine import Step, calibration_tokens, input_stats, run_sequential
 from ..calib.families import shared_inputs, supporting
 from . import fpformats as F
 from .artifact import DenseDtype
 from .common import dense_dtype_field, model_in_features, target_linears
 from .fp8 import FP_ATTR, FPWeight, _input_amax, _prefix, attach_fp, fp_saver
+from .fp_gptq import gptq_nvfp4
 
 #: candidate fractions of a group's max mapped onto E2M1's 6 in the NVFP4 scale search
 NVFP4_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
@@ -58,7 +59,15 @@ class NVFP4Config(CalibrationConfig):
         True, description="Per group, try shrinking the max mapped to 6 (1.0 .. 0.75 of it) and "
         "keep the scale with the smallest squared rounding error (after the scale itself is "
         "rounded to E4M3); off: plain min/max (llm-compressor's default observer).")
-    num_samples: int = Field(16, ge=1, le=4096, description="Calibration sequences (W4A4).")
+    gptq: bool = Field(
+        False, description="Round the FP4 weights with GPTQ's error feedback (the Hessian of "
+        "calibration inputs), the group scales fixed first: same artifact format, lower "
+        "output error; needs calibration data.")
+    dampening: float = Field(
+        0.01, gt=0, le=1, description="GPTQ: added to the Hessian diagonal, as a fraction of "
+        "its mean.")
+    num_samples: int = Field(16, ge=1, le=4096,
+                             description="Calibration sequences (W4A4 and gptq).")
     batch_size: int = Field(2, ge=1, le=256, description="Calibration sequences per forward.")
     dense_dtype: DenseDtype = dense_dtype_field()
 
@@ -79,10 +88,14 @@ def weight_global_scales(model: nn.Module, lins: dict[str, nn.Linear]) -> dict[s
 
 
 def _nvfp4_weight(lin: nn.Linear, cfg: NVFP4Config, input_gs: torch.Tensor | None,
-                  weight_gs: torch.Tensor) -> tuple[torch.Tensor, FPWeight]:
+                  weight_gs: torch.Tensor, hessian: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, FPWeight]:
     w = lin.weight.detach()
-    codes, scale, gs = F.nvfp4_quantize(w, weight_gs,
-                                        search=NVFP4_SEARCH if cfg.scale_search else (1.0,))
+    search = NVFP4_SEARCH if cfg.scale_search else (1.0,)
+    if hessian is None:
+        codes, scale, gs = F.nvfp4_quantize(w, weight_gs, search=search)
+    else:
+        codes, scale, gs = gptq_nvfp4(w, hessian, weight_gs, search, cfg.dampening)
     deq = F.nvfp4_dequant(codes, scale, gs)
     tensors = {"weight_packed": F.pack_e2m1(codes), "weight_scale": scale.to(torch.float8_e4m3fn),
                "weight_global_scale": gs.float()}
@@ -99,18 +112,23 @@ def apply_nvfp4(model: nn.Module, cfg: NVFP4Config, ctx: Context) -> Compression
     t0 = time.perf_counter()
     lins = target_linears(model, 16)
     wgs = weight_global_scales(model, lins)
-    if cfg.activations == "none":
+    if cfg.activations == "none" and not cfg.gptq:
         for i, (name, lin) in enumerate(lins.items()):
             attach_fp(lin, *_nvfp4_weight(lin, cfg, None, wgs[name]))
             ctx.progress((i + 1) / len(lins), f"quantized {name}")
     else:
+        acts = cfg.activations != "none"
+
         def visit(step: Step) -> None:
-            amax = _input_amax(step)
+            amax = _input_amax(step) if acts else {}
+            stats = input_stats(step.block, step.inputs, step.groups(), hessian=True) \
+                if cfg.gptq else {}
             pre = _prefix(model, step)
             for name, lin in step.linears().items():
                 if pre + name in lins:
-                    attach_fp(lin, *_nvfp4_weight(lin, cfg, F.nvfp4_global_scale(amax[name]),
-                                                  wgs[pre + name]))
+                    igs = F.nvfp4_global_scale(amax[name]) if acts else None
+                    h = stats[name].H if name in stats else None
+                    attach_fp(lin, *_nvfp4_weight(lin, cfg, igs, wgs[pre + name], h))
 
         run_sequential(model, calibration_tokens(model, cfg, ctx), ctx, visit,
                        batch_size=cfg.batch_size, label="nvfp4 block")
@@ -126,9 +144,9 @@ def apply_nvfp4(model: nn.Module, cfg: NVFP4Config, ctx: Context) -> Compression
 def _validate_nvfp4(cfg: NVFP4Config, model_config: Any) -> None:
     _check_groups(model_in_features(model_config), 16, "nvfp4")
     mt = getattr(model_config, "model_type", None)
-    if cfg.activations != "none" and mt not in supporting("causal"):
-        raise CompressionError(f"nvfp4 W4A4 calibrates through the family table; model type "
-                               f"{mt!r} is not one of {sorted(supporting('causal'))}")
+    if (cfg.activations != "none" or cfg.gptq) and mt not in supporting("causal"):
+        raise CompressionError(f"nvfp4 W4A4 and gptq calibrate through the family table; model "
+                               f"type {mt!r} is not one of {sorted(supporting('causal'))}")
 
 
 # ------------------------------------------------------------------------------------ MXFP4

@@ -99,6 +99,37 @@ def test_nvfp4_w4a16_artifact(tiny_llama, tmp_path, search):
     assert ((ref - dense).norm() / dense.norm()) < 0.4
 
 
+def test_gptq_nvfp4_lowers_the_output_error_on_the_same_scales():
+    from modelpress.compression.quantization.fp_gptq import gptq_nvfp4
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        w, x = torch.randn(48, 160), torch.randn(400, 160)
+        x[:, 3] = 0  # an input that never fires
+        gs = F.nvfp4_global_scale(w.abs().amax())
+        codes, scale, g = gptq_nvfp4(w, x.T @ x, gs, (1.0,))
+        c0, s0, g0 = F.nvfp4_quantize(w, gs)
+        assert torch.equal(scale, s0) and torch.equal(g, g0)  # scales fixed up front
+        ref = w @ x.T
+        err_gptq = (F.nvfp4_dequant(codes, scale, g) @ x.T - ref).norm() / ref.norm()
+        err_rtn = (F.nvfp4_dequant(c0, s0, g0) @ x.T - ref).norm() / ref.norm()
+        assert err_gptq < 0.95 * err_rtn
+
+
+def test_nvfp4_gptq_artifact(tiny_llama, tiny_tokenizer, tmp_path):
+    dense, model, back = _run(tiny_llama, tiny_tokenizer, "nvfp4", {"gptq": True, **CAL},
+                              tmp_path)
+    lin = model.model.layers[0].mlp.down_proj
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        p = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
+        s = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
+        gs = f.get_tensor("model.layers.0.mlp.down_proj.weight_global_scale")
+    assert torch.equal(F.nvfp4_dequant(F.unpack_e2m1(p), s.float(), gs), lin.weight)
+    with torch.no_grad():
+        y, ref = back(input_ids=IDS).logits.float(), model(input_ids=IDS).logits
+    assert ((y - ref).norm() / ref.norm()) < 2e-2
+
+
 def test_nvfp4_fused_linears_share_one_weight_global_scale(tiny_llama, tmp_path):
     """vLLM multiplies q/k/v (and gate/up) as one fused matmul with one weight global scale:
     the artifact gives every Linear of such a group the same one, from the group's largest
