@@ -28,6 +28,7 @@ from .artifact import DenseDtype
 from .common import dense_dtype_field, model_in_features, target_linears
 from .fp8 import FP_ATTR, FPWeight, _input_amax, _prefix, attach_fp, fp_saver
 from .fp_gptq import gptq_nvfp4
+from .layerwise import fold_awq_scales
 
 #: candidate fractions of a group's max mapped onto E2M1's 6 in the NVFP4 scale search
 NVFP4_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
@@ -59,6 +60,10 @@ class NVFP4Config(CalibrationConfig):
         True, description="Per group, try shrinking the max mapped to 6 (1.0 .. 0.75 of it) and "
         "keep the scale with the smallest squared rounding error (after the scale itself is "
         "rounded to E4M3); off: plain min/max (llm-compressor's default observer).")
+    awq: bool = Field(
+        False, description="Fold activation-aware (AWQ) per-input-channel scales into each "
+        "block first, searched under NVFP4 rounding (q/k/v and gate/up with their shared "
+        "global scale); needs calibration data.")
     gptq: bool = Field(
         False, description="Round the FP4 weights with GPTQ's error feedback (the Hessian of "
         "calibration inputs), the group scales fixed first: same artifact format, lower "
@@ -107,28 +112,43 @@ def _nvfp4_weight(lin: nn.Linear, cfg: NVFP4Config, input_gs: torch.Tensor | Non
                          _args("NVFP4", "input_activations"), act)
 
 
+def _calibrated_block(model: nn.Module, step: Step, cfg: NVFP4Config
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """A block's calibration for NVFP4: AWQ scales folded in (``cfg.awq``), then per Linear of
+    the rescaled block (weight global scale, input global scale for W4A4 or None, Hessian for
+    ``cfg.gptq`` or None)."""
+    need_h = cfg.gptq or cfg.awq
+    stats = input_stats(step.block, step.inputs, step.groups(), hessian=need_h,
+                        abs_mean=cfg.awq) if need_h else {}
+    if cfg.awq:
+        def fq(w: torch.Tensor) -> torch.Tensor:  # the stacked group: one global scale
+            return F.nvfp4_dequant(*F.nvfp4_quantize(w))
+
+        fold_awq_scales(step.block, step.groups(), step.family, stats, fq)
+    amax = _input_amax(step) if cfg.activations != "none" else {}
+    wgs = weight_global_scales(model, step.linears())
+    return {name: (wgs[name], F.nvfp4_global_scale(amax[name]) if amax else None,
+                   stats[name].H if cfg.gptq and name in stats else None)
+            for name in step.linears()}
+
+
 @torch.no_grad()
 def apply_nvfp4(model: nn.Module, cfg: NVFP4Config, ctx: Context) -> CompressionResult:
     t0 = time.perf_counter()
     lins = target_linears(model, 16)
-    wgs = weight_global_scales(model, lins)
-    if cfg.activations == "none" and not cfg.gptq:
+    if cfg.activations == "none" and not cfg.gptq and not cfg.awq:
+        wgs = weight_global_scales(model, lins)
         for i, (name, lin) in enumerate(lins.items()):
             attach_fp(lin, *_nvfp4_weight(lin, cfg, None, wgs[name]))
             ctx.progress((i + 1) / len(lins), f"quantized {name}")
     else:
-        acts = cfg.activations != "none"
-
         def visit(step: Step) -> None:
-            amax = _input_amax(step) if acts else {}
-            stats = input_stats(step.block, step.inputs, step.groups(), hessian=True) \
-                if cfg.gptq else {}
             pre = _prefix(model, step)
+            scales = _calibrated_block(model, step, cfg)
             for name, lin in step.linears().items():
                 if pre + name in lins:
-                    igs = F.nvfp4_global_scale(amax[name]) if acts else None
-                    h = stats[name].H if name in stats else None
-                    attach_fp(lin, *_nvfp4_weight(lin, cfg, igs, wgs[pre + name], h))
+                    wgs_, igs, h = scales[name]
+                    attach_fp(lin, *_nvfp4_weight(lin, cfg, igs, wgs_, h))
 
         run_sequential(model, calibration_tokens(model, cfg, ctx), ctx, visit,
                        batch_size=cfg.batch_size, label="nvfp4 block")
@@ -144,9 +164,9 @@ def apply_nvfp4(model: nn.Module, cfg: NVFP4Config, ctx: Context) -> Compression
 def _validate_nvfp4(cfg: NVFP4Config, model_config: Any) -> None:
     _check_groups(model_in_features(model_config), 16, "nvfp4")
     mt = getattr(model_config, "model_type", None)
-    if (cfg.activations != "none" or cfg.gptq) and mt not in supporting("causal"):
-        raise CompressionError(f"nvfp4 W4A4 and gptq calibrate through the family table; model "
-                               f"type {mt!r} is not one of {sorted(supporting('causal'))}")
+    if (cfg.activations != "none" or cfg.gptq or cfg.awq) and mt not in supporting("causal"):
+        raise CompressionError(f"nvfp4 W4A4, awq and gptq calibrate through the family table; "
+                               f"model type {mt!r} is not one of {sorted(supporting('causal'))}")
 
 
 # ------------------------------------------------------------------------------------ MXFP4

@@ -80,7 +80,16 @@ def apply_awq_scaling(block: nn.Module, groups: list[Group], family: Family,
     kv channel, tried on SmolLM2 awq asymmetric, did not help: 34.64 -> 35.08); returns the
     input statistics of the rescaled inputs (``stats``' own, rescaled in place). Candidates are
     scored with groups clipped to ``search_clip`` of their range."""
-    fq = _rtn_fake_quant(bits, group_size, symmetric, search_clip)
+    return fold_awq_scales(block, groups, family, stats,
+                           _rtn_fake_quant(bits, group_size, symmetric, search_clip), grid)
+
+
+@torch.no_grad()
+def fold_awq_scales(block: nn.Module, groups: list[Group], family: Family,
+                    stats: dict[str, InputStats], fq: Callable[[torch.Tensor], torch.Tensor],
+                    grid: int = 20) -> dict[str, InputStats]:
+    """:func:`apply_awq_scaling` with the candidates scored under any fake quantizer ``fq``
+    (applied to a group's weights stacked: e.g. NVFP4 with the group's one global scale)."""
     for g in groups:
         if not all(n in stats for n in g.linears) or not can_fold(block, g):
             continue

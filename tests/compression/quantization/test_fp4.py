@@ -116,18 +116,24 @@ def test_gptq_nvfp4_lowers_the_output_error_on_the_same_scales():
         assert err_gptq < 0.95 * err_rtn
 
 
-def test_nvfp4_gptq_artifact(tiny_llama, tiny_tokenizer, tmp_path):
-    dense, model, back = _run(tiny_llama, tiny_tokenizer, "nvfp4", {"gptq": True, **CAL},
-                              tmp_path)
+@pytest.mark.parametrize("opts", [{"gptq": True}, {"awq": True}, {"awq": True, "gptq": True}])
+def test_nvfp4_calibrated_artifact(tiny_llama, tiny_tokenizer, tmp_path, opts):
+    """AWQ scales folded in and/or GPTQ rounding: the artifact holds exactly the in-memory
+    weights, q/k/v still share one global scale, and the reload runs as the in-memory model."""
+    dense, model, back = _run(tiny_llama, tiny_tokenizer, "nvfp4", {**opts, **CAL}, tmp_path)
     lin = model.model.layers[0].mlp.down_proj
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         p = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
         s = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
         gs = f.get_tensor("model.layers.0.mlp.down_proj.weight_global_scale")
+        qkv = {f.get_tensor(f"model.layers.1.self_attn.{n}_proj.weight_global_scale").item()
+               for n in "qkv"}
     assert torch.equal(F.nvfp4_dequant(F.unpack_e2m1(p), s.float(), gs), lin.weight)
+    assert len(qkv) == 1
     with torch.no_grad():
         y, ref = back(input_ids=IDS).logits.float(), model(input_ids=IDS).logits
     assert ((y - ref).norm() / ref.norm()) < 2e-2
+    assert ((ref - dense).norm() / dense.norm()) < 0.4
 
 
 def test_nvfp4_fused_linears_share_one_weight_global_scale(tiny_llama, tmp_path):
