@@ -36,9 +36,14 @@ def _inverse_factor(h: torch.Tensor, W: torch.Tensor, dampening: float) -> torch
 
 
 def _feedback(W: torch.Tensor, Hinv: torch.Tensor,
-              rounded: Callable[[int, torch.Tensor], torch.Tensor], block_size: int) -> None:
+              rounded: Callable[[int, torch.Tensor], torch.Tensor], block_size: int,
+              group_start: Callable[[int, torch.Tensor], None] | None = None,
+              group_size: int = 1) -> None:
     """GPTQ's column loop, in place: column ``i`` becomes ``rounded(i, column)`` (a value on
-    the grid) and its error is spread over the columns after it."""
+    the grid) and its error is spread over the columns after it. ``group_start(i, columns)``
+    is called first at every ``group_size``-th column with the group's columns as they are
+    then (the earlier columns' errors already spread into them): where a group's scale is set
+    (``block_size`` a multiple of ``group_size``)."""
     n = W.shape[1]
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -46,6 +51,8 @@ def _feedback(W: torch.Tensor, Hinv: torch.Tensor,
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            if group_start is not None and (i1 + i) % group_size == 0:
+                group_start(i1 + i, W1[:, i:i + group_size])
             q = rounded(i1 + i, W1[:, i])
             err = (W1[:, i] - q) / Hinv1[i, i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
@@ -80,15 +87,25 @@ def gptq_nvfp4(w: torch.Tensor, h: torch.Tensor, global_scale: torch.Tensor,
                search: tuple[float, ...], dampening: float = 0.01, block_size: int = 128
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fpformats.nvfp4_quantize`'s (codes, E4M3 group scales, global scale) with the
-    codes chosen by GPTQ's error feedback: the group scales are fixed first from the original
-    weights (with the same scale search), then each column is rounded to E2M1 times its
-    group's scale, and its error spread over the columns not yet rounded (values pushed past 6
-    saturate)."""
-    _codes, scale, gs = F.nvfp4_quantize(w, global_scale, search=search)
-    step = (scale / gs).to(w.device)  # [out, in / 16]: the dequantization factor per group
+    codes chosen by GPTQ's error feedback: each group's scale is set (with the same scale
+    search) when GPTQ reaches the group, from its weights as the earlier columns' errors have
+    left them (so that the feedback is not clipped at the group's original max), then each
+    column is rounded to E2M1 times the scale and its error spread over the columns after it.
+    The global scale stays the one given (from the original weights)."""
+    out, n = w.shape
     W = w.detach().float().clone()
+    gs = global_scale.to(W.device)
+    scale = torch.empty(out, n // 16, device=W.device)  # stored E4M3 values (times gs)
     Hinv = _inverse_factor(h, W, dampening)
-    _feedback(W, Hinv, lambda i, col: F.round_e2m1(col / step[:, i // 16]) * step[:, i // 16],
-              block_size)
-    codes = F.e2m1_codes(W.reshape(W.shape[0], -1, 16) / step.unsqueeze(-1)).reshape(W.shape)
+
+    def group_start(i: int, cols: torch.Tensor) -> None:
+        scale[:, i // 16] = F.nvfp4_quantize(cols, gs, search=search)[1][:, 0]
+
+    def rounded(i: int, col: torch.Tensor) -> torch.Tensor:
+        step = scale[:, i // 16] / gs
+        return F.round_e2m1(col / step) * step
+
+    _feedback(W, Hinv, rounded, block_size, group_start, 16)
+    step = (scale / gs).unsqueeze(-1)
+    codes = F.e2m1_codes(W.reshape(out, -1, 16) / step).reshape(W.shape)
     return codes, scale, gs
