@@ -57,9 +57,10 @@ class NVFP4Config(CalibrationConfig):
         "activations in groups of 16 with dynamic E4M3 scales under a per-tensor global scale "
         "calibrated on data (max |input| over the calibration tokens).")
     scale_search: bool = Field(
-        True, description="Per group, try shrinking the max mapped to 6 (1.0 .. 0.75 of it) and "
+        False, description="Per group, try shrinking the max mapped to 6 (1.0 .. 0.75 of it) and "
         "keep the scale with the smallest squared rounding error (after the scale itself is "
-        "rounded to E4M3); off: plain min/max (llm-compressor's default observer).")
+        "rounded to E4M3); off: plain min/max. The smaller weight error clips each group's "
+        "largest weights, which costs held-out perplexity: off by default.")
     awq: bool = Field(
         False, description="Fold activation-aware (AWQ) per-input-channel scales into each "
         "block first, searched under NVFP4 rounding (q/k/v and gate/up with their shared "
