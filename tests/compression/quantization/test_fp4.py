@@ -74,7 +74,8 @@ def _run(tiny_llama, tokenizer, name, params, tmp_path):
 def test_nvfp4_w4a16_artifact(tiny_llama, tmp_path, search):
     from modelpress.compression.quantization.fp8 import FP_ATTR
 
-    dense, model, back = _run(tiny_llama, None, "nvfp4", {"scale_search": search}, tmp_path)
+    dense, model, back = _run(tiny_llama, None, "nvfp4",
+                                {"scale_search": search, "awq": False}, tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "nvfp4-pack-quantized" and qc["ignore"] == ["lm_head"]
     (grp,) = qc["config_groups"].values()
@@ -143,7 +144,7 @@ def test_nvfp4_fused_linears_share_one_weight_global_scale(tiny_llama, tmp_path)
     weight; o_proj and down_proj keep their own."""
     lins = {n: m.weight.abs().amax().item() for n, m in tiny_llama.named_modules()
             if n.startswith("model.layers.0.") and isinstance(m, torch.nn.Linear)}
-    _run(tiny_llama, None, "nvfp4", {"scale_search": False}, tmp_path)
+    _run(tiny_llama, None, "nvfp4", {"awq": False}, tmp_path)
     pre = "model.layers.0."
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         gs = {n[len(pre):-len(".weight_global_scale")]: f.get_tensor(n).item()
