@@ -66,8 +66,7 @@ class NVFP4Config(CalibrationConfig):
         None, description="Fold activation-aware (AWQ) per-input-channel scales into each "
         "block first, searched under NVFP4 rounding (q/k/v and gate/up with their shared "
         "global scale); needs calibration data. null: on for the model families whose norms "
-        "take a scale (decoder LMs: it lowered held-out perplexity on SmolLM2 by 3% on "
-        "Wikipedia and 8% on code against plain rounding), off otherwise.")
+        "take a scale (decoder LMs), off otherwise.")
     gptq: bool = Field(
         False, description="Round the FP4 weights with GPTQ's error feedback (the Hessian of "
         "calibration inputs), the group scales fixed first: same artifact format, lower "
