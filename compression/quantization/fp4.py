@@ -69,8 +69,8 @@ class NVFP4Config(CalibrationConfig):
         "take a scale (decoder LMs), off otherwise.")
     gptq: bool = Field(
         False, description="Round the FP4 weights with GPTQ's error feedback (the Hessian of "
-        "calibration inputs), the group scales fixed first: same artifact format, lower "
-        "output error; needs calibration data.")
+        "calibration inputs), each group's scale set when GPTQ reaches it: same artifact format, "
+        "lower output error on the calibration inputs; needs calibration data.")
     dampening: float = Field(
         0.01, gt=0, le=1, description="GPTQ: added to the Hessian diagonal, as a fraction of "
         "its mean.")
