@@ -73,23 +73,26 @@ def test_submit_through_the_form_and_watch_it_succeed(service, browser, tiny_lla
                 return None
         return get
 
+    def wait_for(get, states, timeout):
+        """The first state in ``states`` the page shows, read once (the page re-renders)."""
+        def seen(d):
+            text = get(d)
+            return text if text in states else False
+        return WebDriverWait(browser, timeout, poll_frequency=0.2).until(seen)
+
     # the job page follows the job live: queued -> running without a reload
     on_job = state_text("#job-summary [data-role=state]")
-    WebDriverWait(browser, 120, poll_frequency=0.2).until(
-        lambda d: on_job(d) in ("running", "succeeded", "failed"))
-    assert on_job(browser) == "running", "loading and evaluating the model takes seconds"
+    seen = wait_for(on_job, ("running", "succeeded", "failed"), 120)
+    assert seen == "running", "loading and evaluating the model takes seconds"
     # ...and so does the jobs list: running -> succeeded without a reload
     browser.get(base + "/ui#/jobs")
     row = state_text(f"#job-{job_id} [data-role=state]")
-    WebDriverWait(browser, 30).until(lambda d: row(d) is not None)
-    first = row(browser)
-    WebDriverWait(browser, 300, poll_frequency=0.5).until(
-        lambda d: row(d) in ("succeeded", "failed", "cancelled"))
-    assert first == "running" and row(browser) == "succeeded", (first, up.text()[-3000:])
+    first = wait_for(row, ("queued", "running", "succeeded", "failed", "cancelled"), 30)
+    last = wait_for(row, ("succeeded", "failed", "cancelled"), 300)
+    assert first == "running" and last == "succeeded", (first, last, up.text()[-3000:])
     browser.save_screenshot(str(tmp_path / "jobs.png"))
     browser.get(base + f"/ui#/jobs/{job_id}")
-    WebDriverWait(browser, 300, poll_frequency=0.5).until(
-        lambda d: on_job(d) in ("succeeded", "failed", "cancelled"))
+    wait_for(on_job, ("succeeded", "failed", "cancelled"), 300)
     WebDriverWait(browser, 30).until(EC.presence_of_element_located((By.ID, "download")))
     shot = tmp_path / "job-succeeded.png"
     browser.save_screenshot(str(shot))
