@@ -22,8 +22,6 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_body
-
 # a JSON \u0000 escape that is not itself escaped (an even run of backslashes before it)
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -72,6 +70,9 @@ def _lone_surrogate(body: bytes | bytearray) -> bool:
 
 
 async def _reply(send: Send, status: int, code: str, message: str) -> None:
+    from .errors import error_body  # here: the client imports the schemas (and this module)
+    # without the server's fastapi and sqlalchemy
+
     body = json.dumps(error_body(code, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),

@@ -275,3 +275,35 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str]
+
+
+# ------------------------------------------------------------------------------- webhooks
+class WebhookDefaultIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str | None = Field(..., max_length=2000,
+                            description="Callback URL of jobs submitted without one; null: none.")
+
+
+class WebhookSettingsOut(BaseModel):
+    default_url: str | None
+    secret: str = Field(..., description="Signs every delivery: `Modelpress-Signature: "
+                        "t=<unix s>,v1=<hex HMAC-SHA256(secret, t + '.' + body)>`.")
+
+
+class DeliveryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    event: str
+    payload: dict
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class JobWebhooksOut(BaseModel):
+    url: str | None = Field(..., description="The job's callback URL (null: none).")
+    deliveries: list[DeliveryOut]

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from modelpress.api.routes.webhooks import JobWebhooksOut, WebhookSettingsOut
 from modelpress.api.schemas import (
     Comparison,
     DatasetOut,
@@ -41,8 +40,10 @@ from modelpress.api.schemas import (
     EventPage,
     JobOut,
     JobPage,
+    JobWebhooksOut,
     MethodOut,
     ModelOut,
+    WebhookSettingsOut,
 )
 
 __all__ = ["ApiError", "AsyncClient", "ChecksumMismatch", "Client", "TERMINAL"]

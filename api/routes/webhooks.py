@@ -3,11 +3,7 @@ delivery log."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
-
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from modelpress.domain.models import JobWebhook, WebhookDelivery
@@ -15,40 +11,10 @@ from modelpress.domain.webhooks import CallbackUrlError, check_url, owner_settin
 
 from ..deps import CurrentOwner, DbSession, ReadSession, Settings, UnitOfWorkRoute
 from ..errors import Unprocessable
+from ..schemas import DeliveryOut, JobWebhooksOut, WebhookDefaultIn, WebhookSettingsOut
 from ..services.jobs import get_job
 
 router = APIRouter(tags=["webhooks"], route_class=UnitOfWorkRoute)
-
-
-class WebhookDefaultIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    url: str | None = Field(..., max_length=2000,
-                            description="Callback URL of jobs submitted without one; null: none.")
-
-
-class WebhookSettingsOut(BaseModel):
-    default_url: str | None
-    secret: str = Field(..., description="Signs every delivery: `Modelpress-Signature: "
-                        "t=<unix s>,v1=<hex HMAC-SHA256(secret, t + '.' + body)>`.")
-
-
-class DeliveryOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-    id: int
-    event: str
-    payload: dict
-    status: Literal["pending", "delivered", "failed"]
-    attempts: int
-    next_attempt_at: datetime
-    last_status_code: int | None
-    last_error: str | None
-    created_at: datetime
-    delivered_at: datetime | None
-
-
-class JobWebhooksOut(BaseModel):
-    url: str | None = Field(..., description="The job's callback URL (null: none).")
-    deliveries: list[DeliveryOut]
 
 
 @router.get("/v1/webhooks", response_model=WebhookSettingsOut,

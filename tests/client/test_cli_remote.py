@@ -115,3 +115,23 @@ def test_submit_flags_make_the_job_body(tmp_path):
     args = build_parser().parse_args(["jobs", "submit", "m1", "--recipe", str(recipe)])
     assert _submit_body(args) == {"recipe": [{"method": "magnitude", "params": {"sparsity": 0.3}},
                                              {"method": "rtn"}]}
+
+
+def test_remote_commands_import_neither_torch_nor_the_server(tmp_path):
+    """A command against a service (and the Python client) starts in a fraction of a second: it
+    needs httpx and the response schemas, not torch (seconds to import) nor fastapi/sqlalchemy."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- method: magnitude\n  params: {sparsity: 0.3}\n")
+    code = f"""
+import sys
+from modelpress.cli import build_parser
+from modelpress.cli_remote import _submit_body, run
+from modelpress.client import Client
+body = _submit_body(build_parser().parse_args(["jobs", "submit", "m", "--recipe", {str(recipe)!r}]))
+assert body["recipe"][0]["method"] == "magnitude", body
+print(sorted(m for m in ("torch", "fastapi", "sqlalchemy", "transformers") if m in sys.modules))
+"""
+    r = subprocess.run([python(), "-c", code], capture_output=True, text=True, env=clean_env(),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
