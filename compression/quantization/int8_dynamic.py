@@ -12,15 +12,18 @@ serves it natively on GPU; plain ``from_pretrained`` on CPU loads it with the we
 to float and activations fake-quantised (same numbers, float speed): call :func:`to_runtime` on the
 loaded model to get the int8 kernels back.
 
-On the CPU the int8 matmul runs through oneDNN with the weights reordered once into its blocked
-layout (``onednn::qlinear_prepack`` / ``qlinear_pointwise``, the kernels PyTorch's x86 PT2E
-quantization lowers to: VNNI / AMX where the CPU has them), about 2x ``torch._int_mm`` per call;
-where that op is missing or fails, ``torch._int_mm``. Linears that read the same tensor (q/k/v,
-gate/up) quantize it once.
+On the CPU each group of Linears that read the same tensor (q/k/v, gate/up) quantizes it once
+and runs the fastest of three exact kernels, timed once per group for one row and for many:
+oneDNN with the weights reordered once into its blocked layout (``onednn::qlinear_prepack`` /
+``qlinear_pointwise``, the kernels PyTorch's x86 PT2E quantization lowers to: VNNI / AMX where
+the CPU has them), ``torch._int_mm``, or a float32 matmul of the int8 values (exact integer sums
+below 2**24). oneDNN is used only where a probe finds its products exact: on CPUs without VNNI
+it multiplies byte pairs into saturating 16-bit sums (up to 20% off).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -152,6 +155,27 @@ def _onednn_available() -> bool:
         and torch.backends.mkldnn.is_available()
 
 
+@functools.cache
+def onednn_exact() -> bool:
+    """Whether oneDNN's int8 matmul is available and exact on this CPU: one probe whose byte
+    pairs (127 x 127 + 127 x 127 after oneDNN's shift of the input to unsigned) overflow a 16-bit
+    sum, which CPUs without VNNI or AMX saturate."""
+    if not _onednn_available():
+        return False
+    try:
+        w = torch.full((16, 64), 127, dtype=torch.int8)
+        w[1::2] = -127
+        x = torch.full((2, 64), 127, dtype=torch.int8)
+        x[1] = -127
+        packed = torch.ops.onednn.qlinear_prepack(w, [1, 64])
+        y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(16),
+                                               torch.zeros(16, dtype=torch.int64), None, 1.0, 0,
+                                               torch.float32, "none", [], "")
+    except RuntimeError:  # a oneDNN build without these kernels
+        return False
+    return torch.equal(y, torch._int_mm(x, w.t()).float())
+
+
 def _best_time(fn: Callable[[], Any], reps: int = 3, give_up: float = float("inf")) -> float:
     """The best of ``reps`` timed calls after a warm-up; a call slower than ``give_up`` seconds
     ends the timing (a kernel 1000x slower than the other one on a CPU need not be timed 4
@@ -170,18 +194,28 @@ def _best_time(fn: Callable[[], Any], reps: int = 3, give_up: float = float("inf
     return best
 
 
+#: the multi-row kernel is chosen on this many rows (a prompt, an evaluation window): on a CPU
+#: without VNNI ``torch._int_mm`` costs time in proportion to the rows (25x a float32 matmul's
+#: at 512 rows on an AVX2 EPYC); at one row any of the kernels may win
+TIMED_ROWS = 16
+
+
 class _CpuGroup:
     """The CPU runtime of Linears that read the same tensor (q/k/v, gate/up; or one Linear):
     the input is quantized once and, where oneDNN is faster, one ``qlinear_pointwise`` call on
     the concatenated prepacked weights computes every member's output; the other members' outputs
     wait in the group until they ask for them (keyed by the identity and version of the input
-    tensor). Otherwise each member runs ``torch._int_mm`` on the shared int8 input. The kernel is
-    chosen once per group by timing both on one token (oneDNN is ~100x slower than ``_int_mm``
-    on some small shapes on some CPUs, ~2x faster on others)."""
+    tensor). Otherwise each member runs ``torch._int_mm`` on the shared int8 input. The kernels
+    are chosen once per group by timing them: ``kernel`` on one row (a decode step; also what
+    ``torch.compile`` traces, where "float" runs ``_int_mm``), ``kernel_rows`` on
+    :data:`TIMED_ROWS` rows (oneDNN is ~100x slower than ``_int_mm`` on one row of some small
+    shapes on some CPUs, ~2x faster on others; without VNNI ``_int_mm`` is ~25x slower than a
+    float32 matmul on many rows)."""
 
     def __init__(self, members: list[Int8DynamicLinear]):
         self.members = members
-        self.kernel: str | None = None  # "onednn" or "int_mm", chosen on first use
+        self.kernel: str | None = None  # "onednn", "int_mm" or "float" for one row (first use)
+        self.kernel_rows: str | None = None  # the same for more rows
         self.packed: torch.Tensor | None = None
         self.qweight: torch.Tensor | None = None  # the members' int8 weights, one tensor
         self.qweight_t: torch.Tensor | None = None  # its transpose (a view), for torch._int_mm
@@ -189,8 +223,8 @@ class _CpuGroup:
 
     def __getstate__(self) -> dict[str, Any]:  # oneDNN's opaque tensor cannot be copied:
         state = self.__dict__.copy()  # a copy chooses and packs again on first use
-        state.update(kernel=None, packed=None, qweight=None, qweight_t=None, cache=(None, -1, {}),
-                     traced_out=None)
+        state.update(kernel=None, kernel_rows=None, packed=None, qweight=None, qweight_t=None,
+                     cache=(None, -1, {}), traced_out=None)
         return state
 
     def _reset_cache(self) -> None:
@@ -207,7 +241,6 @@ class _CpuGroup:
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach().float() if b is not None else torch.zeros(n)
              for b, n in zip(biases, self.n_out)])
-        self.kernel = "int_mm"
         self.qweight = ms[0].qweight
         if len(ms) > 1:  # the members' weights become row blocks of one tensor (no second
             # copy), so that torch._int_mm runs once per group
@@ -216,20 +249,44 @@ class _CpuGroup:
                 m.qweight = part
                 getattr(m, QUANT_ATTR).q = part
         self.qweight_t = self.qweight.t()  # a view, made once (not per call)
-        if Int8DynamicLinear.onednn_ok:
+        kernels = ["int_mm", "float"]
+        if Int8DynamicLinear.onednn_ok and onednn_exact():
             try:
-                self.packed = torch.ops.onednn.qlinear_prepack(self.qweight,
-                                                               [1, ms[0].in_features])
-                self.zeros = torch.zeros(sum(self.n_out), dtype=torch.int64)
-                xq, xs = quantize_per_tensor_int8(torch.randn(1, ms[0].in_features))
-                t_int = _best_time(lambda: self._matmul_int_mm(xq, xs))
-                t_one = _best_time(lambda: self._matmul_onednn(xq, xs), give_up=4 * t_int)
-                if t_one < t_int:
-                    self.kernel = "onednn"
+                self._pack()
+                kernels.append("onednn")
             except RuntimeError:  # a oneDNN build without these kernels
                 Int8DynamicLinear.onednn_ok = False
-            if self.kernel != "onednn":
-                self.packed = None
+        self.kernel = self._fastest(1, kernels)
+        self.kernel_rows = self._fastest(TIMED_ROWS, kernels[::-1])
+        if "onednn" not in (self.kernel, self.kernel_rows):
+            self.packed = None
+        self.set_traced()
+
+    def _pack(self) -> None:
+        assert self.qweight is not None  # set by _prepare
+        self.packed = torch.ops.onednn.qlinear_prepack(self.qweight,
+                                                       [1, self.members[0].in_features])
+        self.zeros = torch.zeros(sum(self.n_out), dtype=torch.int64)
+
+    def _fastest(self, rows: int, kernels: list[str]) -> str:
+        """The kernel that multiplies ``rows`` rows fastest; each one after the first gives up
+        at 4x the best time so far."""
+        x = torch.randn(rows, self.members[0].in_features)
+        xq, xs = quantize_per_tensor_int8(x) if rows == 1 else quantize_per_token_int8(x)
+        best, best_t = kernels[0], float("inf")
+        for k in kernels:
+            t = _best_time(functools.partial(self._matmul, k, xq, xs), give_up=4 * best_t)
+            if t < best_t:
+                best, best_t = k, t
+        return best
+
+    def use(self, kernel: str) -> None:
+        """Run ``kernel`` for every input whatever the timing chose (tests; packs if needed)."""
+        if self.kernel is None:
+            self._prepare()
+        if kernel == "onednn" and self.packed is None:
+            self._pack()
+        self.kernel = self.kernel_rows = kernel
         self.set_traced()
 
     def set_traced(self) -> None:
@@ -259,6 +316,19 @@ class _CpuGroup:
         assert self.qweight_t is not None  # set by _prepare
         return scale_accumulator(torch._int_mm(xq, self.qweight_t), xs, self.w_scale, self.bias)
 
+    def _matmul_float(self, xq: torch.Tensor, xs: Any) -> torch.Tensor:
+        # the int8 values in float32: every product (<= 127 * 127) and every partial sum below
+        # 2**24 is exact, which covers any row of up to 1040 inputs and, in practice, more; so
+        # the same accumulator as torch._int_mm's where the CPU's int8 GEMM is slow (no VNNI)
+        assert self.qweight_t is not None  # set by _prepare
+        acc = torch.mm(xq.float(), self.qweight_t.float())
+        return scale_accumulator(acc, xs, self.w_scale, self.bias)
+
+    def _matmul(self, kernel: str, xq: torch.Tensor, xs: Any) -> torch.Tensor:
+        if kernel == "onednn":
+            return self._matmul_onednn(xq, xs)
+        return self._matmul_float(xq, xs) if kernel == "float" else self._matmul_int_mm(xq, xs)
+
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``i``'s output for input ``x``."""
         cx, cver, couts = self.cache
@@ -280,7 +350,9 @@ class _CpuGroup:
             xq, xs = quantize_per_tensor_int8(x2)
         else:
             xq, xs = quantize_per_token_int8(x2)
-        y = self._matmul_onednn(xq, xs) if self.kernel == "onednn" else self._matmul_int_mm(xq, xs)
+        kernel = self.kernel if x2.shape[0] == 1 else self.kernel_rows
+        assert kernel is not None  # set by _prepare
+        y = self._matmul(kernel, xq, xs)
         if x.dtype != torch.float32:
             y = y.to(x.dtype)
         if len(self.members) == 1:
@@ -392,6 +464,7 @@ class Int8DynamicLinear(nn.Module):
         self._cpu_weights = self.qweight.device.type == "cpu"
         if self._cpu is not None:  # weights moved or changed: repack on next use
             self._cpu.kernel, self._cpu.packed, self._cpu.qweight = None, None, None
+            self._cpu.kernel_rows = None
             self._cpu.qweight_t = None
             for m in self._cpu.members:
                 m._traced = m._packed = None

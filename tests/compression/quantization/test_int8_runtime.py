@@ -163,8 +163,9 @@ def test_to_runtime_same_before_or_after_decompression(tiny_artifact, first_forw
     assert "_original_forward_func" not in m.model.layers[0].__dict__  # no offload wrapper
 
 
-needs_onednn = pytest.mark.skipif(not int8_dynamic.Int8DynamicLinear.onednn_ok,
-                                  reason="this torch build has no oneDNN qlinear kernels")
+needs_onednn = pytest.mark.skipif(not int8_dynamic.onednn_exact(),
+                                  reason="no exact oneDNN int8 matmul here (no such kernels in "
+                                  "this torch build, or a CPU without VNNI)")
 
 
 def _groups_on(model: torch.nn.Module, kernel: str) -> None:
@@ -176,22 +177,16 @@ def _groups_on(model: torch.nn.Module, kernel: str) -> None:
             int8_dynamic.group_for_cpu([m])
     groups = {id(m._cpu): m._cpu for m in lins}
     for g in groups.values():
-        if g.kernel is None:
-            g._prepare()
-        if kernel == "onednn" and g.packed is None:
-            g.packed = torch.ops.onednn.qlinear_prepack(g.qweight, [1, g.members[0].in_features])
-            g.zeros = torch.zeros(sum(g.n_out), dtype=torch.int64)
-        g.kernel = kernel
-        g.set_traced()
+        g.use(kernel)
 
 
-@needs_onednn
 @pytest.mark.parametrize("rows", [1, 2, 37])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_both_cpu_kernels_give_the_same_floats(rows, with_bias):
-    """oneDNN's qlinear and ``torch._int_mm`` + :func:`scale_accumulator` agree bit for bit (the
-    int32 products are exact; the scales are applied in the same order), so the kernel a group
-    chooses by timing cannot move a served model's numbers between processes."""
+def test_the_cpu_kernels_give_the_same_floats(rows, with_bias):
+    """oneDNN's qlinear (where exact), ``torch._int_mm`` and the float32 matmul of the int8
+    values, each + :func:`scale_accumulator`, agree bit for bit (the sums are exact integers;
+    the scales are applied in the same order), so the kernel a group chooses by timing cannot
+    move a served model's numbers between processes."""
     torch.manual_seed(0)
     lins = [torch.nn.Linear(96, n, bias=with_bias) for n in (64, 32, 32)]
     mods = [int8_dynamic.Int8DynamicLinear.from_linear(lin) for lin in lins]
@@ -201,13 +196,31 @@ def test_both_cpu_kernels_give_the_same_floats(rows, with_bias):
     x = torch.randn(rows, 96) * 4
     xq, xs = (int8_dynamic.quantize_per_tensor_int8(x) if rows == 1
               else int8_dynamic.quantize_per_token_int8(x))
-    g.packed = torch.ops.onednn.qlinear_prepack(g.qweight, [1, 96])
-    g.zeros = torch.zeros(128, dtype=torch.int64)
-    a, b = g._matmul_onednn(xq, xs), g._matmul_int_mm(xq, xs)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # and both are x @ W^T to int8 precision
+    kernels = ["float"]
+    if int8_dynamic.onednn_exact():
+        g._pack()
+        kernels.append("onednn")
+    a = g._matmul_int_mm(xq, xs)
+    for k in kernels:
+        torch.testing.assert_close(g._matmul(k, xq, xs), a, rtol=0, atol=0, msg=k)
+    # and the sums are x @ W^T to int8 precision
     want = torch.cat([lin(x) for lin in lins], dim=1).detach()
     assert (a - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_onednn_is_used_only_where_its_products_are_exact():
+    """The probe agrees with oneDNN on adversarial bytes of a real group: where it says exact,
+    oneDNN equals ``torch._int_mm``; a CPU without VNNI (saturating 16-bit pair sums) fails it."""
+    if not int8_dynamic._onednn_available():
+        pytest.skip("this torch build has no oneDNN qlinear kernels")
+    w = torch.full((32, 128), 127, dtype=torch.int8)
+    w[::3] = -127
+    x = torch.full((3, 128), 127, dtype=torch.int8)
+    packed = torch.ops.onednn.qlinear_prepack(w, [1, 128])
+    y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(32),
+                                           torch.zeros(32, dtype=torch.int64), None, 1.0, 0,
+                                           torch.float32, "none", [], "")
+    assert torch.equal(y, torch._int_mm(x, w.t()).float()) == int8_dynamic.onednn_exact()
 
 
 @needs_onednn
@@ -375,3 +388,33 @@ def test_report_and_benchmark_time_the_same_decode(monkeypatch):
                                "median (per round 4.00 3.60 2.73); 3.64x (faster")
     c = S.compare([20.0, 25.0], [24.0, 26.0])
     assert c["ratio_per_round"] == [1.2, 1.04] and c["verdict"] == S.NOT_MEASURABLE
+
+
+def test_prompts_and_decode_steps_each_get_the_faster_kernel(monkeypatch):
+    """A group times the kernels twice, on one row and on TIMED_ROWS rows, and runs each input on
+    the kernel chosen for its row count (``torch._int_mm`` costs time in proportion to the rows
+    on CPUs without VNNI, where a float32 matmul is 25x faster on an evaluation window)."""
+    torch.manual_seed(0)
+    mods = [int8_dynamic.Int8DynamicLinear.from_linear(torch.nn.Linear(64, 32)) for _ in range(2)]
+    int8_dynamic.group_for_cpu(mods)
+    g = mods[0]._cpu
+    timed: list[tuple[int, list[str]]] = []
+
+    def fastest(rows, kernels):
+        timed.append((rows, sorted(kernels)))
+        return "int_mm" if rows == 1 else "float"
+
+    monkeypatch.setattr(g, "_fastest", fastest)
+    ran: list[str] = []
+    for name in ("_matmul_int_mm", "_matmul_float"):
+        real = getattr(g, name)
+        monkeypatch.setattr(g, name, lambda xq, xs, real=real, name=name:
+                            ran.append(name) or real(xq, xs))
+    for rows in (1, 5, 1):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(mods[1](x), int8_dynamic.int8_linear(
+            x, mods[1].qweight, mods[1].w_scale, mods[1].bias), rtol=1e-5, atol=1e-5)
+    every = sorted(["int_mm", "float"] + (["onednn"] if int8_dynamic.onednn_exact() else []))
+    assert timed == [(1, every), (int8_dynamic.TIMED_ROWS, every)]
+    assert (g.kernel, g.kernel_rows) == ("int_mm", "float") and g.packed is None
+    assert ran == ["_matmul_int_mm", "_matmul_float", "_matmul_int_mm"]

@@ -398,11 +398,13 @@ def test_int8_dynamic_kernel_matches_float():
     assert (y - ref).abs().max() < 0.02 * ref.abs().max()
 
 
-def _cpu_kernels() -> list[str]:
-    return ["int_mm", "onednn"] if int8_dynamic._onednn_available() else ["int_mm"]
+def _cpu_kernels(eager: bool = False) -> list[str]:
+    """The kernels a CPU group may run here (``float``: eager only; compiled it is ``_int_mm``)."""
+    return ["int_mm"] + (["float"] if eager else []) + (
+        ["onednn"] if int8_dynamic.onednn_exact() else [])
 
 
-@pytest.mark.parametrize("kernel", _cpu_kernels())
+@pytest.mark.parametrize("kernel", _cpu_kernels(eager=True))
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_int8_dynamic_cpu_group_matches_reference(kernel, tokens):
     """Three Linears reading one tensor, run as one CPU group (one input quantization, fused
@@ -421,10 +423,7 @@ def test_int8_dynamic_cpu_group_matches_reference(kernel, tokens):
     for m, q in zip(mods, qs):
         assert torch.equal(m.qweight, q) and m.qweight._base is group.qweight
         assert getattr(m, QUANT_ATTR).q is m.qweight
-    if kernel == "onednn" and group.packed is None:
-        group.packed = torch.ops.onednn.qlinear_prepack(
-            torch.cat([m.qweight for m in mods]), [1, 64])
-    group.kernel = kernel
+    group.use(kernel)
     group._reset_cache()
 
     def ref(m, inp):
@@ -455,13 +454,7 @@ def _force_kernel(model, kernel):
               if isinstance(m, int8_dynamic.Int8DynamicLinear) and m._cpu is not None}
     for g in groups.values():
         assert g.kernel is not None  # prepared by an eager call
-        if kernel == "onednn" and g.kernel != "onednn":
-            g.packed = torch.ops.onednn.qlinear_prepack(g.qweight, [1, g.members[0].in_features])
-            g.zeros = torch.zeros(sum(g.n_out), dtype=torch.int64)
-        elif kernel == "int_mm":
-            g.packed = None
-        g.kernel = kernel
-        g.set_traced()
+        g.use(kernel)
 
 
 @pytest.mark.slow  # torch.compile: seconds per case
