@@ -24,6 +24,7 @@ it multiplies byte pairs into saturating 16-bit sums (up to 20% off).
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -55,6 +56,8 @@ from ..calib.families import shared_inputs, supporting
 from .artifact import QUANT_ATTR, DenseDtype, make_saver
 from .common import dense_dtype_field
 from .qtensor import QuantizedWeight
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- pure tensor functions
 
@@ -633,7 +636,16 @@ def to_runtime(model: nn.Module, quantize_lm_head: bool = True,
                 group_for_cpu(linears)
     if compile and hasattr(model, "generation_config"):
         compile_decode(model)
+    if targets and not onednn_exact():
+        _warn_no_vnni()
     return model
+
+
+@functools.cache
+def _warn_no_vnni() -> None:  # once per process
+    log.warning("this CPU has no exact oneDNN int8 matmul (no VNNI or AMX): the int8 runtime "
+                "is exact here but decodes slower than the float model (README: Serving an "
+                "int8_dynamic artifact on CPU)")
 
 
 def apply(model: nn.Module, cfg: Int8DynamicConfig, ctx: Context) -> CompressionResult:
