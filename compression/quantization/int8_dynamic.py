@@ -13,7 +13,7 @@ to float and activations fake-quantised (same numbers, float speed): call :func:
 loaded model to get the int8 kernels back.
 
 On the CPU each group of Linears that read the same tensor (q/k/v, gate/up) quantizes it once
-and runs the fastest of three exact kernels, timed once per group for one row and for many:
+and runs the fastest of three exact kernels, timed once per shape for one row and for many:
 oneDNN with the weights reordered once into its blocked layout (``onednn::qlinear_prepack`` /
 ``qlinear_pointwise``, the kernels PyTorch's x86 PT2E quantization lowers to: VNNI / AMX where
 the CPU has them), ``torch._int_mm``, or a float32 matmul of the int8 values (exact integer sums
@@ -202,6 +202,9 @@ def _best_time(fn: Callable[[], Any], reps: int = 3, give_up: float = float("inf
 #: at 512 rows on an AVX2 EPYC); at one row any of the kernels may win
 TIMED_ROWS = 16
 
+#: (rows, inputs, outputs, bias, candidates) -> the kernel timed fastest (see _CpuGroup._choose)
+_CHOSEN: dict[tuple[int, int, int, bool, tuple[str, ...]], str] = {}
+
 
 class _CpuGroup:
     """The CPU runtime of Linears that read the same tensor (q/k/v, gate/up; or one Linear):
@@ -209,7 +212,7 @@ class _CpuGroup:
     the concatenated prepacked weights computes every member's output; the other members' outputs
     wait in the group until they ask for them (keyed by the identity and version of the input
     tensor). Otherwise each member runs ``torch._int_mm`` on the shared int8 input. The kernels
-    are chosen once per group by timing them: ``kernel`` on one row (a decode step; also what
+    are chosen once per shape by timing them: ``kernel`` on one row (a decode step; also what
     ``torch.compile`` traces, where "float" runs ``_int_mm``), ``kernel_rows`` on
     :data:`TIMED_ROWS` rows (oneDNN is ~100x slower than ``_int_mm`` on one row of some small
     shapes on some CPUs, ~2x faster on others; without VNNI ``_int_mm`` is ~25x slower than a
@@ -254,16 +257,29 @@ class _CpuGroup:
         self.qweight_t = self.qweight.t()  # a view, made once (not per call)
         kernels = ["int_mm", "float"]
         if Int8DynamicLinear.onednn_ok and onednn_exact():
-            try:
-                self._pack()
-                kernels.append("onednn")
-            except RuntimeError:  # a oneDNN build without these kernels
-                Int8DynamicLinear.onednn_ok = False
-        self.kernel = self._fastest(1, kernels)
-        self.kernel_rows = self._fastest(TIMED_ROWS, kernels[::-1])
+            kernels.append("onednn")
+        self.kernel = self._choose(1, kernels)
+        self.kernel_rows = self._choose(TIMED_ROWS, kernels[::-1])
         if "onednn" not in (self.kernel, self.kernel_rows):
             self.packed = None
+        elif self.packed is None:  # chosen for this shape by an earlier group
+            self._pack()
         self.set_traced()
+
+    def _choose(self, rows: int, kernels: list[str]) -> str:
+        """The fastest kernel for this group's shape, timed by the first group of that shape in
+        the process (the 30 layers of a model share 4 shapes: one timing each, not 30)."""
+        key = (rows, self.members[0].in_features, sum(self.n_out), self.bias is not None,
+               tuple(kernels))
+        if key not in _CHOSEN:
+            if "onednn" in kernels and self.packed is None:
+                try:
+                    self._pack()
+                except RuntimeError:  # a oneDNN build without these kernels
+                    Int8DynamicLinear.onednn_ok = False
+                    kernels = [k for k in kernels if k != "onednn"]
+            _CHOSEN[key] = self._fastest(rows, kernels)
+        return _CHOSEN[key]
 
     def _pack(self) -> None:
         assert self.qweight is not None  # set by _prepare

@@ -405,6 +405,7 @@ def test_prompts_and_decode_steps_each_get_the_faster_kernel(monkeypatch):
         return "int_mm" if rows == 1 else "float"
 
     monkeypatch.setattr(g, "_fastest", fastest)
+    monkeypatch.setattr(int8_dynamic, "_CHOSEN", {})
     ran: list[str] = []
     for name in ("_matmul_int_mm", "_matmul_float"):
         real = getattr(g, name)
@@ -418,3 +419,10 @@ def test_prompts_and_decode_steps_each_get_the_faster_kernel(monkeypatch):
     assert timed == [(1, every), (int8_dynamic.TIMED_ROWS, every)]
     assert (g.kernel, g.kernel_rows) == ("int_mm", "float") and g.packed is None
     assert ran == ["_matmul_int_mm", "_matmul_float", "_matmul_int_mm"]
+    # a second group of the same shape takes the choices without timing again
+    twins = [int8_dynamic.Int8DynamicLinear.from_linear(torch.nn.Linear(64, 32)) for _ in range(2)]
+    int8_dynamic.group_for_cpu(twins)
+    monkeypatch.setattr(twins[0]._cpu, "_fastest", fastest)
+    twins[0](torch.randn(1, 64))
+    assert len(timed) == 2 and (twins[0]._cpu.kernel, twins[0]._cpu.kernel_rows) == (
+        "int_mm", "float")
