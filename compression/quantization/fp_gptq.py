@@ -16,23 +16,17 @@ from collections.abc import Callable
 import torch
 
 from . import fpformats as F
+from .gptq_math import inverse_cholesky
 
 
 def _inverse_factor(h: torch.Tensor, W: torch.Tensor, dampening: float) -> torch.Tensor:
-    """The upper Cholesky factor of the dampened inverse Hessian; inputs that never fired
-    (zero diagonal) get a unit diagonal and their weight columns are zeroed in ``W``."""
-    H = h.detach().float().clone().to(W.device)
+    """The upper Cholesky factor of the dampened inverse Hessian (GPTQ's, see
+    :func:`gptq_math.inverse_cholesky`); the weight columns of inputs that never fired (zero
+    diagonal) are zeroed in ``W``."""
+    H = h.detach().float().to(W.device)
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     W[:, dead] = 0
-    H.diagonal().add_(dampening * torch.mean(torch.diag(H)))
-    try:
-        L = torch.linalg.cholesky(H)
-    except RuntimeError:  # not positive definite: more dampening once
-        H.diagonal().add_(10 * dampening * torch.mean(torch.diag(H)))
-        L = torch.linalg.cholesky(H)
-    factor: torch.Tensor = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    return factor
+    return inverse_cholesky(H, dead, None, dampening)
 
 
 def _feedback(W: torch.Tensor, Hinv: torch.Tensor,

@@ -62,7 +62,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     if act_order:
         perm = torch.argsort(torch.diag(H0).masked_fill(dead, 1), descending=True)
         W = W[:, perm]
-    Hinv = _inverse_cholesky(H0, dead, perm, dampening)
+    Hinv = inverse_cholesky(H0, dead, perm, dampening)
 
     Q = torch.zeros(out, n, dtype=torch.int8, device=W.device)
     # each column's group, on the host (no device read per column)
@@ -137,7 +137,7 @@ def inverse_factor_(Hw: torch.Tensor) -> bool:
     return int(info) == 0
 
 
-def _inverse_cholesky(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None,
+def inverse_cholesky(H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None,
                       dampening: float) -> torch.Tensor:
     """The upper Cholesky factor of the inverse of the dampened Hessian (columns in ``perm``
     order; dead inputs' diagonal set to 1), in one [n, n] matrix besides ``H``
