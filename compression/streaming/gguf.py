@@ -39,9 +39,9 @@ def _parsed(path: Path) -> tuple[Any, Any, dict[str, Any]]:
     if key in _PARSED:
         _PARSED.move_to_end(key)
         return _PARSED[key]
-    try:
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:  # the metadata parsed once (what AutoConfig.from_pretrained(gguf_file=) parses again)
         parsed = load_gguf_checkpoint(str(path), return_tensors=False).get("config", {})
+        config = AutoConfig.for_model(**copy.deepcopy(parsed))
     except Exception as e:  # noqa: BLE001 - a bad upload must read as a user error
         raise CompressionError(f"cannot read GGUF file {path.name}: {e}") from e
     for attr in ("quantization_config", "_pre_quantization_dtype"):
