@@ -101,7 +101,7 @@ def scale_accumulator(acc: torch.Tensor, xs: torch.Tensor | float, w_scale: torc
     floats, bit for bit (tested), and a served model the same numbers whichever kernel each
     group chose in its process. In place after the conversion (a [tokens, vocab] head holds 2
     copies, not 4); one function for every ``_int_mm`` path."""
-    y = acc.float().mul_(w_scale).mul_(xs)
+    y = torch.mul(acc, w_scale).mul_(xs)  # int32 * float32: float32, as acc.float() * w_scale
     return y if bias is None else y.add_(bias.float())
 
 
@@ -177,6 +177,29 @@ def onednn_exact() -> bool:
     except RuntimeError:  # a oneDNN build without these kernels
         return False
     return torch.equal(y, torch._int_mm(x, w.t()).float())
+
+
+@functools.cache
+def onednn_usable() -> bool:
+    """:func:`onednn_exact`, and not far slower than ``torch._int_mm`` on a decoder-sized
+    product (16 rows, 1024 x 1024): on some CPUs with VNNI (a virtualised AMD EPYC) oneDNN's
+    int8 matmul ran ~600x slower than ``_int_mm`` (4.8 s for 16 rows of a 49152 x 576 head), and
+    a group's timing would then spend seconds on its first call alone (once per process)."""
+    if not onednn_exact():
+        return False
+    w = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8)
+    x = torch.randint(-127, 128, (16, 1024), dtype=torch.int8)
+    packed = torch.ops.onednn.qlinear_prepack(w, [1, 1024])
+    ones, zeros = torch.ones(1024), torch.zeros(1024, dtype=torch.int64)
+    t_int_mm = _best_time(lambda: torch._int_mm(x, w.t()), reps=2)
+    t_onednn = _best_time(lambda: torch.ops.onednn.qlinear_pointwise(
+        x, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""), reps=2,
+        give_up=10 * t_int_mm)
+    if t_onednn > 10 * t_int_mm:
+        log.info("oneDNN's int8 matmul is %.0fx slower than torch._int_mm on this CPU: not used",
+                 t_onednn / t_int_mm)
+        return False
+    return True
 
 
 def _best_time(fn: Callable[[], Any], reps: int = 3, give_up: float = float("inf")) -> float:
@@ -255,11 +278,11 @@ class _CpuGroup:
                 m.qweight = part
                 getattr(m, QUANT_ATTR).q = part
         self.qweight_t = self.qweight.t()  # a view, made once (not per call)
-        kernels = ["int_mm", "float"]
-        if Int8DynamicLinear.onednn_ok and onednn_exact():
-            kernels.append("onednn")
-        self.kernel = self._choose(1, kernels)
-        self.kernel_rows = self._choose(TIMED_ROWS, kernels[::-1])
+        # _int_mm first (never far off), oneDNN last (each kernel after the first gives up at
+        # 4x the best so far); "float" only for many rows: it converts the weights on every call
+        onednn = ["onednn"] if Int8DynamicLinear.onednn_ok and onednn_usable() else []
+        self.kernel = self._choose(1, ["int_mm", *onednn])
+        self.kernel_rows = self._choose(TIMED_ROWS, ["int_mm", "float", *onednn])
         if "onednn" not in (self.kernel, self.kernel_rows):
             self.packed = None
         elif self.packed is None:  # chosen for this shape by an earlier group
