@@ -3,6 +3,7 @@ memory), plus a tokenizer (SmolLM2's: its 49,152 ids are all below every config'
 
     python benchmarks/make_random_model.py llama-3.1-8b .cache/bigmodels/llama-3.1-8b-random
     python benchmarks/make_random_model.py llama-3.2-1b .cache/bigmodels/llama-3.2-1b-random
+    python benchmarks/make_random_model.py llama-3.1-8b .cache/bigmodels/8b-2 --layers 2
 
 Weights: normal(0, 0.02) (each tensor from its own seeded generator, in row pieces), norms 1,
 stored as bfloat16 in safetensors shards of at most 5 GB with ``model.safetensors.index.json``.
@@ -65,7 +66,8 @@ def _tokenizer():
 
 
 def write_random_model(name: str, out: Path, dtype: str = "bfloat16", std: float = 0.02,
-                       max_shard_bytes: int = 5 * 10**9, seed: int = 0) -> Path:
+                       max_shard_bytes: int = 5 * 10**9, seed: int = 0,
+                       layers: int | None = None) -> Path:
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -74,6 +76,8 @@ def write_random_model(name: str, out: Path, dtype: str = "bfloat16", std: float
 
     spec = dict(CONFIGS[name])
     model_type = spec.pop("model_type")
+    if layers:  # the real shapes, fewer blocks (a per-block profile)
+        spec["num_hidden_layers"] = layers
     cfg = AutoConfig.for_model(model_type, **spec, dtype=dtype)
     dt = getattr(torch, dtype)
     with init_empty_weights(include_buffers=False):
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--max-shard-gb", type=float, default=5.0)
+    ap.add_argument("--layers", type=int, help="fewer decoder blocks than the config's")
     args = ap.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         print(f"{args.out} exists and is not empty", file=sys.stderr)
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     t = time.perf_counter()
     write_random_model(args.config, args.out, args.dtype,
-                       max_shard_bytes=int(args.max_shard_gb * 10**9))
+                       max_shard_bytes=int(args.max_shard_gb * 10**9), layers=args.layers)
     idx = args.out / "model.safetensors.index.json"
     total = (json.loads(idx.read_text())["metadata"]["total_size"] if idx.exists()
              else (args.out / "model.safetensors").stat().st_size)
