@@ -930,10 +930,11 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
         method.check_model(cfg, ckpt.config)
         model_type = getattr(ckpt.config, "model_type", None)
         max_pos = getattr(ckpt.config, "max_position_embeddings", None)
-        windows = _eval_windows(tok, ev_text, max_pos) if tok is not None else None
-        # the shipped text of another domain, measured in the same block-by-block passes
-        other = (_eval_windows(tok, MJ.other_domain_text(), max_pos)
-                 if windows is not None and env.plan.mode != "none" else None)
+        # measure 'none': no perplexity passes (a pass over a large model's blocks and head
+        # costs minutes); the other domain's text is measured in the same passes
+        windows = (_eval_windows(tok, ev_text, max_pos)
+                   if tok is not None and env.plan.mode != "none" else None)
+        other = _eval_windows(tok, MJ.other_domain_text(), max_pos) if windows is not None else None
         prog(_LOAD[1], "model read")
         with env.phases("before"):
             before = J.measure_blockwise(ckpt, windows, dev, plan.fp32_bytes,

@@ -235,6 +235,23 @@ def test_streamed_job_reports_what_the_in_memory_job_reports(bf16_dir, tmp_path)
     assert (tmp_path / "s" / "tokenizer.json").exists() and (tmp_path / "s" / "report.json").exists()
 
 
+def test_streamed_job_measuring_none_runs_no_perplexity_pass(bf16_dir, tmp_path, monkeypatch):
+    """measure='none' streamed as in memory: no block-by-block pass (minutes on a large model),
+    the sizes still reported."""
+    from modelpress.compression.streaming import forward
+
+    def no_pass(*a, **k):
+        raise AssertionError("a perplexity pass ran")
+
+    monkeypatch.setattr(forward, "blockwise_perplexity", no_pass)
+    s = _job(bf16_dir, tmp_path / "s", True, measure="none")
+    m = _job(bf16_dir, tmp_path / "m", False, measure="none")
+    for side in ("before", "after"):
+        assert "perplexity" not in s.report[side] and "perplexity" not in m.report[side]
+        assert s.report[side]["params"] == m.report[side]["params"] > 0
+    assert s.report["after"]["bytes"] > 0
+
+
 def test_job_streams_above_the_threshold(bf16_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MODELPRESS_STREAM_ABOVE_BYTES", "1000")
     monkeypatch.setattr("modelpress.compression.streaming.job._FIT_FRACTION", 0.0)
