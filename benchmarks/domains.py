@@ -38,6 +38,13 @@ VARIANTS = {
         ("gptq 8 bits per channel, plain", "gptq", PLAIN8),
         ("gptq 8 bits per channel, plain, dampening 0.01", "gptq", {**PLAIN8, "dampening": 0.01}),
     ],
+    "int8grid": [
+        ("int8 asymmetric, per channel", "int8", {"symmetric": False}),
+        ("int8 symmetric, per channel, MSE clipping", "int8", {"mse_clip": True}),
+        ("int8 symmetric, group 32", "int8", {"group_size": 32}),
+        ("int8 asymmetric, group 64", "int8", {"group_size": 64, "symmetric": False}),
+        ("int8 asymmetric, group 32", "int8", {"group_size": 32, "symmetric": False}),
+    ],
     "fp8": [
         ("fp8 default (W8A8 dynamic)", "fp8", {}),
         ("fp8 gptq", "fp8", {"gptq": True}),

@@ -262,9 +262,11 @@ def _refit_rows(Wf: torch.Tensor, q: torch.Tensor, zero_point: torch.Tensor, sca
     HW = Wf @ Hf  # [out, n]
     b = (c * HW).reshape(out, ng, g).sum(-1)  # [out, ng]
     A = torch.empty(out, ng, ng, device=Wf.device)
-    for h in range(ng):
-        cH = c[:, h * g : (h + 1) * g] @ Hf[h * g : (h + 1) * g]  # [out, n]: c_h^T H[h, :]
-        A[:, :, h] = cH.mul_(c).reshape(out, ng, g).sum(-1)
+    for h in range(ng):  # A is symmetric: the groups from h on, mirrored (half the work)
+        # [out, n - h g]: c_h^T H[h, h:]
+        cH = c[:, h * g : (h + 1) * g] @ Hf[h * g : (h + 1) * g, h * g :]
+        A[:, h:, h] = cH.mul_(c[:, h * g :]).reshape(out, ng - h, g).sum(-1)
+        A[:, h, h + 1 :] = A[:, h + 1 :, h]
     del cH
     s_old = scale.float()
     diag = torch.diagonal(A, dim1=1, dim2=2)
