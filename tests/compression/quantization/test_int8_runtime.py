@@ -224,6 +224,36 @@ def test_onednn_is_used_only_where_its_products_are_exact():
 
 
 @needs_onednn
+def test_onednn_far_slower_than_int_mm_is_not_a_candidate(monkeypatch):
+    """Where oneDNN's int8 matmul is exact but far slower than ``torch._int_mm`` (a virtualised
+    Zen 4 EPYC: 4.8 s for 16 rows of a 49152 x 576 head), no group times or runs it: the probe
+    times ``_int_mm`` first and gives oneDNN 10x that; within it, oneDNN stays a candidate."""
+    calls: list[float] = []
+
+    def fake_time(fn, reps=3, give_up=float("inf")):
+        calls.append(give_up)
+        return 1e-3 if len(calls) == 1 else speed[0] * 1e-3
+
+    for slower, usable in ((50.0, False), (3.0, True)):
+        speed, calls = [slower], []
+        monkeypatch.setattr(int8_dynamic, "_best_time", fake_time)
+        int8_dynamic.onednn_usable.cache_clear()
+        try:
+            assert int8_dynamic.onednn_usable() is usable
+        finally:
+            int8_dynamic.onednn_usable.cache_clear()
+        assert calls == [float("inf"), pytest.approx(10e-3)]  # _int_mm first, oneDNN bounded
+    monkeypatch.setattr(int8_dynamic, "onednn_usable", lambda: False)
+    mods = [int8_dynamic.Int8DynamicLinear.from_linear(torch.nn.Linear(64, 32)) for _ in range(2)]
+    int8_dynamic.group_for_cpu(mods)
+    monkeypatch.setattr(int8_dynamic, "_CHOSEN", {})
+    mods[0](torch.randn(1, 64))
+    g = mods[0]._cpu
+    assert g.packed is None and "onednn" not in (g.kernel, g.kernel_rows)
+    assert all("onednn" not in key[-1] for key in int8_dynamic._CHOSEN)
+
+
+@needs_onednn
 def test_served_logits_do_not_depend_on_the_kernels_chosen(tiny_artifact):
     """The whole model, every group on oneDNN vs every group on ``_int_mm``: the same logits,
     for a prompt (per-token scales) and a decode step (one token, one scale)."""
