@@ -16,9 +16,10 @@ On the CPU each group of Linears that read the same tensor (q/k/v, gate/up) quan
 and runs the fastest of three exact kernels, timed once per shape for one row and for many:
 oneDNN with the weights reordered once into its blocked layout (``onednn::qlinear_prepack`` /
 ``qlinear_pointwise``, the kernels PyTorch's x86 PT2E quantization lowers to: VNNI / AMX where
-the CPU has them), ``torch._int_mm``, or a float32 matmul of the int8 values (exact integer sums
-below 2**24). oneDNN is used only where a probe finds its products exact: on CPUs without VNNI
-it multiplies byte pairs into saturating 16-bit sums (up to 20% off).
+the CPU has them), ``torch._int_mm``, or (for many rows) a float32 matmul of the int8 values
+(exact integer sums below 2**24). oneDNN is used only where probes find its products exact (on
+CPUs without VNNI it multiplies byte pairs into saturating 16-bit sums, up to 20% off) and its
+speed within 10x of ``_int_mm``'s (some virtualised CPUs run a path ~600x slower).
 """
 
 from __future__ import annotations
@@ -190,11 +191,10 @@ def onednn_usable() -> bool:
     w = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8)
     x = torch.randint(-127, 128, (16, 1024), dtype=torch.int8)
     packed = torch.ops.onednn.qlinear_prepack(w, [1, 1024])
-    ones, zeros = torch.ones(1024), torch.zeros(1024, dtype=torch.int64)
+    xs, ones, zeros = torch.ones(16, 1), torch.ones(1024), torch.zeros(1024, dtype=torch.int64)
     t_int_mm = _best_time(lambda: torch._int_mm(x, w.t()), reps=2)
-    t_onednn = _best_time(lambda: torch.ops.onednn.qlinear_pointwise(
-        x, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""), reps=2,
-        give_up=10 * t_int_mm)
+    t_onednn = _best_time(lambda: onednn_qlinear(x, xs, packed, ones, zeros, None), reps=2,
+                          give_up=10 * t_int_mm)
     if t_onednn > 10 * t_int_mm:
         log.info("oneDNN's int8 matmul is %.0fx slower than torch._int_mm on this CPU: not used",
                  t_onednn / t_int_mm)
@@ -236,14 +236,14 @@ class _CpuGroup:
     wait in the group until they ask for them (keyed by the identity and version of the input
     tensor). Otherwise each member runs ``torch._int_mm`` on the shared int8 input. The kernels
     are chosen once per shape by timing them: ``kernel`` on one row (a decode step; also what
-    ``torch.compile`` traces, where "float" runs ``_int_mm``), ``kernel_rows`` on
-    :data:`TIMED_ROWS` rows (oneDNN is ~100x slower than ``_int_mm`` on one row of some small
+    ``torch.compile`` traces; oneDNN or ``_int_mm``), ``kernel_rows`` on :data:`TIMED_ROWS`
+    rows (those two or "float") (oneDNN is ~100x slower than ``_int_mm`` on one row of some small
     shapes on some CPUs, ~2x faster on others; without VNNI ``_int_mm`` is ~25x slower than a
     float32 matmul on many rows)."""
 
     def __init__(self, members: list[Int8DynamicLinear]):
         self.members = members
-        self.kernel: str | None = None  # "onednn", "int_mm" or "float" for one row (first use)
+        self.kernel: str | None = None  # "onednn" or "int_mm" for one row (first use)
         self.kernel_rows: str | None = None  # the same for more rows
         self.packed: torch.Tensor | None = None
         self.qweight: torch.Tensor | None = None  # the members' int8 weights, one tensor
