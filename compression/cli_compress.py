@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "same folder to resume")
     p.add_argument("--measure", choices=["full", "quality", "none"], default="full",
                    help="what to measure: quality and speed (full), quality only, or sizes only")
+    p.add_argument("--eval-windows", type=int, default=16, metavar="N",
+                   help="512-token windows of each text that perplexity reads (default 16; "
+                   "fewer: faster and noisier)")
     p.add_argument("--baseline-cache", metavar="DIR",
                    help="keep the source model's numbers here and reuse them in later runs "
                    "(default: MODELPRESS_BASELINE_CACHE or ~/.cache/modelpress/baselines; "
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                                measure=args.measure, baseline_cache=_baseline_dir(args),
                                tasks_text=tasks, prompts_text=prompts,
                                max_accuracy_drop=args.max_accuracy_drop,
-                               max_mean_kl=args.max_mean_kl)
+                               max_mean_kl=args.max_mean_kl, eval_windows=args.eval_windows)
     except ValidationError as e:
         return err(f"invalid params: {e}")
     except (CompressionError, FileNotFoundError) as e:

@@ -261,13 +261,14 @@ def _eval_seq_len(model: nn.Module) -> int:
     return int(min(512, mp))
 
 
-def _perplexity(model: nn.Module, tokenizer: Any, text: str) -> float:
+def _perplexity(model: nn.Module, tokenizer: Any, text: str,
+                windows: int = MJ.EVAL_WINDOWS) -> float:
     seq = _eval_seq_len(model)
     try:
-        return E.perplexity(model, tokenizer, text, seq_len=seq, num_chunks=16)
+        return E.perplexity(model, tokenizer, text, seq_len=seq, num_chunks=windows)
     except ValueError:
         try:
-            return E.perplexity(model, tokenizer, text, seq_len=min(seq, 64), num_chunks=16)
+            return E.perplexity(model, tokenizer, text, seq_len=min(seq, 64), num_chunks=windows)
         except ValueError:
             raise CompressionError("the eval text is too short to measure perplexity "
                                    "(needs at least 64 tokens)") from None
@@ -413,7 +414,8 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]],
                  tasks_text: str | None = None,
                  prompts_text: str | None = None,
                  max_accuracy_drop: float | None = None,
-                 max_mean_kl: float | None = None) -> PipelineOutcome:
+                 max_mean_kl: float | None = None,
+                 eval_windows: int = MJ.EVAL_WINDOWS) -> PipelineOutcome:
     """Load SOURCE, measure ``before``, run the stages in order, save the final model to
     ``output_dir``, measure ``after`` on the artifact reloaded with plain ``from_pretrained``,
     write ``report.json`` and return the outcome.
@@ -426,7 +428,8 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]],
     ``measure``: ``full`` / ``quality`` / ``none`` (:mod:`measure.job`); ``baseline_cache``: a
     folder where the source model's numbers are kept and reused by later jobs on the same
     model, data, device and settings; ``tasks_text`` / ``prompts_text``: the user's task and
-    prompt sets (JSONL), gated by ``max_accuracy_drop`` / ``max_mean_kl``.
+    prompt sets (JSONL), gated by ``max_accuracy_drop`` / ``max_mean_kl``; ``eval_windows``:
+    how many 512-token windows of the eval text and of the other domain's text perplexity reads.
     Raises ``base.Cancelled`` when ``hooks.should_stop()`` turns true."""
     from .data import default_calibration_text, default_eval_text
     from .device import choose_device
@@ -449,7 +452,7 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]],
         raise RecipeError("measure='none' measures no perplexity, so max_ppl_increase cannot apply")
     mplan = MJ.make_plan(measure, cache_dir=baseline_cache, tasks_text=tasks_text,
                         prompts_text=prompts_text, max_accuracy_drop=max_accuracy_drop,
-                        max_mean_kl=max_mean_kl)
+                        max_mean_kl=max_mean_kl, windows=eval_windows)
     parsed = _as_stages(stages)
     configs = validate_recipe(parsed)
     methods = [get_method(st.method) for st in parsed]
@@ -551,7 +554,8 @@ def _report(run: _Run, *, source: str | Path, revision: str | None, parsed: list
         "format": run.fmt,
         "gate": gate,
         "evaluation": {
-            "perplexity": {"seq_len": 512, "num_chunks": 16, "text": "held-out eval text"},
+            "perplexity": {"seq_len": 512, "num_chunks": plan.windows,
+                           "text": "held-out eval text"},
             "eval_text": "custom" if custom_eval else "default (wikitext-2 valid, held-out part)",
             "calibration_text": "custom" if custom_calibration else
             "default (wikitext-2 valid, first 55%)",
@@ -785,7 +789,8 @@ def _run_stage(i: int, model: nn.Module, tok: Any, kind: str, method: Method, cf
     for k, v in (result.metrics or {}).items():
         metric(k, v, UNITS.get(k))
     metric("duration_s", duration, "s")
-    _stage_counts(result, kind, tok, original, env.ev_text, measure_stages, metric, event)
+    _stage_counts(result, kind, tok, original, env.ev_text,
+                  env.plan.windows if measure_stages else 0, metric, event)
     artifact = None
     if keep_intermediate and i < n_stages - 1:
         d = output_dir / "stages" / f"{i}-{method.name}"
@@ -804,9 +809,10 @@ def _run_stage(i: int, model: nn.Module, tok: Any, kind: str, method: Method, cf
 
 
 def _stage_counts(result: CompressionResult, kind: str, tok: Any, original: nn.Module | None,
-                  ev_text: str, measure_stages: bool, metric: Callable[..., None],
+                  ev_text: str, windows: int, metric: Callable[..., None],
                   event: Callable[[str, dict[str, Any]], None]) -> None:
-    """The in-memory model's counts after a stage (and its quality with ``measure_stages``)."""
+    """The in-memory model's counts after a stage (and its quality over ``windows`` windows of
+    the eval text: 0 measures none)."""
     from .models import CAUSAL
 
     model = result.model
@@ -814,11 +820,11 @@ def _stage_counts(result: CompressionResult, kind: str, tok: Any, original: nn.M
         metric("params", E.param_count(model))
         metric("nonzero_params", E.nonzero_count(model))
         metric("sparsity", E.linear_sparsity(model), "ratio")
-    if not (measure_stages and tok is not None):
+    if not (windows and tok is not None):
         return
     try:
         if kind == CAUSAL:
-            metric("perplexity", _perplexity(model, tok, ev_text))
+            metric("perplexity", _perplexity(model, tok, ev_text, windows))
         elif original is not None:
             metric("embedding_fidelity", E.embedding_fidelity(model, original, tok, ev_text),
                    "cosine")
@@ -891,14 +897,14 @@ def _speed(dense_dir: str, output_dir: Path, kind: str, last: Method, last_cfg: 
     return out
 
 
-def _eval_windows(tok: Any, text: str, max_positions: int | None) -> torch.Tensor:
-    """The windows :func:`_perplexity` uses (512 tokens, or 64 for a short text)."""
+def _eval_windows(tok: Any, text: str, max_positions: int | None, count: int) -> torch.Tensor:
+    """The ``count`` windows :func:`_perplexity` uses (512 tokens, or 64 for a short text)."""
     from .data import token_chunks
 
     seq = int(min(512, max_positions or 512))
     for s in (seq, min(seq, 64)):
         try:
-            return token_chunks(tok, text, 16, s)
+            return token_chunks(tok, text, count, s)
         except ValueError:
             continue
     raise CompressionError("the eval text is too short to measure perplexity "
@@ -932,9 +938,11 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
         max_pos = getattr(ckpt.config, "max_position_embeddings", None)
         # measure 'none': no perplexity passes (a pass over a large model's blocks and head
         # costs minutes); the other domain's text is measured in the same passes
-        windows = (_eval_windows(tok, ev_text, max_pos)
+        n = env.plan.windows
+        windows = (_eval_windows(tok, ev_text, max_pos, n)
                    if tok is not None and env.plan.mode != "none" else None)
-        other = _eval_windows(tok, MJ.other_domain_text(), max_pos) if windows is not None else None
+        other = (_eval_windows(tok, MJ.other_domain_text(), max_pos, n)
+                 if windows is not None else None)
         prog(_LOAD[1], "model read")
         with env.phases("before"):
             before = J.measure_blockwise(ckpt, windows, dev, plan.fp32_bytes,

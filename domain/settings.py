@@ -67,6 +67,9 @@ class Settings(BaseSettings):
         "memory is above it is refused at submission (422). Default: this machine's memory "
         "(set it where the API runs on a different machine than the workers).")
 
+    eval_windows: int = Field(
+        16, ge=1, le=256, description="512-token windows of the eval text and of the other "
+        "domain's text that a job's perplexity reads (fewer: faster and noisier).")
     heartbeat_s: float = Field(10.0, description="How often a running job's worker heartbeats.")
     reaper_timeout_s: float = Field(120.0, description="No heartbeat for this long: worker dead.")
     max_attempts: int = Field(3, description="Attempts before a job whose worker died is failed.")

@@ -897,7 +897,8 @@ def _run(att: _Attempt, channel: JobChannel, run_pipeline: Callable[..., Any] | 
                            tasks_text=_options_text(att, opts.get("tasks_dataset_id")),
                            prompts_text=_options_text(att, opts.get("prompts_dataset_id")),
                            max_accuracy_drop=opts.get("max_accuracy_drop"),
-                           max_mean_kl=opts.get("max_mean_kl"))
+                           max_mean_kl=opts.get("max_mean_kl"),
+                           eval_windows=att.settings.eval_windows)
     channel.flush_progress()
     if channel.should_stop():
         raise Cancelled("job cancelled")

@@ -27,7 +27,9 @@ from .quality import other_domain_text as other_domain_text  # re-exported: test
 
 #: bump when what a baseline entry holds or how it is measured changes
 BASELINE_VERSION = 1
-PPL_SETTINGS = {"seq_len": 512, "num_chunks": 16}
+#: 512-token windows of each text that perplexity reads by default (fewer: faster, noisier)
+EVAL_WINDOWS = 16
+MAX_EVAL_WINDOWS = 256
 
 
 @dataclass
@@ -41,6 +43,8 @@ class MeasurePlan:
     max_accuracy_drop: float | None = None
     max_mean_kl: float | None = None
     speed_rounds: int = 5
+    #: windows of each text (eval and other domain) that perplexity reads
+    windows: int = EVAL_WINDOWS
     #: what the report's ``evaluation`` gets: baseline, speed, tasks, prompts
     details: dict[str, Any] = field(default_factory=dict)
     _key: str | None = None
@@ -51,7 +55,7 @@ class MeasurePlan:
 def make_plan(mode: str = "full", *, cache_dir: str | Path | None = None,
               tasks_text: str | None = None, prompts_text: str | None = None,
               max_accuracy_drop: float | None = None, max_mean_kl: float | None = None,
-              speed_rounds: int = 5) -> MeasurePlan:
+              speed_rounds: int = 5, windows: int = EVAL_WINDOWS) -> MeasurePlan:
     """Validate the options (a :class:`CompressionError` says what is wrong)."""
     if mode not in MODES:
         raise CompressionError(f"measure must be one of {', '.join(MODES)}, got {mode!r}")
@@ -62,6 +66,9 @@ def make_plan(mode: str = "full", *, cache_dir: str | Path | None = None,
         raise CompressionError("max_accuracy_drop needs a task set (tasks_dataset_id / --tasks)")
     if max_mean_kl is not None and not prompts_text:
         raise CompressionError("max_mean_kl needs a prompt set (prompts_dataset_id / --prompts)")
+    if not (isinstance(windows, int) and 1 <= windows <= MAX_EVAL_WINDOWS):
+        raise CompressionError(f"eval windows must be a whole number from 1 to "
+                               f"{MAX_EVAL_WINDOWS}, got {windows!r}")
     if mode == "none" and (max_accuracy_drop is not None or max_mean_kl is not None):
         raise CompressionError("measure='none' measures no quality, so it cannot gate on it")
     return MeasurePlan(
@@ -69,7 +76,7 @@ def make_plan(mode: str = "full", *, cache_dir: str | Path | None = None,
         tasks=T.parse_tasks(tasks_text) if tasks_text else None,
         prompts=P.parse_prompts(prompts_text) if prompts_text else None,
         tasks_text=tasks_text, prompts_text=prompts_text, max_accuracy_drop=max_accuracy_drop,
-        max_mean_kl=max_mean_kl, speed_rounds=speed_rounds)
+        max_mean_kl=max_mean_kl, speed_rounds=speed_rounds, windows=windows)
 
 
 def _versions() -> dict[str, str]:
@@ -92,7 +99,7 @@ def lookup_before(plan: MeasurePlan, source: str, revision: str | None, eval_tex
         "mode": "none" if plan.mode == "none" else "quality",
         "eval_text": B.text_hash(eval_text), "other_text": B.text_hash(other_domain_text()),
         "tasks": B.text_hash(plan.tasks_text), "device": str(device),
-        "perplexity": PPL_SETTINGS, "versions": _versions(),
+        "perplexity": {"seq_len": 512, "num_chunks": plan.windows}, "versions": _versions(),
     }
     plan._key = B.cache_key(plan._identity)
     entry = plan.cache.get(plan._key)
@@ -119,13 +126,13 @@ def store_before(plan: MeasurePlan, before: dict[str, float]) -> None:
 
 
 def quality(plan: MeasurePlan, model: nn.Module, tok: Any, eval_text: str,
-            perplexity: Callable[[nn.Module, Any, str], float], phase: str) -> dict[str, float]:
+            perplexity: Callable[[nn.Module, Any, str, int], float], phase: str) -> dict[str, float]:
     """Perplexity on the eval text and the shipped text of another domain, task accuracy and
     (after) the prompt diff. ``phase`` is ``before`` or ``after``."""
     if plan.mode == "none":
         return {}
-    m = {"perplexity": perplexity(model, tok, eval_text),
-         "perplexity_other": perplexity(model, tok, other_domain_text())}
+    m = {"perplexity": perplexity(model, tok, eval_text, plan.windows),
+         "perplexity_other": perplexity(model, tok, other_domain_text(), plan.windows)}
     if plan.tasks:
         res = T.evaluate(model, tok, plan.tasks)
         plan.details[f"tasks_{phase}"] = res

@@ -11,9 +11,14 @@ bfloat16 ones as they are.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import shutil
+import sys
+import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,8 @@ def _parsed(path: Path) -> tuple[Any, Any, dict[str, Any]]:
         _PARSED.move_to_end(key)
         return _PARSED[key]
     try:  # the metadata parsed once (what AutoConfig.from_pretrained(gguf_file=) parses again)
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False).get("config", {})
+        checkpoint = load_gguf_checkpoint(str(path), return_tensors=False)
+        parsed = checkpoint.get("config", {})
         config = AutoConfig.for_model(**copy.deepcopy(parsed))
     except Exception as e:  # noqa: BLE001 - a bad upload must read as a user error
         raise CompressionError(f"cannot read GGUF file {path.name}: {e}") from e
@@ -49,14 +55,67 @@ def _parsed(path: Path) -> tuple[Any, Any, dict[str, Any]]:
             delattr(config, attr)
     config._name_or_path = ""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                  config=config)
+        with _metadata_parsed_once(path, checkpoint):
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                      config=config)
     except Exception:  # noqa: BLE001 - a model without a tokenizer can still be compressed
         tokenizer = None
     _PARSED[key] = (config, tokenizer, parsed)
     while len(_PARSED) > _PARSED_MAX:
         _PARSED.popitem(last=False)
     return _PARSED[key]
+
+
+#: transformers' module attributes replaced for the length of a ``with`` block (one at a time)
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _patched(attr: str, make: Callable[[Any], Any], modules: tuple[str, ...]) -> Iterator[None]:
+    """``module.attr = make(module.attr)`` in each of ``modules`` that is imported and has it,
+    restored on exit."""
+    with _PATCH_LOCK:
+        saved = [(m, getattr(m, attr)) for name in modules
+                 if (m := sys.modules.get(name)) is not None and hasattr(m, attr)]
+        try:
+            for m, orig in saved:
+                setattr(m, attr, make(orig))
+            yield
+        finally:
+            for m, orig in saved:
+                setattr(m, attr, orig)
+
+
+def _metadata_parsed_once(path: Path, checkpoint: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+    """While transformers builds the tokenizer of ``path``: its own metadata parses of that file
+    (``load_gguf_checkpoint`` without tensors, once for the config and once for the vocabulary:
+    seconds each) answered from ``checkpoint``, the parse already made."""
+    import transformers.models.auto.tokenization_auto  # noqa: F401 - the modules patched
+    import transformers.tokenization_utils_tokenizers  # noqa: F401
+
+    target = path.resolve()
+
+    def make(orig: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(orig)
+        def load(gguf_path: Any, return_tensors: bool = False, **kw: Any) -> Any:
+            if not return_tensors and not kw and Path(gguf_path).resolve() == target:
+                return copy.deepcopy(checkpoint)
+            return orig(gguf_path, return_tensors=return_tensors, **kw)
+        return load
+
+    return _patched("load_gguf_checkpoint", make,
+                    ("transformers.models.auto.tokenization_auto",
+                     "transformers.tokenization_utils_tokenizers",
+                     "transformers.tokenization_utils_fast"))
+
+
+def _name_maps_built_once() -> contextlib.AbstractContextManager[None]:
+    """gguf's tensor-name table (``get_tensor_name_map``) built once per (architecture, blocks)
+    while transformers maps the GGUF names (it builds one per submodule: hundreds)."""
+    import gguf
+
+    return _patched("get_tensor_name_map", lambda orig: functools.lru_cache(maxsize=8)(orig),
+                    (gguf.__name__,))
 
 
 def _config_and_tokenizer(path: Path) -> tuple[Any, Any]:
@@ -116,7 +175,8 @@ def convert_gguf(path: str | Path, out_dir: str | Path,
     arch = read_field(reader, "general.architecture")[0]
     processor_class: Any = TENSOR_PROCESSORS.get(arch, TensorProcessor)
     processor = processor_class(config=parsed_config)
-    name_map = get_gguf_hf_weights_map(model, processor)
+    with _name_maps_built_once():
+        name_map = get_gguf_hf_weights_map(model, processor)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     writer = ShardedWriter(tmp, max_shard_bytes)

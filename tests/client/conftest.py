@@ -92,11 +92,12 @@ def move(job_id: str, *states: str, progress: int | None = None) -> None:
 
 @pytest.fixture
 def service(procs, tmp_path):  # noqa: F811
-    """`modelpress up` (API, worker, sweep; SQLite) in a temp home: (base URL, key, Proc)."""
+    """`modelpress up` (API, worker, sweep; SQLite) in a temp home: (base URL, key, Proc).
+    Perplexity reads two windows of each text (the quality gate test's job on SmolLM2)."""
     home = tmp_path / "home"
     port = free_port()
     up = procs("up", [python(), "-m", "modelpress", "up", "--port", str(port)],
-               clean_env(MODELPRESS_HOME=str(home)), cwd=tmp_path)
+               clean_env(MODELPRESS_HOME=str(home), MODELPRESS_EVAL_WINDOWS="2"), cwd=tmp_path)
     base = f"http://127.0.0.1:{port}"
     up.wait_http(base + "/healthz", timeout=180)
     return base, (home / "api-key").read_text().strip(), up

@@ -73,8 +73,8 @@ def test_cli_submit_wait_download_and_exit_codes(service, tiny_llama_dir, tmp_pa
 def test_cli_on_smollm2_a_failed_quality_gate_exits_3(service, smollm2_gguf):
     """One job on the real model (quality measured before and after, no speed rounds: minutes
     on a CPU): 80% magnitude pruning with a 1.1x perplexity gate fails the gate -> exit code 3.
-    A short eval text (two 512-token windows, uploaded as a dataset) keeps it to about half
-    the perplexity passes of the default text."""
+    A short eval text (two 512-token windows, uploaded as a dataset) and two windows of the
+    other domain's text (the service's MODELPRESS_EVAL_WINDOWS) keep the measurement short."""
     import httpx
 
     from modelpress.compression.data import default_eval_text

@@ -192,6 +192,13 @@ def test_baseline_is_measured_once_and_reused(tiny_llama_dir, tmp_path):
     assert third.report["evaluation"]["baseline"]["reused"] is False
     assert "perplexity" not in third.report["after"] and "perplexity" not in third.report["before"]
     assert third.report["after"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    # fewer windows are other numbers: another baseline, and the report says how many were read
+    fourth = _job(tiny_llama_dir, tmp_path / "d", measure="quality", baseline_cache=cache,
+                  eval_windows=2)
+    ev = fourth.report["evaluation"]
+    assert ev["baseline"]["reused"] is False and ev["perplexity"]["num_chunks"] == 2
+    assert first.report["evaluation"]["perplexity"]["num_chunks"] == 16
+    assert fourth.report["before"]["perplexity"] != first.report["before"]["perplexity"]
 
 
 def test_full_job_speed_is_interleaved_and_honest(tiny_llama_dir, tmp_path):
@@ -256,6 +263,9 @@ def test_gate_options_are_checked_up_front(tmp_path):
         MJ.make_plan("full", max_accuracy_drop=0.1)
     with pytest.raises(CompressionError, match="measure must be one of"):
         MJ.make_plan("fast")
+    for bad in (0, 257, 2.5):
+        with pytest.raises(CompressionError, match="eval windows must be a whole number"):
+            MJ.make_plan("full", windows=bad)
     with pytest.raises(CompressionError, match="cannot gate"):
         MJ.make_plan("none", prompts_text='{"prompt": "a"}', max_mean_kl=0.1)
     plan = MJ.make_plan("quality", tasks_text='{"prompt": "a", "expected": "b"}',

@@ -308,6 +308,15 @@ def test_gguf_converted_tensor_by_tensor_equals_transformers(smollm2_gguf, tmp_p
     rsd = ref.state_dict()
     assert set(conv) == set(rsd) - {"lm_head.weight"}  # tied: stored once
     assert all(torch.equal(conv[k], rsd[k]) for k in conv)
+    # the tokenizer (built from the conversion's one metadata parse) is transformers' own
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    got = AutoTokenizer.from_pretrained(d)
+    text = "In the beginning God created the heaven and the earth. <|im_start|>user\n12,345 x"
+    assert type(got) is type(want) and got.get_vocab() == want.get_vocab()
+    assert got(text).input_ids == want(text).input_ids
+    assert got.all_special_tokens == want.all_special_tokens
     import transformers
 
     calls = []

@@ -34,7 +34,8 @@ def test_smollm2_gguf_through_api_worker_postgres_redis_s3(procs, tmp_path, own_
         MODELPRESS_BROKER_URL=redis_url, MODELPRESS_STORE="s3",
         MODELPRESS_S3_ENDPOINT_URL=s3_endpoint, MODELPRESS_S3_BUCKET=f"e2e-{uuid.uuid4().hex[:8]}",
         MODELPRESS_S3_ACCESS_KEY_ID="testing", MODELPRESS_S3_SECRET_ACCESS_KEY="testing",
-        MODELPRESS_API_KEY=key, MODELPRESS_DEVICE="cpu", MODELPRESS_HEARTBEAT_S="2")
+        MODELPRESS_API_KEY=key, MODELPRESS_DEVICE="cpu", MODELPRESS_HEARTBEAT_S="2",
+        MODELPRESS_EVAL_WINDOWS="2")
 
     migrate = procs("migrate", [python(), "-m", "modelpress", "migrate"], env)
     assert migrate.popen.wait(120) == 0, migrate.text()
@@ -51,8 +52,8 @@ def test_smollm2_gguf_through_api_worker_postgres_redis_s3(procs, tmp_path, own_
 
     model = c.upload_model(smollm2_gguf, "smollm2-135m")
     assert model["kind"] == "gguf" and model["model_type"] == "llama"
-    # a short held-out text and no speed rounds keep the measurement cheap on CI's two cores
-    # (and exercise the dataset path: upload -> store -> worker)
+    # a short held-out text, two windows of each text and no speed rounds keep the measurement
+    # cheap on CI's two cores (and exercise the dataset path: upload -> store -> worker)
     from modelpress.compression.data import default_eval_text
 
     ev_path = tmp_path / "eval.txt"
@@ -91,5 +92,6 @@ def test_smollm2_gguf_through_api_worker_postgres_redis_s3(procs, tmp_path, own_
     assert art["unpacked_bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     report = c.http.get(f"/v1/jobs/{job['id']}/report").json()
     assert report["evaluation"]["eval_text"] == "custom"
+    assert report["evaluation"]["perplexity"]["num_chunks"] == 2  # the worker's setting
     kinds = [e["kind"] for e in c.events(job["id"])]
     assert "artifact" in kinds and "state" in kinds
