@@ -155,13 +155,14 @@ def convert_gguf(path: str | Path, out_dir: str | Path,
     """Convert the GGUF file ``path`` into the safetensors directory ``out_dir`` (reused when it
     is already complete) and return ``out_dir``."""
     import numpy as np
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
         get_gguf_hf_weights_map,
-        read_field,
     )
+
+    from .gguf_tensors import read_tensors
 
     path, out = Path(path), Path(out_dir)
     if not path.is_file():
@@ -171,8 +172,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path,
     config, tokenizer = _config_and_tokenizer(path)
     parsed_config = copy.deepcopy(_parsed(path)[2])
     model = _skeleton(config)
-    reader = GGUFReader(str(path))
-    arch = read_field(reader, "general.architecture")[0]
+    arch, tensors = read_tensors(path)
     processor_class: Any = TENSOR_PROCESSORS.get(arch, TensorProcessor)
     processor = processor_class(config=parsed_config)
     with _name_maps_built_once():
@@ -181,7 +181,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path,
     shutil.rmtree(tmp, ignore_errors=True)
     writer = ShardedWriter(tmp, max_shard_bytes)
     done: set[str] = set()
-    for t in reader.tensors:
+    for t in tensors:
         res = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
                                 tensor_key_mapping=name_map, parsed_parameters={"config": parsed_config})
         if res.name not in name_map:
