@@ -36,26 +36,27 @@ def read_tensors(path: str | Path) -> tuple[str, list[GGUFTensor]]:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quant_shape_to_byte_shape
 
     blob = np.memmap(path, mode="r", dtype=np.uint8)
-    if bytes(blob[:4]) != _MAGIC:
+    buf = blob.data  # a memoryview of the map: what struct reads
+    if bytes(buf[:4]) != _MAGIC:
         raise ValueError(f"{Path(path).name} is not a GGUF file")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", blob, 4)
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
     pos, alignment, arch = 24, 32, ""
     for _ in range(n_kv):
-        key, pos = _string(blob, pos)
-        (vtype,) = struct.unpack_from("<I", blob, pos)
+        key, pos = _string(buf, pos)
+        (vtype,) = struct.unpack_from("<I", buf, pos)
         if key == _ALIGNMENT_KEY and vtype == 4:
-            (alignment,) = struct.unpack_from("<I", blob, pos + 4)
+            (alignment,) = struct.unpack_from("<I", buf, pos + 4)
         elif key == _ARCH_KEY and vtype == _STRING:
-            arch = _string(blob, pos + 4)[0]
-        pos = _skip_value(blob, pos + 4, vtype)
+            arch = _string(buf, pos + 4)[0]
+        pos = _skip_value(buf, pos + 4, vtype)
     table = []
     for _ in range(n_tensors):
-        name, pos = _string(blob, pos)
-        (n_dims,) = struct.unpack_from("<I", blob, pos)
-        dims = struct.unpack_from(f"<{n_dims}Q", blob, pos + 4)
-        ttype, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * n_dims)
+        name, pos = _string(buf, pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
         pos += 4 + 8 * n_dims + 12
         table.append((name, dims, GGMLQuantizationType(ttype), offset))
     start = -(-pos // alignment) * alignment
@@ -77,24 +78,24 @@ _PLAIN = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8
           "I16": np.int16, "I32": np.int32, "I64": np.int64}
 
 
-def _string(blob: np.ndarray, pos: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", blob, pos)
-    return bytes(blob[pos + 8 : pos + 8 + n]).decode("utf-8"), pos + 8 + n
+def _string(buf: memoryview, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", buf, pos)
+    return bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8"), pos + 8 + n
 
 
-def _skip_value(blob: np.ndarray, pos: int, vtype: int) -> int:
+def _skip_value(buf: memoryview, pos: int, vtype: int) -> int:
     """The position just past a metadata value of type ``vtype`` that starts at ``pos``."""
     if vtype in _WIDTH:
         return pos + _WIDTH[vtype]
     if vtype == _STRING:
-        (n,) = struct.unpack_from("<Q", blob, pos)
-        return pos + 8 + n
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        return int(pos + 8 + n)
     if vtype == _ARRAY:
-        item, count = struct.unpack_from("<IQ", blob, pos)
+        item, count = struct.unpack_from("<IQ", buf, pos)
         pos += 12
         if item in _WIDTH:
-            return pos + _WIDTH[item] * count
+            return int(pos + _WIDTH[item] * count)
         for _ in range(count):
-            pos = _skip_value(blob, pos, item)
+            pos = _skip_value(buf, pos, item)
         return pos
     raise ValueError(f"unknown GGUF metadata value type {vtype}")
