@@ -330,19 +330,21 @@ def test_smollm2_magnitude_report_is_true(smollm2_dir, tmp_path, monkeypatch):
     """SmolLM2-135M, 2:4 magnitude: the report's after-numbers are those of the artifact."""
     import modelpress.compression.measure.job as MJ
 
-    # a few 512-token windows keep this test short: 3 of the eval text and 2 of the other
-    # domain's (the shipped text would be 16 windows measured twice)
+    # one 512-token window of each text keeps this test short (perplexity is most of its time)
     ev = default_eval_text()[:8_000]
     other = MJ.other_domain_text()[:4_500]
     monkeypatch.setattr(MJ, "other_domain_text", lambda: other)
     outcome = run_pipeline(smollm2_dir, [{"method": "magnitude", "params": {"pattern": "2:4"}}],
-                           tmp_path / "out", eval_text=ev, device="cpu", measure="quality")
+                           tmp_path / "out", eval_text=ev, device="cpu", measure="quality",
+                           eval_windows=1)
     r = outcome.report
+    assert r["evaluation"]["perplexity"]["num_chunks"] == 1
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert r["after"]["perplexity"] == pytest.approx(E.perplexity(model, tok, ev), rel=0.01)
-    assert r["after"]["perplexity_other"] == pytest.approx(E.perplexity(model, tok, other),
-                                                           rel=0.01)
+    assert r["after"]["perplexity"] == pytest.approx(E.perplexity(model, tok, ev, num_chunks=1),
+                                                     rel=0.01)
+    assert r["after"]["perplexity_other"] == pytest.approx(
+        E.perplexity(model, tok, other, num_chunks=1), rel=0.01)
     assert r["after"]["sparsity"] == pytest.approx(E.linear_sparsity(model), rel=0.01)
     assert r["after"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert r["after"]["params"] == E.param_count(model) == r["before"]["params"]
