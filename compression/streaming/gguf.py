@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import shutil
 import sys
 import threading
@@ -90,9 +91,12 @@ def _metadata_parsed_once(path: Path, checkpoint: dict[str, Any]) -> contextlib.
     """While transformers builds the tokenizer of ``path``: its own metadata parses of that file
     (``load_gguf_checkpoint`` without tensors, once for the config and once for the vocabulary:
     seconds each) answered from ``checkpoint``, the parse already made."""
-    import transformers.models.auto.tokenization_auto  # noqa: F401 - the modules patched
-    import transformers.tokenization_utils_tokenizers  # noqa: F401
-
+    modules = ("transformers.models.auto.tokenization_auto",
+               "transformers.tokenization_utils_tokenizers",  # transformers 5
+               "transformers.tokenization_utils_fast")  # transformers 4
+    for name in modules:  # imported first, so that the patch finds them
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     target = path.resolve()
 
     def make(orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -103,10 +107,7 @@ def _metadata_parsed_once(path: Path, checkpoint: dict[str, Any]) -> contextlib.
             return orig(gguf_path, return_tensors=return_tensors, **kw)
         return load
 
-    return _patched("load_gguf_checkpoint", make,
-                    ("transformers.models.auto.tokenization_auto",
-                     "transformers.tokenization_utils_tokenizers",
-                     "transformers.tokenization_utils_fast"))
+    return _patched("load_gguf_checkpoint", make, modules)
 
 
 def _name_maps_built_once() -> contextlib.AbstractContextManager[None]:
