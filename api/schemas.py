@@ -68,6 +68,11 @@ class StageIn(Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="The method's params.")
 
 
+#: the JobCreate fields kept in the job row's ``measure_options`` (besides ``measure``)
+MEASURE_OPTIONS = ("eval_windows", "tasks_dataset_id", "prompts_dataset_id", "max_accuracy_drop",
+                   "max_mean_kl")
+
+
 class JobCreate(Strict):
     model_id: str = Field(..., description="A model registered with POST /v1/models.")
     method: str | None = Field(None, description="One method (or give `recipe`).")
@@ -86,6 +91,10 @@ class JobCreate(Strict):
         "full", description="What to measure: quality and speed (`full`), quality only "
         "(`quality`), or sizes and counts only (`none`). The source model's numbers are "
         "measured once per model, data, device and settings and reused.")
+    eval_windows: int | None = Field(
+        None, ge=1, le=256, description="512-token windows of the eval text and of the other "
+        "domain's text that perplexity reads (fewer: faster and noisier); default: the "
+        "workers' MODELPRESS_EVAL_WINDOWS (16).")
     tasks_dataset_id: str | None = Field(
         None, description="Uploaded task set (JSONL: {question, choices, gold} or {prompt, "
         "expected}) scored before and after by log-likelihood.")
@@ -128,9 +137,7 @@ class JobCreate(Strict):
 
     def measure_options(self) -> dict[str, Any] | None:
         """What the job row keeps in ``measure_options`` (None: all defaults)."""
-        opts = {k: getattr(self, k) for k in ("tasks_dataset_id", "prompts_dataset_id",
-                                               "max_accuracy_drop", "max_mean_kl")
-                if getattr(self, k) is not None}
+        opts = {k: getattr(self, k) for k in MEASURE_OPTIONS if getattr(self, k) is not None}
         if self.measure != "full":
             opts["measure"] = self.measure
         return opts or None
@@ -175,6 +182,7 @@ class JobOut(BaseModel):
     max_ppl_increase: float | None = None
     keep_intermediate: bool = False
     measure: str = "full"
+    eval_windows: int | None = None
     tasks_dataset_id: str | None = None
     prompts_dataset_id: str | None = None
     max_accuracy_drop: float | None = None

@@ -101,8 +101,9 @@ class Job(Base):
     #: keep each stage's intermediate model in the artifact (under stages/<i>-<method>/)
     keep_intermediate: Mapped[bool] = mapped_column(Boolean, default=False,
                                                     server_default=false())
-    #: measure ("full" when absent), tasks_dataset_id, prompts_dataset_id, max_accuracy_drop,
-    #: max_mean_kl: what the job measures and gates on (api JobCreate.measure_options)
+    #: measure ("full" when absent), eval_windows, tasks_dataset_id, prompts_dataset_id,
+    #: max_accuracy_drop, max_mean_kl: what the job measures and gates on (api
+    #: JobCreate.measure_options)
     measure_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     #: the job's peak memory estimated at submission from the model's config (bytes;
     #: compression.streaming.estimate), shown in the report beside the measured peak

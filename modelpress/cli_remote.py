@@ -156,8 +156,8 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
     else:
         body["method"], body["params"] = args.method, parse_set(args.set or [])
     for k in ("max_ppl_increase", "calibration_dataset_id", "eval_dataset_id", "callback_url",
-              "measure", "tasks_dataset_id", "prompts_dataset_id", "max_accuracy_drop",
-              "max_mean_kl"):
+              "measure", "eval_windows", "tasks_dataset_id", "prompts_dataset_id",
+              "max_accuracy_drop", "max_mean_kl"):
         if getattr(args, k) is not None:
             body[k] = getattr(args, k)
     if args.keep_intermediate:
@@ -330,6 +330,9 @@ def add_commands(sub) -> None:
     s.add_argument("--callback-url", help="webhook for the job's state changes")
     s.add_argument("--measure", choices=["full", "quality", "none"],
                    help="what to measure (default full: quality and speed)")
+    s.add_argument("--eval-windows", type=int, metavar="N",
+                   help="512-token windows of each text that perplexity reads (default: the "
+                   "service's, 16)")
     s.add_argument("--tasks-dataset-id")
     s.add_argument("--prompts-dataset-id")
     s.add_argument("--max-accuracy-drop", type=float, help="gate (needs --tasks-dataset-id)")

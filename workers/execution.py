@@ -128,7 +128,8 @@ class Claim:
     max_ppl_increase: float | None
     attempt: int
     keep_intermediate: bool = False
-    #: measure, tasks/prompts dataset ids, max_accuracy_drop, max_mean_kl (Job.measure_options)
+    #: measure, eval_windows, tasks/prompts dataset ids, max_accuracy_drop, max_mean_kl
+    #: (Job.measure_options)
     measure_options: dict[str, Any] | None = None
 
 
@@ -898,7 +899,7 @@ def _run(att: _Attempt, channel: JobChannel, run_pipeline: Callable[..., Any] | 
                            prompts_text=_options_text(att, opts.get("prompts_dataset_id")),
                            max_accuracy_drop=opts.get("max_accuracy_drop"),
                            max_mean_kl=opts.get("max_mean_kl"),
-                           eval_windows=att.settings.eval_windows)
+                           eval_windows=opts.get("eval_windows") or att.settings.eval_windows)
     channel.flush_progress()
     if channel.should_stop():
         raise Cancelled("job cancelled")

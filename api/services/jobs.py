@@ -24,7 +24,7 @@ from modelpress.domain.states import JobState
 from ..deps import after_commit
 from ..errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from ..guards import clip
-from ..schemas import ArtifactOut, JobCreate, JobError, JobOut, MetricOut
+from ..schemas import MEASURE_OPTIONS, ArtifactOut, JobCreate, JobError, JobOut, MetricOut
 
 log = logging.getLogger("modelpress.api")
 
@@ -431,9 +431,7 @@ def to_out(job: Job, base_url: str) -> JobOut:
 
 def _measure_fields(opts: dict[str, Any] | None) -> dict[str, Any]:
     opts = opts or {}
-    return {"measure": opts.get("measure", "full"),
-            **{k: opts.get(k) for k in ("tasks_dataset_id", "prompts_dataset_id",
-                                        "max_accuracy_drop", "max_mean_kl")}}
+    return {"measure": opts.get("measure", "full"), **{k: opts.get(k) for k in MEASURE_OPTIONS}}
 
 
 def _out(j: Any, metrics: list[MetricOut], artifact: ArtifactOut | None,

@@ -26,19 +26,20 @@ def test_options_are_stored_and_shown(client, alice, model_id, published, db):
     t, p = _upload(client, alice[1], TASKS), _upload(client, alice[1], PROMPTS)
     r = client.post("/v1/jobs", headers=alice[1], json=dict(
         model_id=model_id, method="magnitude", measure="quality", tasks_dataset_id=t,
-        prompts_dataset_id=p, max_accuracy_drop=0.05, max_mean_kl=0.2))
+        prompts_dataset_id=p, max_accuracy_drop=0.05, max_mean_kl=0.2, eval_windows=4))
     assert r.status_code == 201, r.text
     j = r.json()
     assert (j["measure"], j["tasks_dataset_id"], j["prompts_dataset_id"]) == ("quality", t, p)
-    assert (j["max_accuracy_drop"], j["max_mean_kl"]) == (0.05, 0.2)
+    assert (j["max_accuracy_drop"], j["max_mean_kl"], j["eval_windows"]) == (0.05, 0.2, 4)
     assert db.get(Job, j["id"]).measure_options == {
         "measure": "quality", "tasks_dataset_id": t, "prompts_dataset_id": p,
-        "max_accuracy_drop": 0.05, "max_mean_kl": 0.2}
+        "max_accuracy_drop": 0.05, "max_mean_kl": 0.2, "eval_windows": 4}
     got = client.get(f"/v1/jobs/{j['id']}", headers=alice[1]).json()
     assert got["measure"] == "quality" and got["max_mean_kl"] == 0.2
     plain = client.post("/v1/jobs", headers=alice[1],
                         json=dict(model_id=model_id, method="magnitude")).json()
     assert plain["measure"] == "full" and plain["tasks_dataset_id"] is None
+    assert plain["eval_windows"] is None  # the workers' setting
     assert db.get(Job, plain["id"]).measure_options is None
 
     from modelpress.workers.execution import claim_job
@@ -46,11 +47,12 @@ def test_options_are_stored_and_shown(client, alice, model_id, published, db):
     claim = claim_job(j["id"], "w1")
     assert claim.measure_options["tasks_dataset_id"] == t
     assert claim.measure_options["max_accuracy_drop"] == 0.05
+    assert claim.measure_options["eval_windows"] == 4
 
 
 @pytest.mark.parametrize("case", ["bad_json", "bad_gold", "prompt_no_prompt", "not_utf8",
                                   "gate_without_set", "none_with_gate", "bad_measure",
-                                  "negative_kl"])
+                                  "negative_kl", "zero_windows", "too_many_windows"])
 def test_bad_sets_and_options_are_422_and_write_nothing(client, alice, model_id, published,
                                                         counts, case):
     good_t, good_p = _upload(client, alice[1], TASKS), _upload(client, alice[1], PROMPTS)
@@ -84,6 +86,10 @@ def test_bad_sets_and_options_are_422_and_write_nothing(client, alice, model_id,
         body["measure"] = "fast"
     elif case == "negative_kl":
         body.update(prompts_dataset_id=good_p, max_mean_kl=-1)
+    elif case == "zero_windows":
+        body["eval_windows"] = 0
+    elif case == "too_many_windows":
+        body["eval_windows"] = 257
     before = counts()
     r = client.post("/v1/jobs", headers=alice[1], json=body)
     assert r.status_code == 422, r.text

@@ -37,10 +37,16 @@ def test_cli_submit_wait_download_and_exit_codes(service, tiny_llama_dir, tmp_pa
 
     out = tmp_path / "out.tar.gz"
     r = cli(service, "jobs", "submit", mid, "--method", "magnitude", "--set", "sparsity=0.5",
-            "--wait", "-o", str(out), "--json")
+            "--eval-windows", "3", "--wait", "-o", str(out), "--json")
     assert r.returncode == 0, (r.stdout, r.stderr, service[2].text()[-3000:])
     job = json.loads(r.stdout)
     assert job["state"] == "succeeded" and job["progress"] == 100
+    # the job's own window count wins over the service's MODELPRESS_EVAL_WINDOWS (2)
+    import httpx
+
+    report = httpx.get(f"{service[0]}/v1/jobs/{job['id']}/report", timeout=60,
+                       headers={"Authorization": f"Bearer {service[1]}"}).json()
+    assert job["eval_windows"] == 3 == report["evaluation"]["perplexity"]["num_chunks"]
     assert sha256(out) == job["artifact"]["sha256"]
     assert out.stat().st_size == job["artifact"]["bytes"]
     with tarfile.open(out) as tf:
@@ -105,11 +111,11 @@ def test_submit_flags_make_the_job_body(tmp_path):
     args = build_parser().parse_args(
         ["jobs", "submit", "m1", "--method", "magnitude", "--set", "sparsity=0.5",
          "--set", "scope=global", "--measure", "quality", "--max-ppl-increase", "1.2",
-         "--callback-url", "https://example.com/hook"])
+         "--callback-url", "https://example.com/hook", "--eval-windows", "4"])
     assert _submit_body(args) == {"method": "magnitude",
                                   "params": {"sparsity": 0.5, "scope": "global"},
                                   "measure": "quality", "max_ppl_increase": 1.2,
-                                  "callback_url": "https://example.com/hook"}
+                                  "callback_url": "https://example.com/hook", "eval_windows": 4}
     recipe = tmp_path / "r.yaml"
     recipe.write_text("- method: magnitude\n  params: {sparsity: 0.3}\n- method: rtn\n")
     args = build_parser().parse_args(["jobs", "submit", "m1", "--recipe", str(recipe)])
