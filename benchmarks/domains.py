@@ -45,6 +45,13 @@ VARIANTS = {
         ("int8 asymmetric, group 64", "int8", {"group_size": 64, "symmetric": False}),
         ("int8 asymmetric, group 32", "int8", {"group_size": 32, "symmetric": False}),
     ],
+    "int8awq": [
+        ("int8 default (symmetric, per channel)", "int8", {}),
+        ("awq 8 bits per channel, no MSE clip", "awq",
+         {"bits": 8, "group_size": None, "mse_clip": False}),
+        ("awq 8 bits per channel, no MSE clip, search_clip 1.0", "awq",
+         {"bits": 8, "group_size": None, "mse_clip": False, "search_clip": 1.0}),
+    ],
     "fp8": [
         ("fp8 default (W8A8 dynamic)", "fp8", {}),
         ("fp8 gptq", "fp8", {"gptq": True}),
