@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from modelpress.domain.settings import EVAL_WINDOWS, MAX_EVAL_WINDOWS
+
 from .guards import scrub_paths
 
 
@@ -92,9 +94,9 @@ class JobCreate(Strict):
         "(`quality`), or sizes and counts only (`none`). The source model's numbers are "
         "measured once per model, data, device and settings and reused.")
     eval_windows: int | None = Field(
-        None, ge=1, le=256, description="512-token windows of the eval text and of the other "
-        "domain's text that perplexity reads (fewer: faster and noisier); default: the "
-        "workers' MODELPRESS_EVAL_WINDOWS (16).")
+        None, ge=1, le=MAX_EVAL_WINDOWS, description="512-token windows of the eval text and of "
+        "the other domain's text that perplexity reads (fewer: faster and noisier); default: "
+        f"the workers' MODELPRESS_EVAL_WINDOWS ({EVAL_WINDOWS}).")
     tasks_dataset_id: str | None = Field(
         None, description="Uploaded task set (JSONL: {question, choices, gold} or {prompt, "
         "expected}) scored before and after by log-likelihood.")

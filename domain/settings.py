@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: 512-token windows of each text a job's perplexity reads: the default and the most a job may ask
+EVAL_WINDOWS, MAX_EVAL_WINDOWS = 16, 256
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELPRESS_", extra="ignore")
@@ -68,8 +71,9 @@ class Settings(BaseSettings):
         "(set it where the API runs on a different machine than the workers).")
 
     eval_windows: int = Field(
-        16, ge=1, le=256, description="512-token windows of the eval text and of the other "
-        "domain's text that a job's perplexity reads (fewer: faster and noisier).")
+        EVAL_WINDOWS, ge=1, le=MAX_EVAL_WINDOWS, description="512-token windows of the eval "
+        "text and of the other domain's text that a job's perplexity reads (fewer: faster and "
+        "noisier).")
     heartbeat_s: float = Field(10.0, description="How often a running job's worker heartbeats.")
     reaper_timeout_s: float = Field(120.0, description="No heartbeat for this long: worker dead.")
     max_attempts: int = Field(3, description="Attempts before a job whose worker died is failed.")
