@@ -36,6 +36,7 @@ def transition(session: Session, job: Job, new: JobState, *, message: str = "",
         job.finished_at = now
         if new is JobState.succeeded:
             job.progress = 100
+            job.stage = "done"  # not the last step's "uploading artifact"
     if error is not None:
         job.error = error
         job.error_code = error_code

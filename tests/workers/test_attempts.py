@@ -117,6 +117,7 @@ def test_zombie_attempt_never_touches_the_published_artifact(use_stack, model_id
     assert result["a"] == "lost"
     job = job_row(jid)
     assert (job.state, job.attempt, job.worker) == ("succeeded", 2, b_worker)
+    assert (job.progress, job.stage) == (100, "done")  # not the stalled step's "uploading artifact"
     assert _artifact(jid).store_key == art.store_key
     assert store.head(art.store_key) is not None, "the published artifact was deleted"
     assert sha256_file(store.path(art.store_key)) == want == art.sha256
