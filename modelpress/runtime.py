@@ -9,11 +9,13 @@
     with torch.inference_mode():
         ids = model.generate(**tok("The lobster", return_tensors="pt"), max_new_tokens=32)
 
-The artifact is loaded with plain ``from_pretrained`` (safetensors only, no remote code) and put
-in the runtime of the method that made it (its ``report.json`` says which, with the job's
-params): for ``int8_dynamic`` the int8 CPU kernels (``int8_dynamic.to_runtime``), for every
-other method the loaded model itself. Without a report, an int8 W8A8 compressed-tensors
-artifact (per-token dynamic activations) is recognised from its ``config.json``.
+The artifact is loaded with plain ``from_pretrained`` (safetensors only, no remote code), moved
+to ``device`` and put in the runtime of the method that made it (its ``report.json`` says which,
+with the job's params): for ``int8_dynamic`` the int8 CPU kernels (``int8_dynamic.to_runtime``),
+for ``fp8`` real FP8 matmuls on a GPU that has them (``fp8_runtime.to_runtime``: CUDA compute
+capability 8.9 and up; elsewhere the loaded model), for every other method the loaded model
+itself. Without a report, an int8 W8A8 artifact (per-token dynamic activations) and a
+per-channel FP8 W8A8 artifact are recognised from their ``config.json``.
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ import torch
 from torch import nn
 
 INT8_DYNAMIC = "int8_dynamic"
+FP8 = "fp8"
 
 
 def load(artifact: str | Path, dtype: torch.dtype = torch.float32,
-         compile: bool | None = None) -> nn.Module:
-    """The model in ``artifact`` (a local directory) ready to serve, in eval mode, in ``dtype``.
-    ``compile``: decode through ``torch.compile`` (int8_dynamic's ``compile_decode``); None
-    keeps what the job chose. Raises ``FileNotFoundError`` for a directory without a model and
-    ``ValueError`` for an unreadable report."""
+         compile: bool | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """The model in ``artifact`` (a local directory) ready to serve, in eval mode, in ``dtype``,
+    on ``device``. ``compile``: decode through ``torch.compile`` (int8_dynamic's
+    ``compile_decode``); None keeps what the job chose. Raises ``FileNotFoundError`` for a
+    directory without a model and ``ValueError`` for an unreadable report or an
+    ``int8_dynamic`` artifact on another device than the CPU (its kernels are CPU kernels)."""
     from transformers import AutoConfig
 
     from modelpress.compression.models import _auto_class, model_kind
@@ -46,13 +50,21 @@ def load(artifact: str | Path, dtype: torch.dtype = torch.float32,
     model = _auto_class(model_kind(config)).from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=False).eval()
     if served is None:
-        return model
+        return model.to(device)
     method, cfg = served
+    if method.name == INT8_DYNAMIC and torch.device(device).type != "cpu":
+        raise ValueError(f"{path}: int8_dynamic artifacts run on the CPU (its int8 kernels); "
+                         f"load it with device='cpu' or serve it elsewhere, not on {device}")
     if compile is not None and hasattr(cfg, "compile_decode"):
         cfg = cfg.model_copy(update={"compile_decode": compile})
     if method.name == INT8_DYNAMIC:
-        _float32_scales(model, path)
-    return method.runtime(model, cfg)
+        _float32_scales(model, path, ("weight_scale",))
+    model = method.runtime(model.to(device), cfg)
+    if method.name == FP8:  # the scales of the Linears now on FP8 matmuls (others as loaded)
+        from modelpress.compression.quantization.fp8_runtime import Fp8Linear
+
+        _float32_scales(model, path, ("weight_scale", "input_scale"), only=Fp8Linear)
+    return model
 
 
 def served_method(path: Path, config: Any) -> tuple[Any, Any] | None:
@@ -71,8 +83,11 @@ def served_method(path: Path, config: Any) -> tuple[Any, Any] | None:
         except (CompressionError, ValueError, KeyError, IndexError, TypeError) as e:
             raise ValueError(f"{report}: not a modelpress job report ({e})") from e
         return (method, cfg) if method.runtime is not None else None
-    if _is_int8_dynamic(getattr(config, "quantization_config", None)):
+    qc = getattr(config, "quantization_config", None)
+    if _is_int8_dynamic(qc):
         return get_method(INT8_DYNAMIC), parse_params(INT8_DYNAMIC, {})
+    if _is_fp8_channel(qc):
+        return get_method(FP8), parse_params(FP8, {})
     return None
 
 
@@ -83,30 +98,54 @@ def _is_int8_dynamic(qc: Any) -> bool:
         qc = qc.to_dict()
     if not isinstance(qc, dict) or qc.get("format") != "int-quantized":
         return False
-    groups = list((qc.get("config_groups") or {}).values())
+    groups = _groups(qc)
     return bool(groups) and all(
         (g.get("weights") or {}).get("num_bits") == 8
         and (g.get("input_activations") or {}).get("dynamic") is True
         and (g.get("input_activations") or {}).get("strategy") == "token" for g in groups)
 
 
-def _float32_scales(model: nn.Module, path: Path) -> None:
-    """Put the artifact's float32 weight scales back on the modules: ``from_pretrained`` casts
-    them to the load dtype (bfloat16 keeps 8 bits of each), and the int8 runtime scales its
-    int32 accumulators in float32."""
+def _groups(qc: Any) -> list[dict[str, Any]]:
+    if hasattr(qc, "to_dict"):
+        qc = qc.to_dict()
+    return list((qc.get("config_groups") or {}).values()) if isinstance(qc, dict) else []
+
+
+def _is_fp8_channel(qc: Any) -> bool:
+    """compressed-tensors ``float-quantized`` with 8-bit float weights per output channel and
+    8-bit float activations (what ``fp8`` writes without ``block``)."""
+    if hasattr(qc, "to_dict"):
+        qc = qc.to_dict()
+    if not isinstance(qc, dict) or qc.get("format") != "float-quantized":
+        return False
+    groups = _groups(qc)
+    return bool(groups) and all(
+        (g.get("weights") or {}).get("strategy") == "channel"
+        and (g.get("weights") or {}).get("type") == "float"
+        and (g.get("input_activations") or {}).get("num_bits") == 8 for g in groups)
+
+
+def _float32_scales(model: nn.Module, path: Path, leaves: tuple[str, ...],
+                    only: type[nn.Module] | None = None) -> None:
+    """Put the artifact's float32 scales (``leaves``) back on the modules (of type ``only``):
+    ``from_pretrained`` casts them to the load dtype (bfloat16 keeps 8 bits of each), and the
+    int8 and FP8 runtimes scale their accumulators in float32."""
     from safetensors import safe_open
 
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
                 name, _, leaf = key.rpartition(".")
-                if leaf != "weight_scale":
+                if leaf not in leaves:
                     continue
                 try:
                     mod = model.get_submodule(name)
                 except AttributeError:  # a name this model class prefixes differently
                     continue
                 old = getattr(mod, leaf, None)
-                if isinstance(old, torch.Tensor) and old.dtype != torch.float32:
+                if only is not None:
+                    if isinstance(mod, only) and isinstance(old, torch.Tensor):
+                        old.copy_(sf.get_tensor(key).float().reshape(old.shape))
+                elif isinstance(old, torch.Tensor) and old.dtype != torch.float32:
                     scale = sf.get_tensor(key).float().reshape(old.shape)
                     setattr(mod, leaf, nn.Parameter(scale, requires_grad=False))

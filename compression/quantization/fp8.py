@@ -291,6 +291,14 @@ def _check_block(cfg: FP8Config, in_features: dict[str, int]) -> None:
                 f"(activations are scaled per group of that many features); not {bad}")
 
 
+def _runtime(model: nn.Module, cfg: FP8Config) -> nn.Module:
+    """Real FP8 matmuls (``torch._scaled_mm``) where the model's device has them natively;
+    block-wise FP8 and other devices keep the loaded (dequantizing) path."""
+    from .fp8_runtime import to_runtime
+
+    return model if cfg.block else to_runtime(model)
+
+
 def _validate(cfg: FP8Config, model_config: Any) -> None:
     from .common import model_in_features
 
@@ -314,4 +322,5 @@ METHOD = Method(
     family="quantization",
     terminal=True,
     validate=_validate,
+    runtime=_runtime,
 )
