@@ -37,6 +37,9 @@ ROWS = {
     "wanda": ("wanda", {"sparsity": 0.5, **CAL}),
     "sparsegpt": ("sparsegpt", {"sparsity": 0.5, **CAL}),
     "gptq": ("gptq", {"bits": 4, "group_size": 64, **CAL}),
+    "gptq_act_order": ("gptq", {"bits": 4, "group_size": 64, "act_order": True, **CAL}),
+    "gptq_true_sequential": ("gptq", {"bits": 4, "group_size": 64, "true_sequential": True,
+                                      **CAL}),
     "awq": ("awq", {"bits": 4, "group_size": 64, **CAL}),
     "int8_dynamic": ("int8_dynamic", {**CAL}),
 }
@@ -94,7 +97,9 @@ def run_row(name: str, q) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default=",".join(r for r in ROWS if not r.startswith("gptq_")),
+                    help="rows to run (also gptq_act_order, gptq_true_sequential: this code's "
+                    "gptq options)")
     ap.add_argument("--log", type=Path, help="append each row (JSON) to this file")
     a = ap.parse_args()
     smollm2_dir()

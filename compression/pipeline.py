@@ -16,7 +16,6 @@ import contextlib
 import copy
 import json
 import math
-import platform
 import shutil
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from torch import nn
 
 from . import evaluation as E
@@ -42,43 +41,27 @@ from .base import (
     hf,
 )
 from .measure import job as MJ
+from .recipe import MAX_STAGES, RecipeError, Stage, as_stages, validate_recipe
 from .registry import get_method
+from .report import (
+    QUALITY_GATE,
+    REPORT_FILE,
+    Metrics,
+    Run,
+    build_report,
+    combine_gates,
+    derive,
+    quality_gate,
+)
 
 if TYPE_CHECKING:
     from .streaming.job import StreamPlan
-
-MAX_STAGES = 8
-
-#: The quality gate a job may ask for: ``max_ppl_increase`` is a ratio bound on
-#: ``perplexity_after / perplexity_before`` (1.10 = at most +10%) on the held-out eval text.
-#: A miss does not raise: the outcome has ``gate_passed=False`` and ``report["gate"]`` says why.
-QUALITY_GATE = {
-    "param": "max_ppl_increase",
-    "metric": "ppl_ratio",
-    "definition": "perplexity(after) / perplexity(before) on the held-out eval text",
-    "passes_when": "ppl_ratio <= max_ppl_increase",
-    "applies_to": "causal-lm",
-}
-
-REPORT_VERSION = 1
-REPORT_FILE = "report.json"
 
 # progress slices (percent of the whole job)
 _LOAD = (0.0, 4.0)
 _BEFORE = (4.0, 12.0)
 _STAGES = (12.0, 88.0)
 _AFTER = (88.0, 100.0)
-
-
-class RecipeError(CompressionError):
-    """The recipe as a whole is invalid (empty, too long, packing stage not last, ...)."""
-
-
-class Stage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    method: str = Field(min_length=1)
-    params: dict[str, Any] = Field(default_factory=dict)
 
 
 def _noop(*_a: Any, **_k: Any) -> None:
@@ -156,76 +139,6 @@ class _PrefixedCheckpoints:
 
     def load(self, name: str, dest: Path) -> bool:
         return self.inner.load(self.prefix + name, dest)
-
-
-# --------------------------------------------------------------------------------- validation
-
-
-def _as_stages(stages: Any) -> list[Stage]:
-    if isinstance(stages, dict) and "stages" in stages and len(stages) == 1:
-        stages = stages["stages"]
-    if not isinstance(stages, (list, tuple)):
-        raise RecipeError("a recipe is a list of stages ({\"method\": ..., \"params\": {...}})")
-    out: list[Stage] = []
-    for i, st in enumerate(stages):
-        if isinstance(st, Stage):
-            out.append(st)
-            continue
-        if not isinstance(st, dict):
-            raise RecipeError(f"stage {i}: expected an object with 'method' and 'params', "
-                              f"got {type(st).__name__}")
-        extra = sorted(set(st) - {"method", "params"})
-        if extra:
-            raise RecipeError(f"stage {i}: unknown key(s) {', '.join(map(repr, extra))}; a stage "
-                              "has only 'method' and 'params'")
-        if not isinstance(st.get("method"), str) or not st.get("method"):
-            raise RecipeError(f"stage {i}: 'method' must be a non-empty string")
-        params = st.get("params")
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            raise RecipeError(f"stage {i}: 'params' must be an object")
-        out.append(Stage(method=st["method"], params=params))
-    return out
-
-
-def validate_recipe(stages: list[Stage] | list[dict[str, Any]], model_config: Any = None, *,
-                    resolve_model: Callable[[str], Any] | None = None) -> list[MethodConfig]:
-    """Parse every stage's params with its method's config and check the chain as a whole.
-
-    Raises :class:`RecipeError` / :class:`CompressionError` (incl. ``UnknownMethodError`` and
-    ``UnsupportedModelError``) with a clear message, or ``pydantic.ValidationError`` for bad
-    params. ``model_config`` (an HF config) enables the per-model checks; ``resolve_model``
-    (model id -> anything, raising or returning None when unknown) checks the model ids that
-    stages refer to (distillation teacher/student)."""
-    parsed = _as_stages(stages)
-    if not parsed:
-        raise RecipeError("a recipe needs at least one stage")
-    if len(parsed) > MAX_STAGES:
-        raise RecipeError(f"a recipe has at most {MAX_STAGES} stages, got {len(parsed)}")
-    configs: list[MethodConfig] = []
-    for i, st in enumerate(parsed):
-        method = get_method(st.method)
-        cfg = method.config.model_validate(st.params)
-        if method.terminal and i != len(parsed) - 1:
-            raise RecipeError(f"stage {i} ({method.name}) packs the weights and must be the last "
-                              f"stage of the recipe; stage {i + 1} ({parsed[i + 1].method}) follows it")
-        if model_config is not None:
-            method.check_model(cfg, model_config)
-        for attr in ("teacher_model_id", "student_model_id"):
-            ref = getattr(cfg, attr, None)
-            if ref and resolve_model is not None:
-                try:
-                    ok = resolve_model(ref)
-                except CompressionError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - an unknown id is the user's error
-                    raise RecipeError(f"stage {i} ({method.name}): {attr} {ref!r}: {e}") from None
-                if ok is None or ok is False:
-                    raise RecipeError(f"stage {i} ({method.name}): {attr} {ref!r} is not a "
-                                      "registered model")
-        configs.append(cfg)
-    return configs
 
 
 # --------------------------------------------------------------------------------- measuring
@@ -346,57 +259,7 @@ UNITS = {
 }
 
 
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for pkg in ("modelpress", "torch", "transformers", "compressed-tensors", "safetensors", "gguf"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def _device_info(dev: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"device": str(dev), "cpu_threads": torch.get_num_threads(),
-                            "platform": platform.platform()}
-    if dev.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(dev)
-    return info
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if isinstance(x, (str, int, bool)) or x is None:
-        return x
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
-        return _jsonable(x.item())
-    return str(x)
-
-
 # --------------------------------------------------------------------------------- running
-
-
-@dataclass
-class _Run:
-    """What one way of running a job (in memory, streamed) hands to the report."""
-
-    before: dict[str, float]
-    after: dict[str, float]
-    kind: str
-    model_type: str | None
-    stage_reports: list[dict[str, Any]]
-    fmt: str
-    after_measured_on: str
-    notes: dict[str, Any]
 
 
 def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]], output_dir: Path, *,
@@ -453,7 +316,7 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]],
     mplan = MJ.make_plan(measure, cache_dir=baseline_cache, tasks_text=tasks_text,
                         prompts_text=prompts_text, max_accuracy_drop=max_accuracy_drop,
                         max_mean_kl=max_mean_kl, windows=eval_windows)
-    parsed = _as_stages(stages)
+    parsed = as_stages(stages)
     configs = validate_recipe(parsed)
     methods = [get_method(st.method) for st in parsed]
     cal_text = calibration_text if calibration_text else default_calibration_text()
@@ -481,14 +344,14 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]],
                                  keep_intermediate, measure_stages)
         peak.stop()
         phases.seconds["total"] = time.monotonic() - t_start
-        _derive(run, mplan, peak, gpu, phases.seconds["total"], metrics)
+        derive(run, mplan, peak, gpu, phases.seconds["total"], metrics)
         for k, v in run.after.items():
             metrics.append(("after", k, v, UNITS.get(k)))
-        gate, gate_passed = _gate(max_ppl_increase, run.before, run.after)
-        gate, gate_passed = _more_gates(gate, gate_passed, MJ.gates(mplan, run.before, run.after))
+        gate, gate_passed = quality_gate(max_ppl_increase, run.before, run.after)
+        gate, gate_passed = combine_gates(gate, gate_passed, MJ.gates(mplan, run.before, run.after))
         if "task_accuracy" in run.after and "task_accuracy" in run.before:
             run.after["accuracy_drop"] = run.before["task_accuracy"] - run.after["task_accuracy"]
-        report = _report(run, source=source, revision=revision, parsed=parsed, gate=gate,
+        report = build_report(run, source=source, revision=revision, parsed=parsed, gate=gate,
                          custom_eval=bool(eval_text), custom_calibration=bool(calibration_text),
                          plan=mplan, dev=dev, started_at=started_at, timings=phases.seconds)
         (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=False))
@@ -500,122 +363,6 @@ def run_pipeline(source: str | Path, stages: list[Stage] | list[dict[str, Any]],
     finally:
         peak.stop()
         shutil.rmtree(work, ignore_errors=True)
-
-
-_SUMMARY_KEYS = ("compression_ratio", "speedup", "speedup_gpu", "ppl_ratio", "ppl_ratio_other",
-                 "accuracy_loss", "wall_time_s", "peak_rss_bytes", "peak_gpu_bytes")
-
-
-def _derive(run: _Run, plan: MJ.MeasurePlan, peak: E.PeakMemory, gpu: torch.device | None,
-            wall: float, metrics: Metrics) -> None:
-    """The ratios of ``after`` to ``before`` (compression, speed-up, perplexity), the job's wall
-    time and peak memory, set on ``run.after`` (the dense speed moves to ``run.before``)."""
-    before, after = run.before, run.after
-    after["compression_ratio"] = before["bytes"] / after["bytes"] if after["bytes"] else float("nan")
-    for sfx in ("", "_gpu"):  # interleaved rounds: the dense numbers are from the same rounds
-        if f"dense_tokens_per_s{sfx}" in after:
-            before[f"tokens_per_s{sfx}"] = after.pop(f"dense_tokens_per_s{sfx}")
-            metrics.append(("before", f"tokens_per_s{sfx}", before[f"tokens_per_s{sfx}"],
-                            "tokens/s"))
-            v = plan.details.get(f"speed{sfx}", {})
-            if v.get("measurable"):
-                after[f"speedup{sfx}"] = v["speedup"]
-        elif f"tokens_per_s{sfx}" in after and before.get(f"tokens_per_s{sfx}"):
-            after[f"speedup{sfx}"] = after[f"tokens_per_s{sfx}"] / before[f"tokens_per_s{sfx}"]
-    if "perplexity" in after and "perplexity" in before:
-        after["ppl_ratio"] = after["perplexity"] / before["perplexity"]
-        after["accuracy_loss"] = after["ppl_ratio"] - 1.0
-    if "perplexity_other" in after and "perplexity_other" in before:
-        after["ppl_ratio_other"] = after["perplexity_other"] / before["perplexity_other"]
-    elif "embedding_fidelity" in after:
-        after["accuracy_loss"] = 1.0 - after["embedding_fidelity"]
-    after["wall_time_s"] = wall
-    after["peak_rss_bytes"] = float(peak.peak_rss_bytes)
-    if peak.peak_gpu_bytes is not None and gpu is not None:
-        after["peak_gpu_bytes"] = float(peak.peak_gpu_bytes)
-
-
-def _report(run: _Run, *, source: str | Path, revision: str | None, parsed: list[Stage],
-            gate: dict[str, Any] | None, custom_eval: bool, custom_calibration: bool,
-            plan: MJ.MeasurePlan, dev: torch.device, started_at: str,
-            timings: dict[str, float]) -> dict[str, Any]:
-    after = run.after
-    report = {
-        "report_version": REPORT_VERSION,
-        "source": str(source),
-        "revision": revision,
-        "model_type": run.model_type,
-        "model_kind": run.kind,
-        "recipe": [st.model_dump(mode="json") for st in parsed],
-        "stages": run.stage_reports,
-        "before": run.before,
-        "after": {k: v for k, v in after.items() if k not in _SUMMARY_KEYS or k in run.before},
-        "summary": {k: after[k] for k in _SUMMARY_KEYS if k in after},
-        "format": run.fmt,
-        "gate": gate,
-        "evaluation": {
-            "perplexity": {"seq_len": 512, "num_chunks": plan.windows,
-                           "text": "held-out eval text"},
-            "eval_text": "custom" if custom_eval else "default (wikitext-2 valid, held-out part)",
-            "calibration_text": "custom" if custom_calibration else
-            "default (wikitext-2 valid, first 55%)",
-            "after_measured_on": run.after_measured_on,
-            "tokens_per_s": "greedy decode, batch 1, KV cache, CPU, each model in a fresh "
-            "process" if run.kind == CAUSAL_KIND else "encoder forward tokens/s, CPU, each "
-            "model in a fresh process",
-            **MJ.evaluation_notes(plan),
-            **run.notes,
-        },
-        # wall seconds per phase: load, before (0 when reused from the baseline cache), stages,
-        # save, after (reload and measure), total
-        "timings": {f"{k}_s": round(v, 3) for k, v in timings.items()},
-        "device": _device_info(dev),
-        "versions": _versions(),
-        "started_at": started_at,
-        "finished_at": datetime.now(UTC).isoformat(),
-    }
-    out: dict[str, Any] = _jsonable(report)
-    return out
-
-
-CAUSAL_KIND = "causal-lm"  # models.CAUSAL, without importing transformers at module load
-
-
-def _gate(max_ppl_increase: float | None, before: dict[str, Any], after: dict[str, Any]
-          ) -> tuple[dict[str, Any] | None, bool]:
-    if max_ppl_increase is None:
-        return None, True
-    if "ppl_ratio" not in after:
-        return {"max_ppl_increase": max_ppl_increase, "passed": True,
-                "skipped": "no perplexity for this model kind (encoder); gate not applied"}, True
-    passed = bool(after["ppl_ratio"] <= max_ppl_increase)
-    gate = {"max_ppl_increase": max_ppl_increase, "ppl_ratio": after["ppl_ratio"],
-            "perplexity_before": before["perplexity"],
-            "perplexity_after": after["perplexity"], "passed": passed}
-    if not passed:
-        gate["reason"] = (f"perplexity rose {after['ppl_ratio']:.4f}x "
-                          f"({before['perplexity']:.3f} -> {after['perplexity']:.3f}), "
-                          f"above the allowed {max_ppl_increase:g}x")
-    return gate, passed
-
-
-def _more_gates(gate: dict[str, Any] | None, passed: bool, more: list[dict[str, Any]]
-                ) -> tuple[dict[str, Any] | None, bool]:
-    """The perplexity gate with the task and prompt gates: ``gate['gates']`` lists those, and
-    the reason names every miss."""
-    if not more:
-        return gate, passed
-    gate = dict(gate or {})
-    gate["gates"] = more
-    reasons = [g["reason"] for g in ([gate] if "reason" in gate else []) + more if "reason" in g]
-    passed = passed and all(g["passed"] for g in more)
-    gate["passed"] = passed
-    if reasons:
-        gate["reason"] = "; ".join(reasons)
-    return gate, passed
-
-
-Metrics = list[tuple[str, str, float, str | None]]  # (stage label, name, value, unit)
 
 
 @dataclass
@@ -653,7 +400,7 @@ class Phases:
 
 def _run_in_memory(source: str | Path, revision: str | None, parsed: list[Stage],
                    methods: list[Method], configs: list[MethodConfig], output_dir: Path,
-                   env: _Env, keep_intermediate: bool, measure_stages: bool) -> _Run:
+                   env: _Env, keep_intermediate: bool, measure_stages: bool) -> Run:
     """The whole model in memory: load, measure, run every stage, save, reload, measure."""
     from .models import CAUSAL
 
@@ -681,7 +428,7 @@ def _run_in_memory(source: str | Path, revision: str | None, parsed: list[Stage]
     on = "the saved artifact reloaded with from_pretrained" + (
         f"; quality and speed on it put in {last.name}'s runtime (what serves it)"
         if last.runtime else "")
-    return _Run(before, after, kind, model_type, stage_reports, fmt, on, {})
+    return Run(before, after, kind, model_type, stage_reports, fmt, on, {})
 
 
 def _load_whole(source: str | Path, revision: str | None, methods: list[Method],
@@ -912,7 +659,7 @@ def _eval_windows(tok: Any, text: str, max_positions: int | None, count: int) ->
 
 
 def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
-                  configs: list[MethodConfig], output_dir: Path, env: _Env) -> _Run:
+                  configs: list[MethodConfig], output_dir: Path, env: _Env) -> Run:
     """One block in memory at a time (:mod:`streaming`): ``before`` and ``after`` perplexity by a
     block-sequential forward over the eval windows; speed only where the model fits and the job
     measures it (``speed``: measure='full'; loading the model whole for it is the job's peak)."""
@@ -1005,7 +752,7 @@ def _run_streamed(plan: StreamPlan, parsed: list[Stage], methods: list[Method],
         "streamed": True,
     }]
     on = "the saved artifact, read block by block (quantized weights dequantized as on load)"
-    return _Run(before, after, kind, model_type, stage_reports, res.fmt, on, notes)
+    return Run(before, after, kind, model_type, stage_reports, res.fmt, on, notes)
 
 
 def check_stop(check: Callable[[], None]) -> Callable[[], bool]:

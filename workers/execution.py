@@ -12,18 +12,17 @@ The artifact is made visible last: the archive is uploaded, its size and SHA-256
 the store, and only then ONE transaction inserts the ready Artifact row, the metrics and the
 report and moves the job to succeeded. A quality-gate miss keeps metrics and report, uploads
 nothing and fails the job with ``error_code="quality_gate"``.
+
+Beside it: ``inputs`` (the model and dataset fetched and checked), ``uploads`` (the artifact's
+archive and keys), ``failures`` (error codes, reasons, redaction).
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import math
 import os
-import re
-import secrets
 import shutil
 import socket
 import tarfile
@@ -35,40 +34,28 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
-from modelpress.compression.base import Cancelled, CompressionError, UnsupportedModelError
-from modelpress.domain.archives import (
-    ArchiveLimitError,
-    ArchiveLimits,
-    Budget,
-    check_headers,
-    weights_problem,
-)
+from modelpress.compression.base import Cancelled, CompressionError
 from modelpress.domain.db import session_scope
 from modelpress.domain.jobs import add_event, transition
 from modelpress.domain.models import Artifact, Dataset, Job, Metric, ModelSource, utcnow
 from modelpress.domain.settings import Settings, get_settings
 from modelpress.domain.states import JobState
-from modelpress.domain.store import ArtifactStore, make_store, sha256_file
+from modelpress.domain.store import ArtifactStore, make_store
 
+from .failures import Redactor, error_code_for, one_line, reraise_time_limit
+from .inputs import SourceError, dataset_text, materialize_model, safe_extract
 from .model_cache import ModelCache
+from .uploads import artifact_key, discard_upload, make_archive, remove_stale_uploads
 
 log = logging.getLogger(__name__)
 
 #: what execute_job returns (also logged by the task)
 SUCCEEDED, FAILED, CANCELLED, SKIPPED, LOST = "succeeded", "failed", "cancelled", "skipped", "lost"
-
-
-class SourceError(CompressionError):
-    """The uploaded model could not be fetched or unpacked (a bad upload, not a crash)."""
-
-
-class UnsafeWeights(SourceError):
-    """The uploaded checkpoint's weights are pickle files (never loaded)."""
 
 
 class LostJob(Exception):
@@ -220,7 +207,7 @@ class JobChannel:
             if not self._touch(progress=pct, stage=stage):
                 self.lost.set()
         except Exception as e:  # noqa: BLE001 - progress is best effort
-            _raise_time_limit(e)
+            reraise_time_limit(e)
             log.exception("job %s: progress write failed", self.claim.job_id)
 
     def flush_progress(self) -> None:
@@ -230,7 +217,7 @@ class JobChannel:
             try:
                 self._touch(progress=pending[0], stage=pending[1])
             except Exception as e:  # noqa: BLE001
-                _raise_time_limit(e)
+                reraise_time_limit(e)
                 log.exception("job %s: progress write failed", self.claim.job_id)
 
     def event(self, kind: str, data: dict | None = None) -> None:
@@ -240,7 +227,7 @@ class JobChannel:
                           str((data or {}).get("message", ""))[:2000] if isinstance(data, dict)
                           else "", jsonable(data) if data is not None else None)
         except Exception as e:  # noqa: BLE001 - the event log is best effort
-            _raise_time_limit(e)
+            reraise_time_limit(e)
             log.exception("job %s: event write failed", self.claim.job_id)
 
     def should_stop(self) -> bool:
@@ -260,7 +247,7 @@ class JobChannel:
                     return True
                 self._cancel = bool(row.cancel_requested)
             except Exception as e:  # noqa: BLE001 - keep the last known answer
-                _raise_time_limit(e)
+                reraise_time_limit(e)
                 log.exception("job %s: reading cancel flag failed", self.claim.job_id)
         return self._cancel
 
@@ -331,292 +318,6 @@ class StoreCheckpoints:
                 tmp.unlink(missing_ok=True)
             return True
         return False
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def safe_extract(archive: Path, dest: Path, limits: ArchiveLimits | None = None) -> None:
-    """Extract a tar holding only regular files and folders with relative, in-tree names,
-    within ``limits`` (default: the settings' caps for an archive of this size): checked from
-    the headers before anything is written, and again on the bytes written while extracting."""
-    dest = Path(dest)
-    try:
-        limits = limits or ArchiveLimits.for_archive(Path(archive).stat().st_size)
-        with tarfile.open(archive, "r:*") as tf:
-            members = check_headers(tf, limits)
-            for m in members:
-                p = Path(m.name)
-                if p.is_absolute() or ".." in p.parts:
-                    raise SourceError(f"unsafe path in archive: {m.name!r}")
-                if not (m.isfile() or m.isdir()):
-                    raise SourceError(f"archive entry {m.name!r} is not a regular file")
-            written = Budget(limits)
-            for m in members:
-                tf.extract(m, dest, filter="data")
-                written.add_member(os.lstat(dest / m.name).st_size if m.isfile() else 0)
-    except ArchiveLimitError as e:
-        raise SourceError(f"the model archive is refused: {e}") from e
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise SourceError(f"cannot unpack the model archive: {type(e).__name__}: {e}") from e
-
-
-def check_weights(model_dir: Path) -> None:
-    """Refuse a checkpoint whose weights are pickle files only (loading them unpickles)."""
-    names = [str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()]
-    problem = weights_problem(names)
-    if problem:
-        raise UnsafeWeights(problem)
-
-
-def hf_root(d: Path) -> Path:
-    """The folder holding config.json: the root or its single top folder."""
-    if (d / "config.json").is_file():
-        return d
-    subs = [p for p in d.iterdir() if p.is_dir()]
-    files = [p for p in d.iterdir() if p.is_file()]
-    if len(subs) == 1 and not files and (subs[0] / "config.json").is_file():
-        return subs[0]
-    raise SourceError("the model archive has no config.json at its root or in a single top folder")
-
-
-def _fetch_verified(store: ArtifactStore, key: str, dest: Path, sha256: str | None) -> Path:
-    """Download ``key`` to ``dest`` atomically (temp name + rename) and check its SHA-256."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{time.monotonic_ns()}")
-    try:
-        if store.head(key) is None:
-            raise SourceError(f"the uploaded model file {key!r} is missing from the store")
-        store.get_file(key, tmp)
-        if sha256 and sha256_file(tmp) != sha256:
-            raise SourceError(f"the uploaded model file {key!r} does not match its SHA-256")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
-
-
-def materialize_model(store: ArtifactStore, src: ModelSource, cache_root: Path) -> tuple[str, str | None]:
-    """What run_pipeline gets as SOURCE: a local .gguf path, a local HF dir, or the hub id.
-    Uploaded models are cached under ``cache_root/<model id>/<sha256>`` (model rows are
-    immutable, so a cached copy is reused by later jobs on this worker)."""
-    if src.kind == "hub":
-        if not src.source:
-            raise SourceError(f"model {src.id} has no hub id")
-        return src.source, src.revision
-    if not src.store_key:
-        raise SourceError(f"model {src.id} has no uploaded file")
-    base = cache_root / src.id / (src.sha256 or "nosha")
-    if src.kind == "gguf":
-        target = base / "model.gguf"
-        if not (target.is_file() and (src.bytes is None or target.stat().st_size == src.bytes)):
-            _fetch_verified(store, src.store_key, target, src.sha256)
-        return str(target), None
-    if src.kind == "hf-dir":
-        done = base / "dir"
-        if not done.is_dir():
-            base.mkdir(parents=True, exist_ok=True)
-            tar = base / "model.tar"
-            _fetch_verified(store, src.store_key, tar, src.sha256)
-            tmp = Path(tempfile.mkdtemp(dir=base, prefix=".extract-"))
-            try:
-                safe_extract(tar, tmp)
-                check_weights(hf_root(tmp))  # validate before publishing the cached copy
-                try:
-                    os.replace(tmp, done)
-                except OSError:  # another worker on this host finished first
-                    if not done.is_dir():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tar.unlink(missing_ok=True)
-        root = hf_root(done)
-        check_weights(root)
-        return str(root), None
-    raise SourceError(f"unknown model kind {src.kind!r}")
-
-
-def dataset_text(store: ArtifactStore, ds: Dataset, scratch: Path) -> str:
-    scratch.mkdir(parents=True, exist_ok=True)
-    tmp = scratch / f"dataset-{ds.id}.txt"
-    try:
-        store.get_file(ds.store_key, tmp)
-        raw = tmp.read_bytes()
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CompressionError(f"dataset {ds.id} is not UTF-8 text: {e}") from e
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-class _HashingWriter:
-    """A write-only file wrapper that hashes and counts what passes through."""
-
-    def __init__(self, f: BinaryIO):
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
-
-    def write(self, b: bytes) -> int:
-        self.h.update(b)
-        self.n += len(b)
-        return self.f.write(b)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-#: gzip level 1: on fp32/bf16 weights it is ~5x faster than the default 6 for ~4 % more bytes
-ARCHIVE_GZIP_LEVEL = 1
-
-
-def make_archive(model_dir: Path, top: str, dest: Path) -> tuple[int, str]:
-    """tar.gz of ``model_dir`` with one top folder named ``top``, regular files only.
-    Returns (bytes, sha256) of the archive, hashed while it is written."""
-    with open(dest, "wb") as raw:
-        hw = _HashingWriter(raw)
-        # write-only is enough for a gzip stream (typeshed's file protocol also lists read/seek)
-        with tarfile.open(fileobj=cast(BinaryIO, hw), mode="w:gz",
-                          compresslevel=ARCHIVE_GZIP_LEVEL) as tf:
-            tf.add(model_dir, arcname=top, recursive=True,
-                   filter=lambda ti: ti if (ti.isfile() or ti.isdir()) else None)
-        raw.flush()
-        os.fsync(raw.fileno())
-    return hw.n, hw.h.hexdigest()
-
-
-#: errno values and messages (Rust/C++ libraries such as safetensors report it in text) of a
-#: full disk or an exceeded quota
-_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "storagefull")
-
-
-def exception_chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and everything in its cause/context chain (each once)."""
-    chain: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and all(e is not c for c in chain):
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    return chain
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """True if ``exc`` or anything in its cause/context chain is a full disk or quota."""
-    for e in exception_chain(exc):
-        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
-            return True
-        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
-            return True
-    return False
-
-
-def is_time_limit(exc: BaseException) -> bool:
-    """True if Celery's soft or hard time limit interrupted the job, even where the library code
-    it interrupted wrapped it (e.g. in a CompressionError while reading the model)."""
-    try:
-        from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(e, (SoftTimeLimitExceeded, TimeLimitExceeded)) for e in exception_chain(exc))
-
-
-#: the compression modules that read a model's files (GGUF, safetensors, config)
-MODEL_READERS = frozenset({"modelpress.compression.models",
-                           "modelpress.compression.streaming.gguf",
-                           "modelpress.compression.streaming.source"})
-
-
-def _raise_time_limit(exc: BaseException) -> None:
-    """Re-raise a job's time limit that a best-effort write caught: Celery raises it wherever the
-    job is, and swallowed there the job would run on past its limit and succeed."""
-    if is_time_limit(exc):
-        raise exc
-
-
-def error_code_for(exc: BaseException) -> str:
-    """Map an exception to the job's error_code."""
-    if is_disk_full(exc):
-        return "disk_full"
-    if isinstance(exc, UnsafeWeights):
-        return "unsafe_weights"
-    if is_time_limit(exc):
-        return "timeout"
-    try:
-        from pydantic import ValidationError
-
-        if isinstance(exc, ValidationError):
-            return "invalid_params"
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(exc, (UnsupportedModelError, SourceError)):
-        return "invalid_model"
-    if isinstance(exc, CompressionError):
-        # Raised while reading the model (MODEL_READERS) -> the model is the problem;
-        # anywhere else (recipe validation, a method's own checks) -> the params are.
-        tb = exc.__traceback__
-        last_mp = None
-        while tb is not None:
-            mod = tb.tb_frame.f_globals.get("__name__", "")
-            if mod.startswith("modelpress.compression"):
-                last_mp = mod
-            tb = tb.tb_next
-        return "invalid_model" if last_mp in MODEL_READERS else "invalid_params"
-    return "error"
-
-
-def one_line(exc: BaseException, limit: int = 1000) -> str:
-    msg = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-    return text[:limit]
-
-
-class Redactor:
-    """Replaces this server's paths in text and JSON with neutral names: the model's local copy
-    with the model's id, the job's scratch, work, store and home folders with ``<work>`` etc.
-    (what the caller sees must not show where things live on the server)."""
-
-    def __init__(self, settings: Settings):
-        pairs = [(settings.resolved_work_dir, "<work>"), (settings.resolved_store_dir, "<store>"),
-                 (settings.home.resolve(), "<home>"), (Path(tempfile.gettempdir()).resolve(),
-                                                       "<tmp>")]
-        self.pairs: list[tuple[str, str]] = [(str(p), name) for p, name in pairs]
-
-    def add(self, path: str | Path, name: str) -> None:
-        self.pairs.append((str(Path(path).resolve()), name))
-        self.pairs.append((str(path), name))
-
-    def text(self, value: str) -> str:
-        for path, name in sorted(self.pairs, key=lambda p: -len(p[0])):
-            if path and path != "/" and path in value:
-                value = value.replace(path, name)
-        return value
-
-    def json(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, dict):
-            return {k: self.json(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.json(v) for v in value]
-        return value
-
-    def json_files(self, folder: Path, max_bytes: int = 64 * 1024 * 1024) -> None:
-        """Rewrite the JSON files of an output folder (config.json's ``_name_or_path``, the
-        report's ``source``) in place when they mention a server path."""
-        for f in folder.rglob("*.json"):
-            if not f.is_file() or f.stat().st_size > max_bytes:
-                continue
-            raw = f.read_text(errors="replace")
-            if not any(path in raw for path, _ in self.pairs if path and path != "/"):
-                continue
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                continue
-            f.write_text(json.dumps(self.json(data), indent=2))
 
 
 # --------------------------------------------------------------------------- the job
@@ -720,46 +421,6 @@ class _Attempt:
 def existing_models(ids) -> set[str]:
     with session_scope() as s:
         return set(s.scalars(select(ModelSource.id).where(ModelSource.id.in_(list(ids)))))
-
-
-def artifact_key(job_id: str, attempt: int) -> str:
-    """Each attempt uploads under a key of its own: an attempt that lost its job can never
-    overwrite (or delete) what another attempt published."""
-    return f"jobs/{job_id}/a{attempt}-{secrets.token_hex(4)}/model.tar.gz"
-
-
-def _attempt_upload(job_id: str) -> re.Pattern[str]:
-    return re.compile(rf"^jobs/{re.escape(job_id)}/a\d+-[0-9a-f]+/model\.tar\.gz$")
-
-
-def remove_stale_uploads(store: ArtifactStore, job_id: str, published: str) -> list[str]:
-    """After ``published`` became the job's artifact: delete the uploads other attempts left
-    (killed, or unsure whether they had published while the database was down)."""
-    pattern = _attempt_upload(job_id)
-    stale = [k for k in store.keys(f"jobs/{job_id}/") if pattern.match(k) and k != published]
-    for k in stale:
-        try:
-            store.delete(k)
-        except Exception:  # noqa: BLE001 - housekeeping
-            log.exception("could not remove the stale upload %s", k)
-    return stale
-
-
-def discard_upload(store: ArtifactStore, key: str) -> None:
-    """Delete an upload of this attempt that did not become the job's artifact. If the database
-    says it did (a commit whose answer was lost), or cannot say, keep it."""
-    try:
-        with session_scope() as s:
-            published = s.scalar(select(Artifact.job_id).where(Artifact.store_key == key))
-    except Exception:  # noqa: BLE001
-        log.exception("cannot tell whether %s was published; keeping it", key)
-        return
-    if published is not None:
-        return
-    try:
-        store.delete(key)
-    except Exception:  # noqa: BLE001
-        log.exception("could not remove the unpublished upload %s", key)
 
 
 def _load_inputs(att: _Attempt, channel: JobChannel):

@@ -53,6 +53,10 @@ class Fp8Linear(nn.Module):
     """A Linear whose E4M3 weight ``[out, in]`` (one fp32 scale per output row) multiplies E4M3
     activations (one scale per token, or one calibrated ``input_scale``) in ``torch._scaled_mm``."""
 
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
                  always_scaled_mm: bool = False):

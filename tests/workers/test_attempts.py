@@ -139,7 +139,8 @@ def test_lost_commit_answer_keeps_the_published_upload(use_stack, model_id):
     """discard_upload deletes only what no Artifact row names."""
     from modelpress.domain.settings import get_settings
     from modelpress.domain.store import make_store
-    from modelpress.workers.execution import discard_upload, execute_job
+    from modelpress.workers.execution import execute_job
+    from modelpress.workers.uploads import discard_upload
 
     jid = insert_job(OWNER, model_id, RECIPE)
     assert execute_job(jid, worker_name="w:1", run_pipeline=_stand_in_pipeline) == "succeeded"

@@ -10,16 +10,10 @@ from pathlib import Path
 import pytest
 
 from modelpress.domain.store import LocalStore, sha256_file
-from modelpress.workers.execution import (
-    SourceError,
-    StoreCheckpoints,
-    error_code_for,
-    hf_root,
-    jsonable,
-    make_archive,
-    one_line,
-    safe_extract,
-)
+from modelpress.workers.execution import StoreCheckpoints, jsonable
+from modelpress.workers.failures import error_code_for, one_line
+from modelpress.workers.inputs import SourceError, hf_root, safe_extract
+from modelpress.workers.uploads import make_archive
 
 
 def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:

@@ -15,15 +15,8 @@ import pytest
 
 from modelpress.domain.archives import ArchiveLimits, weights_problem
 from modelpress.domain.settings import Settings
-from modelpress.workers.execution import (
-    Redactor,
-    SourceError,
-    UnsafeWeights,
-    check_weights,
-    error_code_for,
-    is_disk_full,
-    safe_extract,
-)
+from modelpress.workers.failures import Redactor, error_code_for, is_disk_full
+from modelpress.workers.inputs import SourceError, UnsafeWeights, check_weights, safe_extract
 from modelpress.workers.model_cache import ModelCache
 
 
