@@ -74,6 +74,17 @@ class Fp8Linear(nn.Module):
                              else input_scale.float().reshape(1, 1))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Fp8Linear:
+        """Device moves apply to the FP8 codes and float32 scales, dtype casts (``.to(dtype)``,
+        ``.half()``) do not: they are the format, not the model's compute dtype."""
+        kept = {n: getattr(self, n) for n in ("weight", "weight_scale", "input_scale")}
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if old is not None and new is not None and new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
     def extra_repr(self) -> str:
         acts = "dynamic per token" if self.input_scale is None else "static per tensor"
         return f"in={self.in_features}, out={self.out_features}, activations {acts}"

@@ -42,7 +42,11 @@ def test_fp8_linear_equals_the_fake_quantized_reference(static):
     assert _rel(y, ref) < 1e-6
     lin.always_scaled_mm = False  # the float fallback: the reference's own arithmetic
     assert _rel(lin(x), ref) < 1e-6
-    assert _rel(lin(x.bfloat16()), ref) < 2e-2  # bfloat16 in, bfloat16 out
+    lin.to(torch.bfloat16)  # a dtype cast keeps the format: FP8 codes, float32 scales
+    assert lin.weight.dtype == torch.float8_e4m3fn and lin.weight_scale.dtype == torch.float32
+    assert lin.bias.dtype == torch.bfloat16
+    y16 = lin(x.bfloat16())
+    assert y16.dtype == torch.bfloat16 and _rel(y16, ref) < 2e-2
 
 
 def test_fp8_linear_refuses_a_float_weight():
