@@ -74,7 +74,7 @@ def _other_text(tokens: int) -> str:
     return tok.decode(ids[: tokens + 8])
 
 
-def run_one(size: str, method: str, out: Path, eval_tokens: int) -> dict:
+def run_one(size: str, method: str, out: Path, eval_tokens: int, device: str = "cpu") -> dict:
     """One job in this process; returns its row."""
     import torch
 
@@ -94,7 +94,7 @@ def run_one(size: str, method: str, out: Path, eval_tokens: int) -> dict:
     # measure='quality': a model that fits would otherwise be loaded whole for its decode speed
     with peak:
         outcome = run_pipeline(SIZES[size], [{"method": name, "params": params}], out,
-                               device="cpu", stream=True, eval_text=_eval_text(eval_tokens),
+                               device=device, stream=True, eval_text=_eval_text(eval_tokens),
                                measure="quality", hooks=JobHooks(progress=peak.progress))
     wall = time.perf_counter() - t0
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the checks
@@ -102,7 +102,9 @@ def run_one(size: str, method: str, out: Path, eval_tokens: int) -> dict:
     row = {
         "size": size, "method": method, "method_params": params,
         "wall_s": wall, "compress_s": rep["stages"][0]["duration_s"],
-        "peak_rss_gb": rep["summary"]["peak_rss_bytes"] / 2**30,
+        "peak_rss_gb": rep["summary"]["peak_rss_bytes"] / 2**30, "device": device,
+        "peak_gpu_gb": (rep["summary"]["peak_gpu_bytes"] / 2**30
+                        if "peak_gpu_bytes" in rep["summary"] else None),
         "ru_maxrss_gb": maxrss,
         "params": rep["before"]["params"],
         "ppl_before": rep["before"].get("perplexity"), "ppl_after": rep["after"].get("perplexity"),
@@ -291,10 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=BIG / "large_models.png")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
     ap.add_argument("--table", type=Path, help="print the table and plot of saved rows")
+    ap.add_argument("--device", default="cpu", help="the jobs' device (cpu, cuda, auto)")
     ap.add_argument("--one", nargs=3, metavar=("SIZE", "METHOD", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        row = run_one(args.one[0], args.one[1], Path(args.one[2]), args.eval_tokens)
+        row = run_one(args.one[0], args.one[1], Path(args.one[2]), args.eval_tokens, args.device)
         print("ROW " + json.dumps(row))
         return 0
     if args.table:
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             out = BIG / f"out-{size}-{method}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
             p = subprocess.run([sys.executable, __file__, "--one", size, method, str(out),
-                                "--eval-tokens", str(args.eval_tokens)],
+                                "--eval-tokens", str(args.eval_tokens), "--device", args.device],
                                capture_output=True, text=True)
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("ROW ")), None)
             row = json.loads(line[4:]) if line else {
@@ -318,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             print_table([row])
             if "peak_at" in row:
                 print(f"  peak {row['peak_sampled_gb']:.2f} GiB at: {row['peak_at']}")
+            if row.get("peak_gpu_gb") is not None:
+                print(f"  peak GPU memory {row['peak_gpu_gb']:.2f} GiB on {row['device']}")
             if not args.keep:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
     print_table(rows)
