@@ -52,6 +52,12 @@ VARIANTS = {
         ("awq 8 bits per channel, no MSE clip, search_clip 1.0", "awq",
          {"bits": 8, "group_size": None, "mse_clip": False, "search_clip": 1.0}),
     ],
+    "fp8gptq": [
+        ("fp8 gptq, dampening 0.01 (its default)", "fp8", {"gptq": True}),
+        ("fp8 gptq, dampening 0.1", "fp8", {"gptq": True, "dampening": 0.1}),
+        ("fp8 gptq, dampening 0.3", "fp8", {"gptq": True, "dampening": 0.3}),
+        ("fp8 gptq, dampening 1.0", "fp8", {"gptq": True, "dampening": 1.0}),
+    ],
     "fp8": [
         ("fp8 default (W8A8 dynamic)", "fp8", {}),
         ("fp8 gptq", "fp8", {"gptq": True}),

@@ -68,6 +68,8 @@ def device_info(dev: torch.device) -> dict[str, Any]:
 
 
 def jsonable(x: Any) -> Any:
+    """A JSON-safe copy: non-finite floats become None, tuples lists, paths and unknown objects
+    strings."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):

@@ -94,31 +94,26 @@ def served_method(path: Path, config: Any) -> tuple[Any, Any] | None:
 def _is_int8_dynamic(qc: Any) -> bool:
     """compressed-tensors ``int-quantized`` with 8-bit weights and dynamic per-token 8-bit
     activations (what int8_dynamic writes)."""
-    if hasattr(qc, "to_dict"):
-        qc = qc.to_dict()
-    if not isinstance(qc, dict) or qc.get("format") != "int-quantized":
-        return False
-    groups = _groups(qc)
+    groups = _groups(qc, "int-quantized")
     return bool(groups) and all(
         (g.get("weights") or {}).get("num_bits") == 8
         and (g.get("input_activations") or {}).get("dynamic") is True
         and (g.get("input_activations") or {}).get("strategy") == "token" for g in groups)
 
 
-def _groups(qc: Any) -> list[dict[str, Any]]:
+def _groups(qc: Any, fmt: str) -> list[dict[str, Any]]:
+    """The config groups of a compressed-tensors quantization config of format ``fmt``."""
     if hasattr(qc, "to_dict"):
         qc = qc.to_dict()
-    return list((qc.get("config_groups") or {}).values()) if isinstance(qc, dict) else []
+    if not isinstance(qc, dict) or qc.get("format") != fmt:
+        return []
+    return list((qc.get("config_groups") or {}).values())
 
 
 def _is_fp8_channel(qc: Any) -> bool:
     """compressed-tensors ``float-quantized`` with 8-bit float weights per output channel and
     8-bit float activations (what ``fp8`` writes without ``block``)."""
-    if hasattr(qc, "to_dict"):
-        qc = qc.to_dict()
-    if not isinstance(qc, dict) or qc.get("format") != "float-quantized":
-        return False
-    groups = _groups(qc)
+    groups = _groups(qc, "float-quantized")
     return bool(groups) and all(
         (g.get("weights") or {}).get("strategy") == "channel"
         and (g.get("weights") or {}).get("type") == "float"

@@ -19,7 +19,6 @@ archive and keys), ``failures`` (error codes, reasons, redaction).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
 from modelpress.compression.base import Cancelled, CompressionError
+from modelpress.compression.report import jsonable  # NaN -> None: PostgreSQL's JSON rejects it
 from modelpress.domain.db import session_scope
 from modelpress.domain.jobs import add_event, transition
 from modelpress.domain.models import Artifact, Dataset, Job, Metric, ModelSource, utcnow
@@ -250,22 +250,6 @@ class JobChannel:
                 reraise_time_limit(e)
                 log.exception("job %s: reading cancel flag failed", self.claim.job_id)
         return self._cancel
-
-
-def jsonable(value: Any) -> Any:
-    """A JSON-safe copy: non-finite floats become None (PostgreSQL's JSON rejects NaN), unknown
-    objects become strings."""
-
-    def fix(v: Any) -> Any:
-        if isinstance(v, float):
-            return v if math.isfinite(v) else None
-        if isinstance(v, dict):
-            return {str(k): fix(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [fix(x) for x in v]
-        return v
-
-    return fix(json.loads(json.dumps(value, default=str, allow_nan=True)))
 
 
 # --------------------------------------------------------------------------- checkpoints
