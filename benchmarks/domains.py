@@ -58,6 +58,11 @@ VARIANTS = {
         ("fp8 gptq, dampening 0.3", "fp8", {"gptq": True, "dampening": 0.3}),
         ("fp8 gptq, dampening 1.0", "fp8", {"gptq": True, "dampening": 1.0}),
     ],
+    "fp8block": [
+        ("fp8 block [64, 64] (activations per 64-group)", "fp8", {"block": [64, 64]}),
+        ("fp8 block [64, 32] (activations per 32-group)", "fp8", {"block": [64, 32]}),
+        ("fp8 block [1, 64]", "fp8", {"block": [1, 64]}),
+    ],
     "fp8": [
         ("fp8 default (W8A8 dynamic)", "fp8", {}),
         ("fp8 gptq", "fp8", {"gptq": True}),
