@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from modelpress.compression.data import default_eval_text
-from modelpress.compression.quantization import int8_dynamic
+from modelpress.compression.quantization import int8_dynamic, int8_runtime
 
 DTYPES = ["float32", "bfloat16", "float16"]
 MODES = ["no_grad", "inference_mode"]
@@ -163,7 +163,7 @@ def test_to_runtime_same_before_or_after_decompression(tiny_artifact, first_forw
     assert "_original_forward_func" not in m.model.layers[0].__dict__  # no offload wrapper
 
 
-needs_onednn = pytest.mark.skipif(not int8_dynamic.onednn_exact(),
+needs_onednn = pytest.mark.skipif(not int8_runtime.onednn_exact(),
                                   reason="no exact oneDNN int8 matmul here (no such kernels in "
                                   "this torch build, or a CPU without VNNI)")
 
@@ -174,7 +174,7 @@ def _groups_on(model: torch.nn.Module, kernel: str) -> None:
     lins = [m for m in model.modules() if isinstance(m, int8_dynamic.Int8DynamicLinear)]
     for m in lins:
         if m._cpu is None:  # a Linear of its own (grouped on first use otherwise)
-            int8_dynamic.group_for_cpu([m])
+            int8_runtime.group_for_cpu([m])
     groups = {id(m._cpu): m._cpu for m in lins}
     for g in groups.values():
         g.use(kernel)
@@ -190,14 +190,14 @@ def test_the_cpu_kernels_give_the_same_floats(rows, with_bias):
     torch.manual_seed(0)
     lins = [torch.nn.Linear(96, n, bias=with_bias) for n in (64, 32, 32)]
     mods = [int8_dynamic.Int8DynamicLinear.from_linear(lin) for lin in lins]
-    int8_dynamic.group_for_cpu(mods)
+    int8_runtime.group_for_cpu(mods)
     g = mods[0]._cpu
     g._prepare()
     x = torch.randn(rows, 96) * 4
-    xq, xs = (int8_dynamic.quantize_per_tensor_int8(x) if rows == 1
-              else int8_dynamic.quantize_per_token_int8(x))
+    xq, xs = (int8_runtime.quantize_per_tensor_int8(x) if rows == 1
+              else int8_runtime.quantize_per_token_int8(x))
     kernels = ["float"]
-    if int8_dynamic.onednn_exact():
+    if int8_runtime.onednn_exact():
         g._pack()
         kernels.append("onednn")
     a = g._matmul_int_mm(xq, xs)
@@ -211,7 +211,7 @@ def test_the_cpu_kernels_give_the_same_floats(rows, with_bias):
 def test_onednn_is_used_only_where_its_products_are_exact():
     """The probe agrees with oneDNN on adversarial bytes of a real group: where it says exact,
     oneDNN equals ``torch._int_mm``; a CPU without VNNI (saturating 16-bit pair sums) fails it."""
-    if not int8_dynamic._onednn_available():
+    if not int8_runtime._onednn_available():
         pytest.skip("this torch build has no oneDNN qlinear kernels")
     w = torch.full((32, 128), 127, dtype=torch.int8)
     w[::3] = -127
@@ -220,7 +220,7 @@ def test_onednn_is_used_only_where_its_products_are_exact():
     y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(32),
                                            torch.zeros(32, dtype=torch.int64), None, 1.0, 0,
                                            torch.float32, "none", [], "")
-    assert torch.equal(y, torch._int_mm(x, w.t()).float()) == int8_dynamic.onednn_exact()
+    assert torch.equal(y, torch._int_mm(x, w.t()).float()) == int8_runtime.onednn_exact()
 
 
 @needs_onednn
@@ -236,21 +236,21 @@ def test_onednn_far_slower_than_int_mm_is_not_a_candidate(monkeypatch):
 
     for slower, usable in ((50.0, False), (3.0, True)):
         speed, calls = [slower], []
-        monkeypatch.setattr(int8_dynamic, "_best_time", fake_time)
-        int8_dynamic.onednn_usable.cache_clear()
+        monkeypatch.setattr(int8_runtime, "_best_time", fake_time)
+        int8_runtime.onednn_usable.cache_clear()
         try:
-            assert int8_dynamic.onednn_usable() is usable
+            assert int8_runtime.onednn_usable() is usable
         finally:
-            int8_dynamic.onednn_usable.cache_clear()
+            int8_runtime.onednn_usable.cache_clear()
         assert calls == [float("inf"), pytest.approx(10e-3)]  # _int_mm first, oneDNN bounded
-    monkeypatch.setattr(int8_dynamic, "onednn_usable", lambda: False)
+    monkeypatch.setattr(int8_runtime, "onednn_usable", lambda: False)
     mods = [int8_dynamic.Int8DynamicLinear.from_linear(torch.nn.Linear(64, 32)) for _ in range(2)]
-    int8_dynamic.group_for_cpu(mods)
-    monkeypatch.setattr(int8_dynamic, "_CHOSEN", {})
+    int8_runtime.group_for_cpu(mods)
+    monkeypatch.setattr(int8_runtime, "_CHOSEN", {})
     mods[0](torch.randn(1, 64))
     g = mods[0]._cpu
     assert g.packed is None and "onednn" not in (g.kernel, g.kernel_rows)
-    assert all("onednn" not in key[-1] for key in int8_dynamic._CHOSEN)
+    assert all("onednn" not in key[-1] for key in int8_runtime._CHOSEN)
 
 
 @needs_onednn
@@ -428,7 +428,7 @@ def test_prompts_and_decode_steps_each_get_the_faster_kernel(monkeypatch):
     on CPUs without VNNI, where a float32 matmul is 25x faster on an evaluation window)."""
     torch.manual_seed(0)
     mods = [int8_dynamic.Int8DynamicLinear.from_linear(torch.nn.Linear(64, 32)) for _ in range(2)]
-    int8_dynamic.group_for_cpu(mods)
+    int8_runtime.group_for_cpu(mods)
     g = mods[0]._cpu
     timed: list[tuple[int, list[str]]] = []
 
@@ -437,7 +437,7 @@ def test_prompts_and_decode_steps_each_get_the_faster_kernel(monkeypatch):
         return "int_mm" if rows == 1 else "float"
 
     monkeypatch.setattr(g, "_fastest", fastest)
-    monkeypatch.setattr(int8_dynamic, "_CHOSEN", {})
+    monkeypatch.setattr(int8_runtime, "_CHOSEN", {})
     ran: list[str] = []
     for name in ("_matmul_int_mm", "_matmul_float"):
         real = getattr(g, name)
@@ -445,17 +445,17 @@ def test_prompts_and_decode_steps_each_get_the_faster_kernel(monkeypatch):
                             ran.append(name) or real(xq, xs))
     for rows in (1, 5, 1):
         x = torch.randn(rows, 64)
-        torch.testing.assert_close(mods[1](x), int8_dynamic.int8_linear(
+        torch.testing.assert_close(mods[1](x), int8_runtime.int8_linear(
             x, mods[1].qweight, mods[1].w_scale, mods[1].bias), rtol=1e-5, atol=1e-5)
-    onednn = ["onednn"] if int8_dynamic.onednn_usable() else []
+    onednn = ["onednn"] if int8_runtime.onednn_usable() else []
     # one row: no "float" (it converts the weights on every call); oneDNN only where usable
     assert timed == [(1, sorted(["int_mm", *onednn])),
-                     (int8_dynamic.TIMED_ROWS, sorted(["int_mm", "float", *onednn]))]
+                     (int8_runtime.TIMED_ROWS, sorted(["int_mm", "float", *onednn]))]
     assert (g.kernel, g.kernel_rows) == ("int_mm", "float") and g.packed is None
     assert ran == ["_matmul_int_mm", "_matmul_float", "_matmul_int_mm"]
     # a second group of the same shape takes the choices without timing again
     twins = [int8_dynamic.Int8DynamicLinear.from_linear(torch.nn.Linear(64, 32)) for _ in range(2)]
-    int8_dynamic.group_for_cpu(twins)
+    int8_runtime.group_for_cpu(twins)
     monkeypatch.setattr(twins[0]._cpu, "_fastest", fastest)
     twins[0](torch.randn(1, 64))
     assert len(timed) == 2 and (twins[0]._cpu.kernel, twins[0]._cpu.kernel_rows) == (

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from modelpress.compression.base import CompressionError, Context
-from modelpress.compression.quantization import gptq, int8_dynamic
+from modelpress.compression.quantization import gptq, int8_dynamic, int8_runtime
 from modelpress.compression.quantization.artifact import (
     QUANT_ATTR,
     QuantizedLinear,
@@ -401,7 +401,7 @@ def test_int8_dynamic_kernel_matches_float():
 def _cpu_kernels(eager: bool = False) -> list[str]:
     """The kernels a CPU group may run here (``float``: eager only; compiled it is ``_int_mm``)."""
     return ["int_mm"] + (["float"] if eager else []) + (
-        ["onednn"] if int8_dynamic.onednn_exact() else [])
+        ["onednn"] if int8_runtime.onednn_exact() else [])
 
 
 @pytest.mark.parametrize("kernel", _cpu_kernels(eager=True))
@@ -413,7 +413,7 @@ def test_int8_dynamic_cpu_group_matches_reference(kernel, tokens):
     torch.manual_seed(0)
     lins = [torch.nn.Linear(64, n, bias=b) for n, b in ((96, True), (32, False), (32, True))]
     mods = [int8_dynamic.Int8DynamicLinear.from_linear(lin) for lin in lins]
-    int8_dynamic.group_for_cpu(mods)
+    int8_runtime.group_for_cpu(mods)
     qs = [m.qweight.clone() for m in mods]
     x = torch.randn(1, tokens, 64)
     mods[0](x)  # first use chooses a kernel; force the one under test
@@ -427,7 +427,7 @@ def test_int8_dynamic_cpu_group_matches_reference(kernel, tokens):
     group._reset_cache()
 
     def ref(m, inp):
-        return int8_dynamic.int8_linear(inp, m.qweight, m.w_scale, m.bias)
+        return int8_runtime.int8_linear(inp, m.qweight, m.w_scale, m.bias)
 
     for order in ([0, 1, 2], [2, 0, 1]):
         x = torch.randn(1, tokens, 64)
@@ -467,7 +467,7 @@ def test_int8_dynamic_compiled_group_matches_reference(kernel, tokens):
     torch.manual_seed(0)
     lins = [torch.nn.Linear(64, n, bias=b) for n, b in ((96, True), (32, False), (32, True))]
     mods = torch.nn.ModuleList(int8_dynamic.Int8DynamicLinear.from_linear(lin) for lin in lins)
-    int8_dynamic.group_for_cpu(list(mods))
+    int8_runtime.group_for_cpu(list(mods))
     out = int8_dynamic.Int8DynamicLinear.from_linear(torch.nn.Linear(32, 48))
 
     class Block(torch.nn.Module):
@@ -489,9 +489,9 @@ def test_int8_dynamic_compiled_group_matches_reference(kernel, tokens):
             x = torch.randn(1, tokens, 64)
             q, k, v, y = compiled(x)
             for m, got in zip(mods, (q, k, v)):
-                ref = int8_dynamic.int8_linear(x, m.qweight, m.w_scale, m.bias)
+                ref = int8_runtime.int8_linear(x, m.qweight, m.w_scale, m.bias)
                 torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-            ref = int8_dynamic.int8_linear(q[..., :32] + k + v, out.qweight, out.w_scale, out.bias)
+            ref = int8_runtime.int8_linear(q[..., :32] + k + v, out.qweight, out.w_scale, out.bias)
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -521,8 +521,8 @@ def test_int8_dynamic_compiled_generate_matches_eager(tiny_llama, kernel):
 
 def test_int8_dynamic_one_token_quantization_is_per_token():
     x = torch.randn(1, 64) * 5
-    q1, s1 = int8_dynamic.quantize_per_tensor_int8(x)
-    q2, s2 = int8_dynamic.quantize_per_token_int8(x)
+    q1, s1 = int8_runtime.quantize_per_tensor_int8(x)
+    q2, s2 = int8_runtime.quantize_per_token_int8(x)
     assert isinstance(s1, float) and s1 == pytest.approx(s2.item(), rel=1e-6)
     assert (q1.int() - q2.int()).abs().max() <= 1 and q1.abs().max() == 127
 
