@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The checks that need an FP8-capable NVIDIA GPU (H100/H200 class), in two runs that each fit a
-# 10-minute command. The GPU machine has Python 3.12 with torch, transformers and safetensors
-# but not the rest of what modelpress.compression imports, and no network: the wheels travel
-# with the working tree.
+# The checks that need an FP8-capable NVIDIA GPU (H100/H200 class), as two runs of under ten
+# minutes each, for an offline GPU machine whose Python 3.12 has torch, transformers and
+# safetensors but not the rest of what modelpress.compression imports: the wheels go with the
+# source tree.
 #
-#   bash benchmarks/gpu_checks.sh prepare     # here: wheels into .whl/ (git-ignored)
-#   bash benchmarks/gpu_checks.sh fp8         # there (carry .whl): steps 1-2, ~3 min; logs to $OUT
-#   bash benchmarks/gpu_checks.sh gptq8b      # there (carry .whl): step 3, ~8 min
+#   bash benchmarks/gpu_checks.sh prepare     # on a machine with the package index: into .whl/
+#   bash benchmarks/gpu_checks.sh fp8         # on the GPU machine, .whl/ beside the tree: steps 1-2,
+#                                             # ~3 min; logs to $OUT (default /tmp/gpu-checks)
+#   bash benchmarks/gpu_checks.sh gptq8b      # on the GPU machine: step 3, ~8 min
 #
 # What it runs, each step with its own time limit and log:
 #   1. the FP8 runtime tests on CUDA (torch._scaled_mm against the fake-quantized reference);
@@ -65,7 +66,7 @@ fp8|gptq8b)
     | tail -20 | tee "$OUT/gptq_8b.txt"
   ;;
 *)
-  sed -n 2,18p "$0"
+  sed -n 2,19p "$0"
   exit 2
   ;;
 esac
