@@ -66,7 +66,7 @@ fp8|gptq8b)
     | tail -20 | tee "$OUT/gptq_8b.txt"
   ;;
 *)
-  sed -n 2,19p "$0"
+  sed -n 2,18p "$0"
   exit 2
   ;;
 esac
