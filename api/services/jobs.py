@@ -105,7 +105,7 @@ def validate_stages(stages: list[dict[str, Any]], model_config: Any, *, single: 
         except CompressionError as e:  # unknown method
             raise Unprocessable(f"{where.strip()}: {e}" if where else str(e),
                                 code="unknown_method") from None
-    from modelpress.compression.pipeline import validate_recipe
+    from modelpress.compression.recipe import validate_recipe
 
     try:
         validate_recipe(stages, model_config)

@@ -94,7 +94,7 @@ def test_error_codes():
 
     from modelpress.compression.base import CompressionError, UnsupportedModelError
     from modelpress.compression.models import load_gguf
-    from modelpress.compression.pipeline import RecipeError
+    from modelpress.compression.recipe import RecipeError
 
     class P(BaseModel):
         x: int
