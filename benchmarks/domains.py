@@ -72,6 +72,18 @@ VARIANTS = {
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 
 
+def load_texts(specs: list[str]) -> dict[str, str]:
+    """The shipped eval text (``wiki``), the shipped text of another domain (``kjv``), the GNU GPL 3
+    where this machine has it (``gpl3``), and each ``NAME=PATH`` of ``specs``."""
+    texts = {"wiki": default_eval_text(), "kjv": other_domain_text()}
+    if GPL3.exists():
+        texts["gpl3"] = GPL3.read_text(encoding="utf-8")
+    for spec in specs:
+        name, path = spec.split("=", 1)
+        texts[name] = Path(path).read_text(encoding="utf-8")
+    return texts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,12 +91,7 @@ def main() -> None:
     ap.add_argument("--variants", default="int8,fp8")
     ap.add_argument("--text", action="append", default=[], metavar="NAME=PATH")
     args = ap.parse_args()
-    texts = {"wiki": default_eval_text(), "kjv": other_domain_text()}
-    if GPL3.exists():
-        texts["gpl3"] = GPL3.read_text(encoding="utf-8")
-    for spec in args.text:
-        name, path = spec.split("=", 1)
-        texts[name] = Path(path).read_text(encoding="utf-8")
+    texts = load_texts(args.text)
     lm = load_pretrained(smollm2_dir())
     base, tok = lm.model.eval(), lm.tokenizer
 

@@ -24,15 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from domains import load_texts
 from testmodels import smollm2_dir
 
-from modelpress.compression.data import default_eval_text
 from modelpress.compression.evaluation import token_chunks
-from modelpress.compression.measure.quality import other_domain_text
 from modelpress.compression.models import load_pretrained
 from modelpress.compression.quantization.qtensor import quantize_weight
 
-GPL3 = Path("/usr/share/common-licenses/GPL-3")
 Move = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -94,12 +92,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="512-token windows per text (at most)")
     ap.add_argument("--text", action="append", default=[], metavar="NAME=PATH")
     args = ap.parse_args()
-    texts = {"wiki": default_eval_text(), "kjv": other_domain_text()}
-    if GPL3.exists():
-        texts["gpl3"] = GPL3.read_text(encoding="utf-8")
-    for spec in args.text:
-        name, path = spec.split("=", 1)
-        texts[name] = Path(path).read_text(encoding="utf-8")
+    texts = load_texts(args.text)
     lm = load_pretrained(smollm2_dir())
     base, tok = lm.model.eval(), lm.tokenizer
     chunks = {k: token_chunks(tok, t, min(args.windows, len(tok(t)["input_ids"]) // 512), 512)
