@@ -19,7 +19,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -58,24 +58,17 @@ ROWS: list[tuple[str, Move]] = [
 ]
 
 
-@torch.no_grad()
-def score(model: torch.nn.Module, chunks: torch.Tensor, dense: list[torch.Tensor] | None
-          ) -> tuple[float, float, list[torch.Tensor]]:
-    """(mean NLL, mean KL(dense || model), per-window log-probabilities) over ``chunks``."""
-    nll = kl = 0.0
-    n = 0
-    logps = []
+def window_logprobs(model: torch.nn.Module, chunks: torch.Tensor
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per window: the next-token log-probabilities ``[seq - 1, vocab]`` and the tokens."""
     for i in range(len(chunks)):
-        lp = F.log_softmax(model(input_ids=chunks[i : i + 1]).logits[0, :-1].float(), -1)
-        y = chunks[i, 1:]
-        nll -= lp.gather(1, y[:, None]).sum().item()
-        if dense is not None:
-            ld = dense[i].float()
-            kl += (ld.exp() * (ld - lp)).sum().item()
-        else:
-            logps.append(lp.to(torch.bfloat16))
-        n += len(y)
-    return nll / n, kl / n, logps
+        with torch.no_grad():
+            logits = model(input_ids=chunks[i : i + 1]).logits[0, :-1].float()
+        yield F.log_softmax(logits, -1), chunks[i, 1:]
+
+
+def nll(lp: torch.Tensor, y: torch.Tensor) -> float:
+    return -lp.gather(1, y[:, None]).sum().item()
 
 
 def moved(base: torch.nn.Module, move: Move) -> torch.nn.Module:
@@ -101,8 +94,16 @@ def main() -> None:
                             text=True, cwd=Path(__file__).parent).stdout.strip()
     print(f"int8 sensitivity: SmolLM2-135M float32, up to {args.windows} x 512 tokens per text, "
           f"{os.cpu_count()} CPUs, commit {commit}, {time.strftime('%Y-%m-%d %H:%M')} UTC")
-    dense = {k: score(base, c, None) for k, c in chunks.items()}
-    print("dense perplexity: " + ", ".join(f"{k} {math.exp(v[0]):.3f}" for k, v in dense.items()))
+    dense: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    dense_nll: dict[str, float] = {}
+    tokens = {k: c[:, 1:].numel() for k, c in chunks.items()}
+    for k, c in chunks.items():  # NLL in float32, the log-probabilities kept in bfloat16
+        dense[k], total = [], 0.0
+        for lp, y in window_logprobs(base, c):
+            total += nll(lp, y)
+            dense[k].append((lp.to(torch.bfloat16), y))
+        dense_nll[k] = total / tokens[k]
+    print("dense perplexity: " + ", ".join(f"{k} {math.exp(v):.3f}" for k, v in dense_nll.items()))
     head = f"{'moved by':<34}" + "".join(f"{k + ' ratio':>14}{'KL e-3':>8}" for k in texts)
     print(head + "\n" + "-" * len(head))
     delta: dict[str, dict[str, float]] = {}
@@ -110,9 +111,12 @@ def main() -> None:
         model = moved(base, move)
         cells = ""
         for k, c in chunks.items():
-            nll, kl, _ = score(model, c, dense[k][2])
-            delta.setdefault(label, {})[k] = nll - dense[k][0]
-            cells += f"{math.exp(nll - dense[k][0]):>14.5f}{kl * 1e3:>8.3f}"
+            total = kl = 0.0
+            for (lq, y), (ld, _) in zip(window_logprobs(model, c), dense[k]):
+                total += nll(lq, y)
+                kl += (ld.float().exp() * (ld.float() - lq)).sum().item()
+            delta.setdefault(label, {})[k] = total / tokens[k] - dense_nll[k]
+            cells += f"{math.exp(delta[label][k]):>14.5f}{kl / tokens[k] * 1e3:>8.3f}"
         print(f"{label:<34}{cells}", flush=True)
     for a in ("1", "0.5"):
         plus, minus = delta[f"int8 default error x +{a}"], delta[f"int8 default error x -{a}"]
